@@ -1,0 +1,10 @@
+"""One exception type for problems the user can fix.
+
+Anything raised as `UserError` is printed by the CLI as a single line
+(``error: <what is wrong, where, how to fix>``) with exit status 2, never as a
+traceback. Library callers can catch it like any other exception.
+"""
+
+
+class UserError(Exception):
+    """A bad input or environment the user can fix; the message says how."""
