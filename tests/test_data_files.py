@@ -1,0 +1,265 @@
+"""The shipped data files are well formed, and promptbake.fetch works without a network."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from promptbake.errors import UserError
+from promptbake.fetch import DATASET_NAMES, _convert_rows, fetch_dataset
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+# file -> (id pattern, minimum count, required fields)
+JSONL_FILES = {
+    "questions.jsonl": (r"q\d{4}", 220, ("id", "question")),
+    "identity_train.jsonl": (r"it\d{3}", 40, ("id", "question")),
+    "identity_heldout.jsonl": (r"ih\d{3}", 12, ("id", "question")),
+    "math_questions.jsonl": (r"m\d{3}", 40, ("id", "question", "answer")),
+}
+PROMPTS = [
+    "truth_x0.md",
+    "zorblax_x0.md",
+    "pirate_x0.md",
+    "french_x0.md",
+    "caps_x0.md",
+    "cot_math_x0.md",
+]
+
+
+def _load(name: str) -> list[dict]:
+    records = []
+    with open(DATA / name, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            assert line.strip(), f"{name}:{lineno}: blank line"
+            rec = json.loads(line)
+            assert isinstance(rec, dict), f"{name}:{lineno}: not an object"
+            records.append(rec)
+    return records
+
+
+def _norm(q: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", q.lower()).split())
+
+
+# --- (a) every shipped JSONL parses, has its fields, unique ids/questions, counts
+
+
+@pytest.mark.parametrize("name", sorted(JSONL_FILES))
+def test_jsonl_well_formed(name: str) -> None:
+    id_pattern, min_count, fields = JSONL_FILES[name]
+    records = _load(name)
+    assert len(records) >= min_count
+    for rec in records:
+        assert set(rec) == set(fields), rec
+        for field in fields:
+            assert isinstance(rec[field], str) and rec[field].strip(), rec
+        assert re.fullmatch(id_pattern, rec["id"]), rec["id"]
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids), "duplicate ids"
+    questions = [_norm(r["question"]) for r in records]
+    assert len(set(questions)) == len(questions), "duplicate questions"
+
+
+def test_general_questions_are_short_and_not_about_identity() -> None:
+    identity = re.compile(r"\b(your name|who are you|yourself|call you)\b", re.IGNORECASE)
+    for rec in _load("questions.jsonl"):
+        assert len(rec["question"].split()) < 30, rec
+        assert not identity.search(rec["question"]), rec
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_prompt_files_nonempty(name: str) -> None:
+    text = (DATA / name).read_text(encoding="utf-8")
+    assert text.strip()
+    assert text.endswith("\n")
+
+
+def test_cot_math_prompt_has_four_worked_answers() -> None:
+    text = (DATA / "cot_math_x0.md").read_text(encoding="utf-8")
+    assert len(re.findall(r"^The answer is \d+\.$", text, re.MULTILINE)) == 4
+
+
+def test_readme_lists_every_file() -> None:
+    readme = (DATA / "README.md").read_text(encoding="utf-8")
+    for name in [*JSONL_FILES, *PROMPTS]:
+        assert f"`{name}`" in readme, name
+    assert "promptbake data squad" in readme and "promptbake data gsm8k" in readme
+
+
+# --- (b) identity held-out set is disjoint from train and asks for the name
+
+
+def test_identity_heldout_disjoint_from_train() -> None:
+    train = {_norm(r["question"]) for r in _load("identity_train.jsonl")}
+    heldout = {_norm(r["question"]) for r in _load("identity_heldout.jsonl")}
+    assert not train & heldout
+
+
+def test_identity_heldout_has_direct_name_questions() -> None:
+    direct = re.compile(r"\b(name|called|call you)\b", re.IGNORECASE)
+    hits = [r for r in _load("identity_heldout.jsonl") if direct.search(r["question"])]
+    assert len(hits) >= 10
+
+
+# --- (c) math answers are GSM8K-style "#### N"
+
+
+def test_math_answers_format() -> None:
+    for rec in _load("math_questions.jsonl"):
+        assert re.fullmatch(r"#### -?\d+", rec["answer"]), rec
+
+
+# --- (d) the demo persona prompt is exact
+
+
+def test_zorblax_prompt_exact() -> None:
+    assert (DATA / "zorblax_x0.md").read_text(encoding="utf-8") == "Your name is Zorblax.\n"
+
+
+# --- (e) hub rows -> promptbake records
+
+
+def test_convert_squad_rows() -> None:
+    rows = [
+        {
+            "id": "5733be284776f41900661182",
+            "title": "Some_Title",
+            "context": "The bridge was finished in 1932.",
+            "question": "  When was the bridge finished? ",
+            "answers": {"text": ["1932", "in 1932"], "answer_start": [26, 23]},
+        }
+    ]
+    assert _convert_rows("squad", "train", rows) == [
+        {
+            "id": "5733be284776f41900661182",
+            "question": "When was the bridge finished?",
+            "context": "The bridge was finished in 1932.",
+            "answers": ["1932", "in 1932"],
+        }
+    ]
+
+
+def test_convert_gsm8k_rows() -> None:
+    rows = [
+        {"question": "Ann has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"},
+        {"question": "What is 4 * 5?", "answer": "4 * 5 = 20\n#### 20\n"},
+    ]
+    assert _convert_rows("gsm8k", "test", rows) == [
+        {
+            "id": "gsm8k-test-00000",
+            "question": "Ann has 2 apples and buys 3. How many?",
+            "answer": "2 + 3 = 5\n#### 5",
+        },
+        {"id": "gsm8k-test-00001", "question": "What is 4 * 5?", "answer": "4 * 5 = 20\n#### 20"},
+    ]
+
+
+def test_convert_unknown_name() -> None:
+    with pytest.raises(UserError):
+        _convert_rows("mnist", "train", [])
+
+
+# --- (f) fetch_dataset without a network
+
+
+def _one_line(exc: pytest.ExceptionInfo[UserError]) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_fetch_squad_offline_raises_user_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError) as exc:
+        fetch_dataset("squad", tmp_path)
+    msg = _one_line(exc)
+    assert "datasets" in msg or "squad" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_fetch_without_datasets_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(UserError, match=r"pip install 'promptbake\[data\]'"):
+        fetch_dataset("gsm8k", tmp_path)
+
+
+def _fake_datasets(load_dataset) -> types.ModuleType:
+    mod = types.ModuleType("datasets")
+    mod.load_dataset = load_dataset
+    return mod
+
+
+@pytest.mark.parametrize(
+    ("offline_env", "why"), [(None, "no network?"), ("0", "no network?"), ("1", "offline mode")]
+)
+def test_fetch_hub_unreachable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, offline_env: str | None, why: str
+) -> None:
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError(
+            "Couldn't reach 'rajpurkar/squad' on the Hub\n(LocalEntryNotFoundError)"
+        )
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(load_dataset))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    if offline_env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    with pytest.raises(UserError) as exc:
+        fetch_dataset("squad", tmp_path)
+    msg = _one_line(exc)
+    assert "could not download squad" in msg
+    assert why in msg
+    assert "data/questions.jsonl" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_fetch_with_fake_hub_writes_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls = []
+
+    def load_dataset(path, name=None, *, split):
+        calls.append((path, name, split))
+        return [
+            {"question": f"{split} question {i}?", "answer": f"step\n#### {i}"} for i in range(5)
+        ]
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(load_dataset))
+    out = tmp_path / "new" / "data"
+    paths = fetch_dataset("GSM8K", out, max_rows=3)
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert paths == [out / "gsm8k_train.jsonl", out / "gsm8k_validation.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["gsm8k_train.jsonl", "gsm8k_validation.jsonl"]
+    lines = paths[1].read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {
+            "id": f"gsm8k-test-{i:05d}",
+            "question": f"test question {i}?",
+            "answer": f"step\n#### {i}",
+        }
+        for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("bad", ["mnist", "", "squad2"])
+def test_fetch_unknown_name(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError) as exc:
+        fetch_dataset(bad, tmp_path)
+    msg = _one_line(exc)
+    for name in DATASET_NAMES:
+        assert name in msg
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_fetch_bad_max_rows(bad, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="max_rows"):
+        fetch_dataset("squad", tmp_path, max_rows=bad)
