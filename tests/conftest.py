@@ -1,0 +1,32 @@
+"""Shared fixtures: an offline ChatML tokenizer and tiny random-weight Qwen3 models.
+
+No test may touch the network: the offline switches below are set before transformers is imported,
+and all models/tokenizers come from :mod:`promptbake.tiny`, built in-process.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from promptbake import tiny  # noqa: E402
+
+
+@pytest.fixture
+def chatml_tok():
+    """A fresh tiny ChatML tokenizer (cheap: the trained backend is cached), safe to mutate."""
+    return tiny.chatml_tokenizer("tiny")
+
+
+@pytest.fixture
+def tiny_model(chatml_tok):
+    """A fresh 2-layer random Qwen3 (seed 0, float32, eval mode) matching ``chatml_tok``."""
+    return tiny.tiny_qwen3(chatml_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory with ``tiny_qwen3(seed=0)`` + tiny tokenizer, loadable by ``from_pretrained``."""
+    return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), kind="tiny", seed=0)
