@@ -8,3 +8,10 @@ traceback. Library callers can catch it like any other exception.
 
 class UserError(Exception):
     """A bad input or environment the user can fix; the message says how."""
+
+
+def warn(msg: str) -> None:
+    """A one-line warning on stderr (kept apart from stdout, which may be piped)."""
+    import sys
+
+    print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,210 @@
+"""Generate + train in one process, with one model load: the whole bake.
+
+    promptbake bake --model_name smollm2-135m --x0_file data/zorblax_x0.md \\
+        --question_dataset data/identity_train.jsonl,data/questions.jsonl \\
+        --heldout data/identity_heldout.jsonl --marker Zorblax --out_dir runs/zorblax
+
+Writes under --out_dir: trajectories_{train,val}.jsonl (+ .meta.json), the adapter
+and training logs (see train.py), and, with --heldout, answers.md (base / prompted /
+baked side by side), report.md and summary.json.
+
+Why the defaults differ from train_loop.py: the seed keeps lora_alpha=1 with r=32,
+which scales the LoRA update by 1/32, so at lr 1e-4 it learns very slowly. Here the
+update scale is alpha/r = 2 (r=8, alpha=16) with lr 1e-3, which bakes a persona into
+SmolLM2-135M in a few epochs on CPU; train_loop.py keeps the seed's values so old
+commands reproduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .configs import GenerateConfig, LoraArgs, ModelArgs, TrainConfig, opt, require
+from .data import read_prompt, read_questions, read_trajectories, write_json
+from .errors import UserError
+from .evaluate import answer, heldout_kl, side_by_side
+from .generate import generate_trajectories, select_questions
+from .models import load_model
+from .scorers import marker, score_all
+from .train import prepare_out_dir, train
+
+
+@dataclass
+class BakeConfig(LoraArgs, ModelArgs):
+    x0_file: str | None = opt(None, "file holding the prompt to bake (or use --prompt)")
+    prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
+    question_dataset: str = opt(
+        "data/questions.jsonl", "JSONL question set(s) to sample answers for; comma-separated"
+    )
+    out_dir: str = opt("runs/bake", "run directory: trajectories, adapter, logs, report")
+    heldout: str | None = opt(
+        None, "held-out JSONL questions: answered by base, prompted and baked model at the end"
+    )
+    marker: str | None = opt(
+        None, "regex counted in the held-out answers, e.g. Zorblax (case-insensitive)"
+    )
+    num_questions: int = opt(64, "questions to sample answers for (after a seeded shuffle)")
+    num_sequences_per_question: int = opt(4, "answers sampled per question")
+    val_fraction: float = opt(0.1, "share of the questions held out for validation KL")
+    max_sequence_length: int = opt(64, "maximum NEW tokens per sampled answer")
+    min_sequence_length: int = opt(1, "minimum NEW tokens per sampled answer")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float | None = opt(None, "nucleus sampling; default: the model's generation config")
+    top_k: int | None = opt(None, "top-k sampling; default: the model's generation config")
+    gen_batch_size: int = opt(32, "sequences generated at once")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    num_epochs: int = opt(4, "training epochs")
+    batch_size: int = opt(8, "trajectories per optimizer step")
+    learning_rate: float = opt(1e-3, "AdamW learning rate")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    save_every: int = opt(0, "also save epoch_N/ every N epochs (0: never)")
+    kl_chunk_size: int = opt(1024, "token rows per KL chunk")
+    answer_tokens: int = opt(48, "new tokens per held-out answer")
+    r: int = opt(8, "LoRA rank", "-r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")
+
+    def validate(self) -> None:
+        require(bool(self.x0_file) != bool(self.prompt), "give exactly one of --x0_file, --prompt")
+        require(0 <= self.val_fraction < 1, "--val_fraction must be in [0, 1)")
+        require(self.answer_tokens > 0, "--answer_tokens must be positive")
+        self.generate_config("x").validate()
+        self.train_config().validate()
+
+    def generate_config(self, out_file: str) -> GenerateConfig:
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(GenerateConfig)
+            if hasattr(self, f.name)
+        }
+        shared.update(
+            x0_file=self.x0_file or "<--prompt>",
+            traj_out_file=out_file,
+            batch_size=self.gen_batch_size,
+            shuffle=False,
+        )
+        return GenerateConfig(**shared)
+
+    def train_config(self) -> TrainConfig:
+        out = Path(self.out_dir)
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if hasattr(self, f.name)
+        }
+        shared.update(
+            data_path=str(out / "trajectories_train.jsonl"),
+            val_path=str(out / "trajectories_val.jsonl"),
+        )
+        return TrainConfig(**shared)
+
+
+def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Validation questions are disjoint from training ones (no answer leaks across)."""
+    n_val = round(len(questions) * val_fraction)
+    if val_fraction > 0:
+        n_val = max(1, min(n_val, len(questions) - 1))
+    return questions[n_val:], questions[:n_val]
+
+
+def bake(cfg: BakeConfig) -> dict:
+    cfg.validate()
+    x0 = cfg.prompt.strip() if cfg.prompt else read_prompt(cfg.x0_file)
+    questions = read_questions(cfg.question_dataset)
+    heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
+    out = prepare_out_dir(cfg.out_dir)
+    random.Random(cfg.seed).shuffle(questions)
+    questions = select_questions(questions, cfg.num_questions, cfg.seed, shuffle=False)
+    train_q, val_q = split_questions(questions, cfg.val_fraction)
+    if not train_q:
+        raise UserError("no training questions left after the validation split")
+
+    t_start = time.perf_counter()
+    model, tok = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    model.name_or_path = cfg.model_name
+    t_loaded = time.perf_counter()
+    print(
+        f"Sampling {cfg.num_sequences_per_question} answers for {len(train_q)} training and "
+        f"{len(val_q)} validation questions from the prompted model"
+    )
+    gen_stats = {}
+    for split, qs in (("train", train_q), ("val", val_q)):
+        if qs:
+            path = out / f"trajectories_{split}.jsonl"
+            gen_stats[split] = generate_trajectories(
+                model, tok, cfg.generate_config(str(path)), x0, qs, path
+            )
+    t_gen = time.perf_counter()
+    tcfg = cfg.train_config()
+    if not val_q:
+        tcfg.val_path = None
+    train_rows = read_trajectories(tcfg.data_path)
+    val_rows = read_trajectories(tcfg.val_path) if tcfg.val_path else None
+    model, metrics = train(tcfg, model, tok, train_rows, val_rows)
+    t_train = time.perf_counter()
+
+    summary = {
+        "prompt": x0,
+        "model_name": cfg.model_name,
+        "seconds": {
+            "load": t_loaded - t_start,
+            "generate": t_gen - t_loaded,
+            "train": t_train - t_gen,
+        },
+        "generation": gen_stats,
+        "epochs": metrics,
+    }
+    if val_rows:
+        summary["heldout_kl"] = heldout_kl(model, tok, val_rows, cfg.batch_size, cfg.kl_chunk_size)
+    if heldout:
+        cols = {
+            "base (no prompt)": answer(
+                model, tok, heldout, adapter=False, max_new_tokens=cfg.answer_tokens
+            ),
+            "prompted": answer(
+                model, tok, heldout, system=x0, adapter=False, max_new_tokens=cfg.answer_tokens
+            ),
+            "baked (no prompt)": answer(
+                model, tok, heldout, adapter=True, max_new_tokens=cfg.answer_tokens
+            ),
+        }
+        table = side_by_side(heldout, cols)
+        (out / "answers.md").write_text("```\n" + table + "\n```\n", encoding="utf-8")
+        summary["answers"] = [
+            {"question": q["question"], **{k: v[i] for k, v in cols.items()}}
+            for i, q in enumerate(heldout)
+        ]
+        print(table)
+        if cfg.marker:
+            scorer = marker(cfg.marker)
+            summary["marker"] = {
+                "pattern": cfg.marker,
+                **{k: score_all(v, heldout, scorer) for k, v in cols.items()},
+            }
+    summary["seconds"]["total"] = time.perf_counter() - t_start
+    write_json(out / "summary.json", summary)
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    print(
+        f"\nBaked {s['prompt']!r} into {s['model_name']} in {s['seconds']['total']:.0f} s "
+        f"(generate {s['seconds']['generate']:.0f} s, train {s['seconds']['train']:.0f} s)"
+    )
+    if "heldout_kl" in s:
+        k = s["heldout_kl"]
+        print(
+            f"Held-out KL(prompted || model) per token: before {k['kl_base']:.4f} -> after "
+            f"{k['kl_baked']:.4f} ({100 * k['fidelity']:.0f}% of the gap closed)"
+        )
+    if "marker" in s:
+        m = s["marker"]
+        n = len(s.get("answers", []))
+        print(
+            f"Answers matching /{m['pattern']}/ on {n} held-out questions: "
+            + ", ".join(f"{k} {round(v * n)}/{n}" for k, v in m.items() if k != "pattern")
+        )

