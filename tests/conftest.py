@@ -30,3 +30,18 @@ def tiny_model(chatml_tok):
 def tiny_model_dir(tmp_path_factory):
     """A directory with ``tiny_qwen3(seed=0)`` + tiny tokenizer, loadable by ``from_pretrained``."""
     return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), kind="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, float32 on CPU, loaded once.
+
+    Tests using it are integration tests: mark them ``@pytest.mark.slow``. Do not leave a
+    LoRA adapter attached to this shared model: wrap a ``copy.deepcopy`` instead.
+    """
+    import torch
+
+    from promptbake.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
