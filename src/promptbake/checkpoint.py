@@ -1,0 +1,201 @@
+"""Training state on disk, so a killed run resumes where it stopped (``--resume true``).
+
+    promptbake train ... --out_dir runs/x                 # killed in epoch 7
+    promptbake train ... --out_dir runs/x --resume true   # continues after epoch 6
+
+After every epoch train.py writes ``<out_dir>/checkpoint/``:
+
+    adapter_config.json, adapter_model.safetensors   the adapter after that epoch (peft format)
+    state.pt   LoRA weights, optimizer, scheduler, torch/CUDA/python/numpy RNG states,
+               epoch, best validation score, metrics so far, and the arguments of the run
+
+The directory is written under a temporary name and swapped in by renames, so a crash
+leaves either the previous checkpoint or the new one, never a half-written one: the
+previous one is moved to ``checkpoint.old`` first and removed only once the new one is
+in place, and :func:`load_checkpoint` falls back to it. ``state.pt`` holds only tensors
+and plain Python values and is read with ``torch.load(weights_only=True)``.
+
+Resuming refuses a checkpoint made with a different model, data or LoRA shape
+(:data:`MUST_MATCH`); other changes (more epochs, a lower learning rate after a
+non-finite loss) are allowed and reported.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT = 1
+DIR_NAME = "checkpoint"
+
+# Arguments that define what is being trained: a checkpoint made with other values
+# cannot be continued meaningfully (other weights, other data, other batches).
+MUST_MATCH = (
+    "model_name",
+    "data_path",
+    "val_path",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "batch_size",
+    "max_traj_len",
+    "seed",
+)
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / DIR_NAME
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # plain values, so that torch.load(weights_only=True) accepts them
+        "numpy": [np_state[0], np_state[1].tolist(), *(x for x in np_state[2:])],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) parameters by name, on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    epoch: int,
+    best: float,
+    metrics: list[dict],
+    args: dict,
+) -> Path:
+    """Write the state after `epoch` to ``<out_dir>/checkpoint`` atomically; return that path."""
+    out_dir = Path(out_dir)
+    final, old = checkpoint_dir(out_dir), out_dir / (DIR_NAME + ".old")
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{DIR_NAME}-"))
+    try:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        state = {
+            "format": FORMAT,
+            "epoch": epoch,
+            "best": best,
+            "metrics": metrics,
+            "args": args,
+            "lora": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+        }
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(out_dir: str | Path, map_location: Any = "cpu") -> dict | None:
+    """The saved state (see module docstring), or None when `out_dir` has no checkpoint.
+
+    A checkpoint that cannot be read is an error, not a silent fresh start.
+    """
+    out_dir = Path(out_dir)
+    for d in (checkpoint_dir(out_dir), out_dir / (DIR_NAME + ".old")):
+        path = d / "state.pt"
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # truncated or foreign file
+            raise UserError(
+                f"{path} is unreadable ({type(e).__name__}); delete {d} to start over"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise UserError(f"{path} is not a promptbake checkpoint; delete {d} to start over")
+        return state
+    return None
+
+
+def remove_checkpoint(out_dir: str | Path) -> None:
+    """Drop a previous run's checkpoint (a fresh run must not be resumed from it)."""
+    for name in (DIR_NAME, DIR_NAME + ".old"):
+        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
+    for stale in Path(out_dir).glob(f".tmp-{DIR_NAME}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def changed_args(saved: dict, current: dict) -> list[str]:
+    """Names of the arguments that differ; raises UserError if one of MUST_MATCH does."""
+
+    def norm(k: str, v):  # data/x.jsonl and ./data/x.jsonl are the same file
+        return os.path.normpath(v) if k.endswith("_path") and isinstance(v, str) else v
+
+    keys = set(saved) | set(current)
+    diff = sorted(k for k in keys if norm(k, saved.get(k)) != norm(k, current.get(k)))
+    bad = [k for k in diff if k in MUST_MATCH]
+    if bad:
+        shown = ", ".join(f"--{k} {saved.get(k)!r} (now {current.get(k)!r})" for k in bad)
+        raise UserError(
+            f"cannot resume: the checkpoint was made with {shown}; rerun with the same "
+            "values, or drop --resume (or use another --out_dir) to start over"
+        )
+    return [k for k in diff if k != "resume"]
+
+
+def restore(state: dict, model, optimizer: torch.optim.Optimizer, scheduler, lr: float) -> None:
+    """Load weights, optimizer, scheduler and RNG from `state` into a freshly set-up run.
+
+    `lr` is this run's --learning_rate: when it differs from the checkpoint's, it
+    replaces the saved one (the scheduler's multiplier still applies).
+    """
+    params = dict(model.named_parameters())
+    missing = [n for n in state["lora"] if n not in params]
+    if missing or len(state["lora"]) != sum(p.requires_grad for p in params.values()):
+        raise UserError(
+            "cannot resume: the checkpoint's adapter does not match this model "
+            f"({len(missing)} unknown parameters); delete the checkpoint to start over"
+        )
+    with torch.no_grad():
+        for n, t in state["lora"].items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    old_lr = state["args"].get("learning_rate")
+    if old_lr and old_lr != lr:  # keep the schedule's multiplier, change the base
+        scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["initial_lr"] = lr
+            g["lr"] = g["lr"] * lr / old_lr
+    _set_rng_state(state["rng"])
