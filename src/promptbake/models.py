@@ -122,6 +122,13 @@ def materialize_gguf(gguf: Path) -> Path:
             os.replace(tmp, out)
         except OSError:  # another process won the race: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
+        # a truncated or foreign file fails deep inside the GGUF reader (ValueError,
+        # KeyError, ...): the user passed the path, so say which file and why
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"--model_name {gguf}: could not read the GGUF file ({type(e).__name__}: {e})"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
