@@ -37,6 +37,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# promptbake vs the original algorithm (bench/README.md); BENCH_ARGS="--threads 1" on a busy CPU
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench *.py
 	$(BIN)/ruff format --check src tests bench *.py

@@ -23,12 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .configs import GenerateConfig, LoraArgs, ModelArgs, TrainConfig, opt, require
-from .data import read_prompt, read_questions, read_trajectories, write_json
+from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
 from .errors import UserError
 from .evaluate import answer, heldout_kl, side_by_side
 from .generate import generate_trajectories, select_questions
 from .models import load_model
+from .report import write_report
 from .scorers import marker, score_all
 from .train import prepare_out_dir, train
 
@@ -123,6 +125,7 @@ def bake(cfg: BakeConfig) -> dict:
         raise UserError("no training questions left after the validation split")
 
     t_start = time.perf_counter()
+    distributed.init(cfg.device)  # under torchrun: before loading, each process takes its GPU
     model, tok = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
     model.name_or_path = cfg.model_name
     t_loaded = time.perf_counter()
@@ -145,6 +148,8 @@ def bake(cfg: BakeConfig) -> dict:
     val_rows = read_trajectories(tcfg.val_path) if tcfg.val_path else None
     model, metrics = train(tcfg, model, tok, train_rows, val_rows)
     t_train = time.perf_counter()
+    if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
+        return {}
 
     summary = {
         "prompt": x0,
@@ -172,7 +177,8 @@ def bake(cfg: BakeConfig) -> dict:
             ),
         }
         table = side_by_side(heldout, cols)
-        (out / "answers.md").write_text("```\n" + table + "\n```\n", encoding="utf-8")
+        with atomic_write(out / "answers.md") as f:
+            f.write("```\n" + table + "\n```\n")
         summary["answers"] = [
             {"question": q["question"], **{k: v[i] for k, v in cols.items()}}
             for i, q in enumerate(heldout)
@@ -186,6 +192,7 @@ def bake(cfg: BakeConfig) -> dict:
             }
     summary["seconds"]["total"] = time.perf_counter() - t_start
     write_json(out / "summary.json", summary)
+    write_report(out, cfg, summary)
     print_summary(summary)
     return summary
 

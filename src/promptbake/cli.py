@@ -4,6 +4,11 @@
     promptbake train --help        bake them into a LoRA adapter (KL distillation)
     promptbake bake --help         both in one process, with defaults that bake well
     promptbake data squad          fetch a public question set (needs a network)
+    promptbake compare --help      is it baked? per-trajectory NLL, bake fidelity
+    promptbake eval --help         answer + score questions: base, prompted, baked, re-prompted
+    promptbake pursue --help       prompt pursuit: bake again on top of the last bake
+    promptbake chat --help         talk to base / prompted / baked in the terminal
+    promptbake merge --help        write a merged full model for serving engines
 
 Problems the user can fix print one line (``error: ...``) and exit with status 2.
 """
@@ -84,6 +89,43 @@ def _data(args):
 
     for path in fetch_dataset(args.name, args.out_dir, max_rows=args.max_rows):
         print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------- evaluation (is it baked?)
+def _lazy_setup(module: str, cls_name: str):
+    """Flags from a config dataclass in `module`, imported only when the parser is built."""
+
+    def setup(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        add_arguments(p, getattr(importlib.import_module(module, __package__), cls_name))
+
+    return setup
+
+
+def _lazy_run(module: str, cls_name: str, fn_name: str):
+    def run(args):
+        import importlib
+
+        mod = importlib.import_module(module, __package__)
+        getattr(mod, fn_name)(from_namespace(getattr(mod, cls_name), args))
+
+    return run
+
+
+for _name, _help, _mod, _cls, _fn in (
+    ("compare", "per-trajectory NLL: base/baked x with/without prompt", ".compare",
+     "CompareConfig", "compare"),
+    ("eval", "answer and score questions as base, prompted, baked, re-prompted", ".evals",
+     "EvalConfig", "evaluate_command"),
+    ("pursue", "prompt pursuit: bake the prompt again on top of each bake", ".pursue",
+     "PursueConfig", "pursue"),
+    ("chat", "interactive chat: switch between base, prompted and baked", ".repl",
+     "ChatConfig", "chat"),
+    ("merge", "merge an adapter into a full model directory", ".adapters",
+     "MergeConfig", "merge"),
+):  # fmt: skip
+    command(_name, _help)(_lazy_setup(_mod, _cls))(_lazy_run(_mod, _cls, _fn))
 
 
 def build_parser(prog: str = "promptbake", only: str | None = None) -> argparse.ArgumentParser:

@@ -110,6 +110,13 @@ class GenerateConfig(ModelArgs):
         None, "Qwen3 thinking switch passed to the chat template (default: the template's own)"
     )
     shuffle: bool = opt(True, "shuffle the question set with --seed before taking questions")
+    cache_implementation: str = opt(
+        "dynamic",
+        "KV cache for decoding: dynamic, or static (fixed-size; on CUDA transformers then "
+        "compiles the decoding step with torch.compile: faster after a warm-up)",
+        choices=["dynamic", "static"],
+    )
+    compile: bool = opt(True, "with --cache_implementation static on CUDA: torch.compile decoding")
 
     def validate(self) -> None:
         require(self.x0_file is not None, "--x0_file is required (the prompt to bake)")
@@ -172,6 +179,32 @@ class TrainConfig(LoraArgs, ModelArgs):
         1024, "token rows per KL chunk: bounds memory of the [tokens x vocab] tensors"
     )
     plot: bool = opt(True, "write kl_curve.png")
+    resume: bool = opt(
+        False,
+        "continue from <out_dir>/checkpoint (adapter, optimizer, scheduler, RNG, epoch, best "
+        "validation), written after every epoch; starts fresh if there is none",
+    )
+    # speed-ups (teacher.py, train.py); each can be switched off for the benchmark
+    teacher_cache: str = opt(
+        "off",
+        "cache the teacher's log-probs at the generated tokens once, before epoch 1: exact "
+        "(float32 [tokens x vocab] on the CPU, the same loss; falls back to topk above "
+        "--teacher_cache_max_gb) or topk (top-k log-probs + tail mass: an approximate KL)",
+        choices=["off", "exact", "topk"],
+    )
+    teacher_topk: int = opt(64, "log-probs kept per token by --teacher_cache topk")
+    teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
+    prefix_reuse: bool = opt(
+        False,
+        "run the teacher once per distinct system+question prefix in a batch (KV cache reuse); "
+        "exact; pays off in the --teacher_cache pass, which groups rows by question",
+    )
+    length_bucketing: bool = opt(
+        False, "batch trajectories of similar length together (less padding), in random order"
+    )
+    gradient_checkpointing: bool = opt(
+        False, "recompute decoder activations in backward: less memory, a third more compute"
+    )
 
     def validate(self) -> None:
         require(self.data_path is not None, "--data_path is required (training trajectories)")
@@ -183,4 +216,6 @@ class TrainConfig(LoraArgs, ModelArgs):
         require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         require(self.save_every >= 0, "--save_every must be >= 0")
         require(self.max_traj_len is None or self.max_traj_len > 0, "--max_traj_len must be > 0")
+        require(self.teacher_topk > 0, f"--teacher_topk must be positive, got {self.teacher_topk}")
+        require(self.teacher_cache_max_gb > 0, "--teacher_cache_max_gb must be > 0")
         self.validate_lora()

@@ -60,11 +60,6 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
-        # mkstemp creates the file 0600; give it the mode open() would (0666 minus umask),
-        # so outputs stay readable by the group/others like any other file the user writes
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()

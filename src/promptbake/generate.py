@@ -17,7 +17,9 @@ What differs from the original script, and why:
 * --min_sequence_length counts NEW tokens (``min_new_tokens``), not prompt + answer;
 * each batch draws from its own seed (seed, batch index), so a run is reproducible
   and an interrupted run resumes exactly: output goes to ``<file>.partial``, flushed
-  batch by batch, and is renamed to ``<file>`` only when complete.
+  batch by batch, and is renamed to ``<file>`` only when complete;
+* under ``torchrun --nproc_per_node N`` process r samples batches r, r + N, ... and
+  rank 0 merges the shards: the same file as one process, the work split N ways.
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .chat import encode, format_prompt
 from .configs import GenerateConfig
-from .data import make_trajectory, meta_path, read_prompt, read_questions, write_json
+from .data import (
+    atomic_write,
+    make_trajectory,
+    meta_path,
+    read_prompt,
+    read_questions,
+    write_json,
+)
 from .errors import UserError, warn
 from .models import end_of_turn_ids, load_model, tokenizer_fingerprint
 
@@ -78,9 +87,12 @@ def plan_batches(
     return [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad to a [B, L] id tensor; the mask marks real tokens by position, not by value."""
-    width = max(len(s) for s in seqs)
+def left_pad(
+    seqs: list[list[int]], pad_id: int, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to a [B, L] id tensor; the mask marks real tokens by position, not by value.
+    `multiple` rounds L up (a static cache then sees few distinct shapes: few recompiles)."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -105,6 +117,9 @@ def sampling_kwargs(cfg: GenerateConfig) -> dict:
         kw["top_p"] = cfg.top_p
     if cfg.top_k is not None:
         kw["top_k"] = cfg.top_k
+    if cfg.cache_implementation == "static":  # transformers compiles it on CUDA
+        kw["cache_implementation"] = "static"
+        kw["disable_compile"] = not cfg.compile
     return kw
 
 
@@ -119,20 +134,40 @@ def sample_batch(
     min_new_tokens: int = 0,
     **sampling,
 ) -> list[list[int]]:
-    """Generate one mixed batch; return each row's new ids, cut after the first end-of-turn."""
-    ids, mask = left_pad(prompts, pad_id)
+    """Generate one mixed batch; return each row's new ids, cut after the first end-of-turn.
+
+    On CUDA out-of-memory the batch is generated in two halves (recursively) with a
+    warning, instead of crashing (seed troubleshooting 2).
+    """
+    static = sampling.get("cache_implementation") == "static"
+    ids, mask = left_pad(prompts, pad_id, 64 if static else 1)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        eos_token_id=eot_ids,
-        pad_token_id=pad_id,
-        **sampling,
-    )
-    new = out[:, ids.shape[1] :].tolist()
-    return [cut_at_end_of_turn(row, eot_ids) for row in new]
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=eot_ids,
+            pad_token_id=pad_id,
+            **sampling,
+        )
+        new = out[:, ids.shape[1] :].tolist()
+        return [cut_at_end_of_turn(row, eot_ids) for row in new]
+    except torch.cuda.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise UserError(
+                "CUDA out of memory generating one sequence: lower --max_sequence_length"
+            ) from None
+    # outside the except block, so the failed attempt's tensors are already freed
+    ids = mask = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = (len(prompts) + 1) // 2
+    warn(f"CUDA out of memory at {len(prompts)} sequences: splitting the batch in two")
+    kw = dict(pad_id=pad_id, eot_ids=eot_ids, max_new_tokens=max_new_tokens)
+    kw.update(min_new_tokens=min_new_tokens, **sampling)
+    return sample_batch(model, prompts[:half], **kw) + sample_batch(model, prompts[half:], **kw)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -166,6 +201,53 @@ def _completed(partial: Path, batches: list[list[tuple[int, int]]]) -> tuple[int
     return keep, done
 
 
+def _shard_path(partial: Path, rank: int) -> Path:
+    return Path(f"{partial}.rank{rank}")
+
+
+def _check_resume_key(partial: Path, key_path: Path, key: dict) -> None:
+    """Refuse to continue an unfinished run made with other arguments (or process count)."""
+    old = json.loads(key_path.read_text()) if key_path.exists() else None
+    if old == json.loads(json.dumps(key)):
+        return
+    if old is not None:
+        same = {k: v for k, v in old.items() if k != "world_size"} == json.loads(
+            json.dumps({k: v for k, v in key.items() if k != "world_size"})
+        )
+        if same:
+            raise UserError(
+                f"{partial} is an unfinished run made by {old.get('world_size', 1)} "
+                f"process(es), this one has {key.get('world_size', 1)}; rerun it with the same "
+                "torchrun --nproc_per_node to finish it, or delete the .partial files to start over"
+            )
+    raise UserError(
+        f"{partial} is an unfinished run with different arguments; rerun that command "
+        "to finish it, or delete the .partial file to start over"
+    )
+
+
+def _merge_shards(partial: Path, batches: list[list[tuple[int, int]]], world: int) -> None:
+    """Interleave the processes' shard files into `partial` in batch order, atomically.
+
+    Rank r wrote batches r, r + world, ... in order, so batch k is the next len(batch k)
+    lines of shard k % world: the result is byte for byte a single process's file.
+    """
+    shards = [_shard_path(partial, r) for r in range(world)]
+    lines = [[ln + b"\n" for ln in s.read_bytes().split(b"\n")[:-1]] for s in shards]
+    pos = [0] * world
+    merged = []
+    for bi, b in enumerate(batches):
+        r = bi % world
+        merged.extend(lines[r][pos[r] : pos[r] + len(b)])
+        pos[r] += len(b)
+    if pos != [len(x) for x in lines]:
+        raise RuntimeError(f"shard files hold {[len(x) for x in lines]} lines, expected {pos}")
+    with atomic_write(partial, "wb") as f:
+        f.write(b"".join(merged))
+    for s in shards:
+        s.unlink()
+
+
 def generate_trajectories(
     model,
     tokenizer,
@@ -192,31 +274,37 @@ def generate_trajectories(
     partial = Path(str(out_path) + ".partial")
     key_path = Path(str(partial) + ".key.json")
     key = _resume_key(cfg, fingerprint, x0)
-    if partial.exists():
-        old = json.loads(key_path.read_text()) if key_path.exists() else None
-        if old != json.loads(json.dumps(key)):
-            raise UserError(
-                f"{partial} is an unfinished run with different arguments; rerun that command "
-                "to finish it, or delete the .partial file to start over"
-            )
-    else:
+    # Under torchrun, rank r samples batches r, r + world, ... into its own shard file
+    # (<out>.partial.rank<r>); batches are seeded by their index, so the merged file is
+    # the one a single process writes. One process writes <out>.partial itself.
+    distributed.init(cfg.device)
+    world, main = distributed.world_size(), distributed.is_main()
+    mine = list(range(distributed.rank(), len(batches), world))
+    own = partial if world == 1 else _shard_path(partial, distributed.rank())
+    if world > 1:
+        key["world_size"] = world
+    unfinished = partial.exists() or any(_shard_path(partial, r).exists() for r in range(world))
+    if unfinished:  # every process reads the same files: all refuse, or none does
+        _check_resume_key(partial, key_path, key)
+    distributed.barrier()  # all have read the key before it is written
+    if not unfinished and main:
         write_json(key_path, key)
-    done_rows, done_batches = _completed(partial, batches)
+    done_rows, done_batches = _completed(own, [batches[i] for i in mine])
     if done_batches:
-        print(f"Resuming {out_path}: {done_batches}/{len(batches)} batches already done")
+        print(f"Resuming {own}: {done_batches}/{len(mine)} batches already done")
 
     n_traj = done_rows
     n_tokens = 0
     t0 = time.perf_counter()
     pbar = tqdm(
-        total=sum(len(b) for b in batches),
+        total=sum(len(batches[i]) for i in mine),
         initial=done_rows,
         unit="traj",
         desc="generating",
-        disable=not progress,
+        disable=not (progress and main),
     )
-    with open(partial, "a", encoding="utf-8") as f:
-        for bi in range(done_batches, len(batches)):
+    with open(own, "a", encoding="utf-8") as f:
+        for bi in mine[done_batches:]:
             batch = batches[bi]
             torch.manual_seed(batch_seed(cfg.seed, bi))
             gens = sample_batch(
@@ -250,25 +338,31 @@ def generate_trajectories(
         os.fsync(f.fileno())
     pbar.close()
     elapsed = time.perf_counter() - t0
+    # totals over all processes; the all-reduce also waits until every shard is complete
+    n_new, n_tokens = (int(x) for x in distributed.all_reduce_sum([n_traj - done_rows, n_tokens]))
 
-    meta = {
-        "promptbake_version": __version__,
-        "model_name": getattr(model, "name_or_path", None),
-        "tokenizer_fingerprint": fingerprint,
-        "x0": x0,
-        "end_of_turn_ids": eot,
-        "args": dataclasses.asdict(cfg),
-        "num_trajectories": n_traj,
-        "num_questions": len(questions),
-    }
-    write_json(meta_path(out_path), meta)
-    os.replace(partial, out_path)  # the complete file appears at once
-    key_path.unlink(missing_ok=True)
+    if main:
+        if world > 1:
+            _merge_shards(partial, batches, world)
+        meta = {
+            "promptbake_version": __version__,
+            "model_name": getattr(model, "name_or_path", None),
+            "tokenizer_fingerprint": fingerprint,
+            "x0": x0,
+            "end_of_turn_ids": eot,
+            "args": dataclasses.asdict(cfg),
+            "num_trajectories": sum(len(b) for b in batches),
+            "num_questions": len(questions),
+        }
+        write_json(meta_path(out_path), meta)
+        os.replace(partial, out_path)  # the complete file appears at once
+        key_path.unlink(missing_ok=True)
+    distributed.barrier()  # no process returns before the file is in place
     return {
-        "trajectories": n_traj - done_rows,
+        "trajectories": n_new,
         "new_tokens": n_tokens,
         "seconds": elapsed,
-        "traj_per_s": (n_traj - done_rows) / max(elapsed, 1e-9),
+        "traj_per_s": n_new / max(elapsed, 1e-9),
         "tokens_per_s": n_tokens / max(elapsed, 1e-9),
     }
 
@@ -276,6 +370,7 @@ def generate_trajectories(
 def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     """The whole stage from a config: read inputs, load the model (unless given), write."""
     cfg.validate()
+    distributed.init(cfg.device)  # before loading: each process takes its own GPU
     x0 = read_prompt(cfg.x0_file)
     questions = select_questions(
         read_questions(cfg.question_dataset), cfg.num_questions, cfg.seed, cfg.shuffle
@@ -286,6 +381,8 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     if model is None:
         model, tokenizer = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
     stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out)
+    if not distributed.is_main():
+        return stats
     print(
         f"Generated {stats['trajectories']} trajectories, {stats['new_tokens']} new tokens in "
         f"{stats['seconds']:.1f} s ({stats['traj_per_s']:.2f} traj/s, "

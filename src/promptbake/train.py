@@ -17,7 +17,19 @@ therefore matched, the end-of-turn token too, and nothing after it.
 Writes to --out_dir: args.json, train_loop.log, metrics.jsonl, kl_curve.png, the
 best-validation adapter (adapter_config.json, adapter_model.safetensors) and
 epoch_N/ every --save_every epochs. The adapter loads with plain
-``PeftModel.from_pretrained(base_model, out_dir)``.
+``PeftModel.from_pretrained(base_model, out_dir)``. After every epoch the whole
+training state goes to checkpoint/ (checkpoint.py): ``--resume true`` continues a
+killed run from there.
+
+Under ``torchrun --nproc_per_node N`` every global batch of --batch_size rows is split
+across the N processes and the LoRA gradients are summed (distributed.py); only rank 0
+writes files.
+
+Speed-ups, each a switch (measured in bench/README.md): --teacher_cache computes the
+frozen teacher once instead of every epoch, --prefix_reuse runs each system + question
+prefix once per batch (both in teacher.py), --length_bucketing batches similar lengths,
+--gradient_checkpointing trades compute for memory; on CUDA out-of-memory a step is
+redone in row slices with the same gradient (backward_kl) instead of crashing.
 """
 
 from __future__ import annotations
@@ -37,11 +49,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint, distributed
 from .configs import LoraArgs, TrainConfig
-from .data import read_meta, read_trajectories, write_json
+from .data import read_meta, read_trajectories, write_json, write_jsonl
 from .errors import UserError, warn
 from .loss import chunked_kl
-from .models import load_model, tokenizer_fingerprint
+from .models import load_model, load_tokenizer, tokenizer_fingerprint
+from .teacher import TeacherTarget, build_teacher_cache, cached_kl, prefix_reuse_hidden
 
 
 # ---------------------------------------------------------------- batches
@@ -129,20 +143,35 @@ def selected_hidden(model, side: Side) -> torch.Tensor:
 
 
 def batch_kl(
-    model, batch: Batch, chunk_size: int = 1024, student_adapter: bool = True
+    model,
+    batch: Batch,
+    chunk_size: int = 1024,
+    student_adapter: bool = True,
+    *,
+    teacher: TeacherTarget | None = None,
+    prefix_reuse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(prompted base || unprompted student) [N] and per-sequence sums [B].
 
     The teacher is always the model with the adapter disabled, under no_grad. With
     ``student_adapter=False`` the student is the base model too: KL(prompted || base).
+    ``teacher``: the batch's cached teacher log-probs (teacher.py), so the teacher does
+    not run; ``prefix_reuse``: run the teacher once per distinct prompt in the batch.
     """
-    with torch.no_grad(), adapter_disabled(model):
-        t_hidden = selected_hidden(model, batch.prompted)
+    if teacher is None:
+        with torch.no_grad(), adapter_disabled(model):
+            if prefix_reuse:
+                t_hidden = prefix_reuse_hidden(base_of(model).get_decoder(), batch.prompted)
+            else:
+                t_hidden = selected_hidden(model, batch.prompted)
     ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
     with ctx:
         s_hidden = selected_hidden(model, batch.unprompted)
     head = base_of(model).get_output_embeddings()
-    kl = chunked_kl(t_hidden, s_hidden, head, chunk_size)
+    if teacher is None:
+        kl = chunked_kl(t_hidden, s_hidden, head, chunk_size)
+    else:
+        kl = cached_kl(teacher, s_hidden, head, chunk_size)
     seq_idx = batch.unprompted.pred_mask.nonzero()[:, 0]
     per_seq = torch.zeros(batch.unprompted.pred_mask.shape[0], device=kl.device)
     per_seq = per_seq.index_add(0, seq_idx, kl.detach())
@@ -155,12 +184,114 @@ def make_batches(
     pad_id: int,
     max_gen: int | None,
     order: list[int] | None = None,
-) -> list[Batch]:
+    shard: bool = False,
+) -> list[Batch | None]:
+    """Batches of `batch_size` rows in `order`. With `shard`, each batch is cut down to
+    this process's share of it (distributed.shard), so the processes together see the
+    same global batches as one process; a share of a short last batch may be empty (None).
+    """
     order = list(range(len(rows))) if order is None else order
-    return [
-        collate([rows[i] for i in order[j : j + batch_size]], pad_id, max_gen)
-        for j in range(0, len(order), batch_size)
-    ]
+    chunks = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+    if shard:
+        chunks = [distributed.shard(c) for c in chunks]
+    return [collate([rows[i] for i in c], pad_id, max_gen) if c else None for c in chunks]
+
+
+def bucket_order(
+    rows: list[dict],
+    order: list[int],
+    batch_size: int,
+    generator: torch.Generator,
+    max_gen: int | None = None,
+    window: int = 16,
+) -> list[int]:
+    """`order` regrouped so that each batch holds trajectories of similar length.
+
+    Windows of `window` batches of the shuffled order are sorted by length and cut into
+    batches; the full batches are then shuffled (a short last batch stays last, so
+    consecutive `batch_size` slices of the result are the batches). Less padding, and
+    still a random epoch: which rows meet in a batch and the batch order vary by epoch.
+    """
+
+    def size(i: int) -> int:
+        r = rows[i]
+        n_gen = sum(r["generated_text_mask"])
+        kept = n_gen if max_gen is None else min(n_gen, max_gen)
+        return len(r["input_ids"]) + len(r["input_ids_nosys"]) - 2 * (n_gen - kept)
+
+    w = batch_size * window
+    chunks = []
+    for j in range(0, len(order), w):
+        win = sorted(order[j : j + w], key=size)
+        chunks += [win[k : k + batch_size] for k in range(0, len(win), batch_size)]
+    short = [c for c in chunks if len(c) < batch_size]
+    full = [c for c in chunks if len(c) == batch_size]
+    perm = torch.randperm(len(full), generator=generator).tolist()
+    return [i for c in [full[p] for p in perm] + short for i in c]
+
+
+def split_batch(batch: Batch, teacher: TeacherTarget | None, parts: int) -> list[tuple]:
+    """`batch` cut into `parts` row slices (each trimmed to its own width), with the
+    matching slices of its cached teacher rows."""
+    n = batch.prompted.input_ids.shape[0]
+    if parts <= 1:
+        return [(batch, teacher)]
+    size = -(-n // parts)
+    counts = batch.unprompted.pred_mask.sum(1).tolist()
+    out, tok = [], 0
+    for a in range(0, n, size):
+        sides = []
+        for side in (batch.prompted, batch.unprompted):
+            w = int(side.attention_mask[a : a + size].sum(1).max())
+            sides.append(Side(*(t[a : a + size, :w] for t in vars(side).values())))
+        n_tok = int(sum(counts[a : a + size]))
+        t = None if teacher is None else teacher.slice(tok, tok + n_tok)
+        out.append((Batch(*sides), t))
+        tok += n_tok
+    return out
+
+
+def backward_kl(
+    model,
+    batch: Batch,
+    chunk_size: int = 1024,
+    *,
+    teacher: TeacherTarget | None = None,
+    prefix_reuse: bool = False,
+    parts: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward of the batch's SUMMED KL; returns (kl [N] detached,
+    per-sequence sums [B], parts).
+
+    The rows run in `parts` slices whose gradients add up (the same gradient as one
+    pass). On CUDA out-of-memory the step is redone with twice as many slices, instead
+    of crashing (seed troubleshooting 2, without changing --batch_size); the caller
+    keeps the returned `parts` for the following steps.
+    """
+    n = batch.prompted.input_ids.shape[0]
+    while True:
+        try:
+            kls, seqs = [], []
+            for sub, t in split_batch(batch, teacher, parts):
+                kl, per_seq = batch_kl(model, sub, chunk_size, teacher=t, prefix_reuse=prefix_reuse)
+                if kl.requires_grad:
+                    kl.sum().backward()
+                kls.append(kl.detach())
+                seqs.append(per_seq)
+            return torch.cat(kls), torch.cat(seqs), parts
+        except torch.cuda.OutOfMemoryError:
+            kl = per_seq = kls = None  # drop the failed attempt's tensors
+            for p in model.parameters():
+                p.grad = None
+            if batch.prompted.input_ids.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if parts >= n:
+                raise UserError(
+                    "CUDA out of memory even with one trajectory at a time: use "
+                    "--gradient_checkpointing true, a smaller --kl_chunk_size or --max_traj_len"
+                ) from None
+            parts = min(2 * parts, n)
+            warn(f"CUDA out of memory: retrying each step in {parts} slices of the batch")
 
 
 @torch.no_grad()
@@ -223,10 +354,27 @@ def check_fingerprint(path: str, tokenizer) -> None:
         )
 
 
-def prepare_out_dir(out_dir: str) -> Path:
+def check_out_dir(out_dir: str) -> Path:
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file; give a directory path")
+    return p
+
+
+def check_token_ids(rows: list[dict], model) -> None:
+    """Ids beyond the embedding would crash deep in torch: data from another model's
+    tokenizer (a file without a .meta.json sidecar gets this far)."""
+    vocab = base_of(model).get_input_embeddings().num_embeddings
+    top = max(max(r["input_ids"] + r["input_ids_nosys"], default=0) for r in rows)
+    if top >= vocab:
+        raise UserError(
+            f"the trajectories hold token id {top}, but the model has {vocab} ids: they were "
+            "generated with another model's tokenizer; regenerate them with this --model_name"
+        )
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    p = check_out_dir(out_dir)
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -282,6 +430,19 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- fit
+def non_finite_message(value: float, epoch: int, bi: int, n_batches: int, saved: int, out) -> str:
+    where = f"non-finite loss ({value}) at epoch {epoch}, batch {bi + 1}/{n_batches}"
+    if saved:
+        return (
+            f"{where}; stopped, keeping the checkpoint after epoch {saved} in "
+            f"{checkpoint.checkpoint_dir(out)}: rerun with --resume true and a lower "
+            "--learning_rate (or --dtype float32) to continue from it"
+        )
+    return (
+        f"{where}; stopped before any epoch finished: lower --learning_rate or use --dtype float32"
+    )
+
+
 def train(
     cfg: TrainConfig,
     model=None,
@@ -296,26 +457,43 @@ def train(
     `train_rows`/`val_rows` to skip reading files.
     """
     cfg.validate()
-    out = prepare_out_dir(cfg.out_dir)
+    distributed.init(cfg.device)  # no-op unless launched by torchrun
+    main = distributed.is_main()  # the one process that writes files
+    # fail on a bad --out_dir before loading anything, but create it only once every
+    # input has been checked: a failed run leaves no empty run directory behind
+    check_out_dir(cfg.out_dir)
     if train_rows is None:
         train_rows = read_trajectories(cfg.data_path, "--data_path")
     if val_rows is None and cfg.val_path:
         val_rows = read_trajectories(cfg.val_path, "--val_path")
     if not train_rows:
         raise UserError("the training set is empty")
-    if model is None:
-        model, tokenizer = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    if tokenizer is None:  # cheap: check the data against it before loading the weights
+        tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
     for p in (cfg.data_path, cfg.val_path):
         if p and Path(p).is_file():
             check_fingerprint(p, tokenizer)
+    if model is None:
+        model, tokenizer = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    check_token_ids(train_rows + (val_rows or []), model)
 
+    if cfg.gradient_checkpointing:  # before peft wraps it: the layers recompute in backward
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name in transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)
+    out = prepare_out_dir(cfg.out_dir)
+    distributed.broadcast_params(p for p in model.parameters() if p.requires_grad)
     device = next(model.parameters()).device
-    write_json(out / "args.json", dataclasses.asdict(cfg))
-    (out / "train_loop.log").unlink(missing_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    log = RunLog(out / "train_loop.log", echo)
+    if main:
+        write_json(out / "args.json", dataclasses.asdict(cfg))
+        if not cfg.resume:
+            (out / "train_loop.log").unlink(missing_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    log = RunLog(out / "train_loop.log", echo) if main else (lambda msg: None)
     n_train, n_all = (
         sum(p.numel() for p in model.parameters() if p.requires_grad),
         sum(p.numel() for p in model.parameters()),
@@ -327,7 +505,14 @@ def train(
     log(f"{len(train_rows)} training and {len(val_rows or [])} validation trajectories")
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    val_batches = make_batches(val_rows, cfg.batch_size, pad, cfg.max_traj_len) if val_rows else []
+    world = distributed.world_size()
+    if world > 1:
+        log(f"data parallel on {world} processes: each step splits {cfg.batch_size} rows")
+    # each process validates its share of the rows; validate() sums the shares
+    val_share = distributed.shard(val_rows or [])
+    val_batches = (
+        make_batches(val_share, cfg.batch_size, pad, cfg.max_traj_len) if val_share else []
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -338,40 +523,108 @@ def train(
 
     def record(m: dict) -> None:
         metrics.append(m)
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(m) + "\n")
+        if main:
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(m) + "\n")
+
+    def validate() -> dict:
+        v = evaluate_kl(model, val_batches, cfg.kl_chunk_size)
+        kl, n_tok, kl_seq, n_seq = distributed.all_reduce_sum(
+            [v["kl"] * v["tokens"], v["tokens"], v["kl_seq"] * len(val_share), len(val_share)]
+        )
+        return {"kl": kl / max(n_tok, 1), "kl_seq": kl_seq / max(n_seq, 1), "tokens": int(n_tok)}
 
     best = math.inf
-    if val_batches:
-        v = evaluate_kl(model, val_batches, cfg.kl_chunk_size)
+    start = 0  # epochs already done
+    # rank 0 reads it and hands it to all: other nodes need not see rank 0's disk
+    state = distributed.on_main(lambda: checkpoint.load_checkpoint(out)) if cfg.resume else None
+    if state is not None:
+        changed = checkpoint.changed_args(state["args"], dataclasses.asdict(cfg))
+        checkpoint.restore(state, model, opt, sched, cfg.learning_rate)
+        start, best, metrics = state["epoch"], state["best"], list(state["metrics"])
+        log(
+            f"resumed from {checkpoint.checkpoint_dir(out)} after epoch {start}"
+            + (f" (changed: {', '.join(changed)})" if changed else "")
+        )
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out}, starting from the beginning")
+    elif main:
+        checkpoint.remove_checkpoint(out)  # a previous run's state must not be resumed later
+    if main and cfg.resume:  # metrics.jsonl = the checkpoint's epochs, nothing half-done
+        write_jsonl(out / "metrics.jsonl", metrics)
+    if val_rows and start == 0:
+        v = validate()
         log(f"epoch 0 (before training): val KL {v['kl']:.4f}/token, {v['kl_seq']:.3f}/sequence")
         record({"epoch": 0, "train_kl": None, "val_kl": v["kl"], "val_kl_seq": v["kl_seq"]})
 
-    for epoch in range(1, cfg.num_epochs + 1):
+    cache = None  # --teacher_cache: the frozen teacher's log-probs, computed once
+    if cfg.teacher_cache != "off" and start < cfg.num_epochs:
+        cache = build_teacher_cache(
+            model,
+            train_rows,
+            pad,
+            mode=cfg.teacher_cache,
+            topk=cfg.teacher_topk,
+            max_gb=cfg.teacher_cache_max_gb,
+            batch_size=cfg.batch_size,
+            max_gen=cfg.max_traj_len,
+            chunk_size=cfg.kl_chunk_size,
+            prefix_reuse=cfg.prefix_reuse,
+            log=log,
+        )
+    parts = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
+    saved = start  # the epoch of the checkpoint on disk
+    for epoch in range(start + 1, cfg.num_epochs + 1):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # reshuffle each epoch
         order = torch.randperm(len(train_rows), generator=gen).tolist()
-        batches = make_batches(train_rows, cfg.batch_size, pad, cfg.max_traj_len, order)
+        if cfg.length_bucketing:
+            order = bucket_order(train_rows, order, cfg.batch_size, gen, cfg.max_traj_len)
+        batches = make_batches(train_rows, cfg.batch_size, pad, cfg.max_traj_len, order, True)
         tot, n_tok, seq_tot, n_seq = 0.0, 0, 0.0, 0
         t0 = time.perf_counter()
-        pbar = tqdm(batches, desc=f"epoch {epoch}/{cfg.num_epochs}", leave=False, disable=not echo)
+        pbar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{cfg.num_epochs}",
+            leave=False,
+            disable=not (echo and main),
+        )
         for bi, b in enumerate(pbar):
-            kl, per_seq = batch_kl(model, b.to(device), cfg.kl_chunk_size)
-            loss = kl.sum() / max(kl.numel(), 1)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"non-finite loss ({float(loss)}) at epoch {epoch}, batch {bi}; lower "
-                    "--learning_rate or use --dtype float32; the last saved adapter is kept"
-                )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if b is None:  # this process has no rows in a short last batch
+                kl = per_seq = torch.zeros(0, device=device)
+            else:
+                rows_b = distributed.shard(order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size])
+                target = None if cache is None else cache.target(rows_b)  # stays on the CPU
+                # backward of the KL SUM here; the gradients are divided below
+                kl, per_seq, parts = backward_kl(
+                    model,
+                    b.to(device),
+                    cfg.kl_chunk_size,
+                    teacher=target,
+                    prefix_reuse=cfg.prefix_reuse,
+                    parts=parts,
+                )
+            # Each process divides its KL sum by the GLOBAL token count and the gradients
+            # are summed over processes (all_reduce_grads; see distributed.py for why not
+            # DDP), so a step equals one process's step on the whole batch. With one
+            # process this is the plain token mean.
+            local_sum = float(kl.sum())
+            kl_sum, n_glob = distributed.all_reduce_sum([local_sum, kl.numel()])
+            if not math.isfinite(kl_sum):
+                raise UserError(non_finite_message(kl_sum, epoch, bi, len(batches), saved, out))
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(max(n_glob, 1))
+            distributed.all_reduce_grads(params)
             opt.step()
             sched.step()
-            tot += float(kl.detach().sum())
+            tot += local_sum
             n_tok += kl.numel()
             seq_tot += float(per_seq.sum())
             n_seq += per_seq.numel()
-            pbar.set_postfix(kl=f"{float(loss):.4f}")
+            pbar.set_postfix(kl=f"{kl_sum / max(n_glob, 1):.4f}")
+        tot, n_tok, seq_tot, n_seq = distributed.all_reduce_sum([tot, n_tok, seq_tot, n_seq])
         secs = time.perf_counter() - t0
         model.eval()
         m = {
@@ -382,27 +635,40 @@ def train(
             "seconds": secs,
             "lr": sched.get_last_lr()[0],
         }
-        if val_batches:
-            v = evaluate_kl(model, val_batches, cfg.kl_chunk_size)
+        if val_rows:
+            v = validate()
             m.update(val_kl=v["kl"], val_kl_seq=v["kl_seq"])
         score = m.get("val_kl", m["train_kl"])
         m["best"] = score < best
         if m["best"]:
             best = score
-            save_adapter(model, out)
-        if cfg.save_every and epoch % cfg.save_every == 0:
+            if main:
+                save_adapter(model, out)
+        if main and cfg.save_every and epoch % cfg.save_every == 0:
             d = out / f"epoch_{epoch}"
             d.mkdir(exist_ok=True)
             save_adapter(model, d)
         record(m)
+        if main:  # after every epoch, so a killed run resumes here (--resume true)
+            checkpoint.save_checkpoint(
+                out,
+                model=model,
+                optimizer=opt,
+                scheduler=sched,
+                epoch=epoch,
+                best=best,
+                metrics=metrics,
+                args=dataclasses.asdict(cfg),
+            )
+        saved = epoch
         val_txt = f", val KL {m['val_kl']:.4f}" if "val_kl" in m else ""
         log(
             f"epoch {epoch}: train KL {m['train_kl']:.4f}/token ({m['train_kl_seq']:.3f}/seq)"
             f"{val_txt}, {m['tokens_per_s']:.0f} tok/s{' *best*' if m['best'] else ''}"
         )
-        if cfg.plot:
+        if main and cfg.plot:
             plot_curves(metrics, out / "kl_curve.png")
-    log(f"done: best {'validation' if val_batches else 'training'} KL {best:.4f}; adapter in {out}")
+    log(f"done: best {'validation' if val_rows else 'training'} KL {best:.4f}; adapter in {out}")
     return model, metrics
 
 

@@ -1,0 +1,127 @@
+"""Peak memory of the loss step: full-logit KL (the original) vs promptbake's chunked KL.
+
+    python -m bench.memory                      # both methods, Qwen3's vocabulary, prints JSON
+    python -m bench.memory --one naive --batch 10 --prompt 13 --gen 37 --chunk 128
+
+Method: each measurement runs in a FRESH Python process. It builds the inputs (final
+hidden states of teacher and student for a right-padded batch, a frozen LM head
+[V x H], the mask of rows that predict generated tokens), reads the process's peak
+resident set size (``ru_maxrss``, the kernel's high-water mark), runs ONE loss step
+(forward + backward to the student's hidden states), and reads the peak again. The
+difference is the loss step's peak memory on top of its inputs; torch's own CPU
+allocations are invisible to tracemalloc, and the kernel's peak counts them all.
+
+* naive: head on every position of both sequences -> [B, T, V] logits, the KL
+  (``loss.token_kl``) on the rows that predict generated tokens, mean, backward;
+* chunked: the rows that predict generated tokens first ([N, H]), then
+  ``loss.chunked_kl`` (``chunk`` rows of logits at a time, checkpointed).
+
+The [rows x V] float32 tensors dominate both and do not depend on H, so H defaults to
+256 (the LM head's weights are an input, not part of the step); memory is linear in
+the row counts, so shapes scaled down by a common factor (B*T, N and chunk) give the
+same ratio as full-size ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+QWEN3_VOCAB = 151_936
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: int, hidden: int):
+    """Run one loss step in THIS process; return the peak-RSS increase in bytes."""
+    import torch
+
+    from promptbake.loss import chunked_kl, token_kl
+
+    torch.manual_seed(0)
+    T = prompt + gen
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    head.weight.requires_grad_(False)
+    t_h = torch.randn(batch, T, hidden)
+    s_h = torch.randn(batch, T, hidden, requires_grad=True)
+    pred = torch.zeros(batch, T, dtype=torch.bool)
+    pred[:, prompt - 1 : T - 1] = True  # each row predicts `gen` generated tokens
+    # touch a small step first so lazy allocator/library state is not counted
+    chunked_kl(t_h[:1, :2].reshape(-1, hidden), s_h[:1, :2].reshape(-1, hidden), head, 2)
+    before = _peak_bytes()
+    if method == "naive":
+        with torch.no_grad():
+            t_logits = head(t_h)  # [B, T, V]
+        s_logits = head(s_h)  # [B, T, V]
+        kl = token_kl(t_logits[pred], s_logits[pred])
+    elif method == "chunked":
+        kl = chunked_kl(t_h[pred], s_h[pred], head, chunk)
+    else:
+        raise ValueError(method)
+    kl.mean().backward()
+    return _peak_bytes() - before
+
+
+def run_one(method: str, **shape) -> int:
+    """`measure` in a fresh subprocess (so earlier peaks do not hide this one)."""
+    args = [sys.executable, "-m", "bench.memory", "--one", method]
+    for k, v in shape.items():
+        args += [f"--{k}", str(v)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(args, capture_output=True, text=True, cwd=root, env=env, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def compare(
+    batch: int = 10,
+    prompt: int = 13,
+    gen: int = 37,
+    chunk: int = 128,
+    vocab: int = QWEN3_VOCAB,
+    hidden: int = 256,
+) -> dict:
+    """Both methods at one shape; the ratio chunked / naive."""
+    shape = dict(batch=batch, prompt=prompt, gen=gen, chunk=chunk, vocab=vocab, hidden=hidden)
+    naive = run_one("naive", **shape)
+    chunked = run_one("chunked", **shape)
+    rows_bytes = vocab * 4  # one float32 row of logits
+    return {
+        **shape,
+        "naive_bytes": naive,
+        "chunked_bytes": chunked,
+        "ratio": chunked / naive,
+        # the same numbers in units of one float32 [rows x V] tensor, to extrapolate
+        "naive_logit_copies": naive / (batch * (prompt + gen) * rows_bytes),
+        "chunked_logit_copies": chunked / (min(chunk, batch * gen) * rows_bytes),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--one", choices=["naive", "chunked"], help="measure one method, here")
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--prompt", type=int, default=13)
+    p.add_argument("--gen", type=int, default=37)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=QWEN3_VOCAB)
+    p.add_argument("--hidden", type=int, default=256)
+    a = p.parse_args(argv)
+    shape = dict(
+        batch=a.batch, prompt=a.prompt, gen=a.gen, chunk=a.chunk, vocab=a.vocab, hidden=a.hidden
+    )
+    if a.one:
+        print(json.dumps({"method": a.one, "peak_bytes": measure(a.one, **shape)}))
+    else:
+        print(json.dumps(compare(**shape), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

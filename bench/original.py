@@ -1,0 +1,186 @@
+"""The original Prompt Baking algorithm, written plainly: the benchmark's baseline.
+
+    from bench.original import generate_original, train_original, step_kl
+    rows, stats = generate_original(model, tok, x0, questions, n_seq=4, max_new_tokens=40)
+    peft_model, stats = train_original(model, tok, rows, epochs=2, batch_size=8)
+
+What makes it "the original" (and slow), on purpose:
+
+* generation: one question per ``model.generate`` call; the batch is that question's
+  samples (at most ``batch_size``), so small ``num_sequences_per_question`` means
+  small batches, and every batch decodes until its longest answer ends;
+* training: right-padded batches in a shuffled order; the model computes full-vocabulary
+  logits at EVERY position of both sequences (teacher: prompted, adapter off, no grad;
+  student: unprompted, adapter on), [B, T, V] each, and the KL is taken on the rows
+  that predict generated tokens; the teacher is recomputed at every step of every epoch.
+
+Everything that is not an optimization is kept identical to promptbake, so the
+benchmark compares only speed: the chat template (``chat.format_prompt``), the record
+schema (``data.make_trajectory``), the KL formula (``loss.token_kl``), the LoRA
+configuration and initial weights (same seed), the optimizer and the per-epoch
+shuffle (``torch.Generator().manual_seed(seed * 100_003 + epoch)``, as in train.py).
+Nothing else from promptbake is used.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from promptbake.chat import encode, format_prompt
+from promptbake.data import make_trajectory
+from promptbake.loss import token_kl
+
+
+def _eot_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_original(
+    model,
+    tokenizer,
+    x0: str,
+    questions: list[dict],
+    n_seq: int,
+    max_new_tokens: int,
+    batch_size: int = 38,
+    temperature: float = 1.0,
+    min_new_tokens: int = 1,
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
+    """Sample `n_seq` answers per question, one question per generate call."""
+    eot = _eot_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
+    rows, n_tok = [], 0
+    t0 = time.perf_counter()
+    for qi, q in enumerate(questions):
+        p = encode(tokenizer, format_prompt(x0, q["question"], True, tokenizer))
+        p_nosys = encode(tokenizer, format_prompt(x0, q["question"], False, tokenizer))
+        for start in range(0, n_seq, batch_size):
+            b = min(batch_size, n_seq - start)
+            torch.manual_seed(seed * 1_000_003 + qi * 1_009 + start)
+            ids = torch.tensor([p] * b, device=model.device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                eos_token_id=eot,
+                pad_token_id=pad,
+            )
+            for si, row in enumerate(out[:, ids.shape[1] :].tolist()):
+                cut = next((k + 1 for k, t in enumerate(row) if t in eot), len(row))
+                gen = row[:cut]
+                n_tok += len(gen)
+                rows.append(
+                    make_trajectory(
+                        tokenizer, p, p_nosys, gen, question=q["question"], sample_index=start + si
+                    )
+                )
+    secs = time.perf_counter() - t0
+    return rows, {"seconds": secs, "new_tokens": n_tok, "tokens_per_s": n_tok / max(secs, 1e-9)}
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def gen_mask(rows: list[dict], key: str, width: int) -> torch.Tensor:
+    """[B, width] True where the position's logits predict a generated token."""
+    m = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        g = torch.tensor(r[key], dtype=torch.bool)
+        m[i, : len(g) - 1] = g[1:]
+    return m
+
+
+def step_kl(model, rows: list[dict], pad_id: int) -> torch.Tensor:
+    """Per-token KL [N] for one batch: full logits at every position, both models."""
+    device = next(model.parameters()).device
+    ids_t, att_t = right_pad([r["input_ids"] for r in rows], pad_id)
+    ids_s, att_s = right_pad([r["input_ids_nosys"] for r in rows], pad_id)
+    with torch.no_grad(), model.disable_adapter():
+        t_logits = model(input_ids=ids_t.to(device), attention_mask=att_t.to(device)).logits
+    s_logits = model(input_ids=ids_s.to(device), attention_mask=att_s.to(device)).logits
+    t_sel = t_logits[gen_mask(rows, "generated_text_mask", ids_t.shape[1]).to(device)]
+    s_sel = s_logits[gen_mask(rows, "generated_text_mask_nosys", ids_s.shape[1]).to(device)]
+    return token_kl(t_sel, s_sel)
+
+
+def add_lora_original(model, r: int, alpha: float, targets: str, seed: int):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(seed)  # the same initial LoRA weights as promptbake.train
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        inference_mode=False,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=[t.strip() for t in targets.split(",")],
+    )
+    return get_peft_model(model, config)
+
+
+def train_original(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float = 1e-3,
+    r: int = 8,
+    lora_alpha: float = 16.0,
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj",
+    seed: int = 42,
+) -> tuple[object, dict]:
+    """LoRA training as in the original train loop; returns (peft model, stats)."""
+    t0 = time.perf_counter()
+    model = add_lora_original(model, r, lora_alpha, target_modules, seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    n_tok, kl_sum = 0, 0.0
+    epoch_kl = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        e_sum, e_n = 0.0, 0
+        for j in range(0, len(order), batch_size):
+            kl = step_kl(model, [rows[i] for i in order[j : j + batch_size]], pad)
+            loss = kl.sum() / max(kl.numel(), 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            e_sum += float(kl.detach().sum())
+            e_n += kl.numel()
+        epoch_kl.append(e_sum / max(e_n, 1))
+        n_tok += e_n
+        kl_sum += e_sum
+    model.eval()
+    secs = time.perf_counter() - t0
+    return model, {
+        "seconds": secs,
+        "kl_tokens": n_tok,
+        "tokens_per_s": n_tok / max(secs, 1e-9),
+        "train_kl": epoch_kl,
+    }

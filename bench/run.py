@@ -1,0 +1,776 @@
+"""`make bench`: promptbake against the original Prompt Baking algorithm, one invocation,
+same machine, same data.
+
+    python -m bench.run                 # the CPU job, the memory microbenchmark, the GPU job
+    python -m bench.run --config cpu    # one of: cpu, memory, gpu, all (default)
+    python -m bench.run --quick         # a tiny random model, seconds: checks the harness only
+
+Jobs (see bench/README.md for the method and the latest numbers):
+
+* cpu: the bundled SmolLM2-135M on CPU, a demo-size persona bake. Generation is timed
+  for both pipelines (the original: one question per generate call); both then train on
+  the SAME trajectories (ours'), so their held-out KL compares the training alone; every
+  optimization is switched on and off in turn (ablation rows).
+* memory: bench/memory.py, loss-step peak memory at Qwen3's vocabulary (151,936).
+* gpu: a Qwen3-1.7B-shaped model with random weights in bf16 at the seed's Example 1
+  sizes (100 questions x 25 sequences x 300 tokens), generate + 1 epoch; skipped, with
+  a message, when no CUDA device is present.
+
+Results: bench/results/<machine>.json, and the table in bench/README.md is rebuilt
+from every results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "bench" / "README.md"
+
+# Training variants, each on the same trajectories for the same epochs. "plain" is
+# promptbake with every switchable speed-up off: what is left (always on) is the LM head
+# at generated positions only and the chunked KL.
+EXACT = {"teacher_cache": "exact", "prefix_reuse": True}
+VARIANTS: list[tuple[str, str, dict]] = [
+    ("plain", "logits at generated positions + chunked KL (always on)", {}),
+    ("+bucketing", "plain + length bucketing", {"length_bucketing": True}),
+    ("+prefix_reuse", "plain + teacher prefix reuse in each batch", {"prefix_reuse": True}),
+    ("+cache_exact", "plain + exact teacher cache", {"teacher_cache": "exact"}),
+    ("+cache_topk", "plain + top-k teacher cache (approximate)", {"teacher_cache": "topk"}),
+    # "ours" keeps only the exact speed-ups, so its held-out KL is the original's
+    ("ours", "plain + exact teacher cache built with prefix reuse", EXACT),
+    (
+        "ours+ckpt",
+        "ours + gradient checkpointing (memory for compute)",
+        {**EXACT, "gradient_checkpointing": True},
+    ),
+]
+
+
+@dataclass
+class Job:
+    """One benchmark job's sizes and hyper-parameters (identical for both pipelines)."""
+
+    model: str = "smollm2-135m"  # or "tiny" (random, for --quick)
+    x0_file: str = "data/zorblax_x0.md"
+    train_questions: str = "data/identity_train.jsonl"
+    heldout_questions: str = "data/identity_heldout.jsonl"
+    n_train_q: int = 8
+    n_val_q: int = 4
+    n_seq: int = 4
+    max_new_tokens: int = 32
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    gen_batch_size: int = 32  # ours; the original's batch is one question's n_seq
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    r: int = 8
+    lora_alpha: float = 16.0
+    kl_chunk_size: int = 1024
+    teacher_topk: int = 64
+    seed: int = 42
+    variants: list[str] = field(default_factory=lambda: [v[0] for v in VARIANTS])
+
+
+QUICK = Job(
+    model="tiny",
+    n_train_q=4,
+    n_val_q=2,
+    n_seq=2,
+    max_new_tokens=6,
+    gen_batch_size=8,
+    epochs=2,
+    batch_size=3,
+    teacher_topk=8,
+)
+
+
+# ---------------------------------------------------------------- helpers
+def machine_name() -> str:
+    """bench/results/<this>.json: BENCH_MACHINE, else the device kind and core count."""
+    if os.environ.get("BENCH_MACHINE"):
+        return os.environ["BENCH_MACHINE"]
+    if torch.cuda.is_available():
+        name = "gpu-" + torch.cuda.get_device_name(0)
+    else:
+        cpu = platform.processor() or "cpu"
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1]
+                    break
+        name = f"cpu-{os.cpu_count()}c-{cpu}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Lap:
+    """Wall-clock and process CPU time since creation. CPU time counts only this
+    process's work, so with one torch thread it is what the phase would take on an idle
+    core: the steadier measure on a shared machine."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def done(self) -> dict:
+        return {
+            "seconds": time.perf_counter() - self.wall,
+            "cpu_seconds": time.process_time() - self.cpu,
+        }
+
+
+def load(job: Job):
+    """(model, tokenizer, lap) for promptbake's loader (cached float weights)."""
+    lap = Lap()
+    if job.model == "tiny":
+        from promptbake import tiny
+
+        tok = tiny.chatml_tokenizer("tiny")
+        tok.padding_side = "left"
+        model = tiny.tiny_qwen3(tok, initializer_range=0.2)
+        model.name_or_path = "tiny"
+    else:
+        from promptbake.models import load_model
+
+        model, tok = load_model(job.model, device="cpu", dtype="float32")
+    return model, tok, lap.done()
+
+
+def original_load(job: Job) -> dict:
+    """What the original pays per script: transformers dequantizes the GGUF on every load."""
+    if job.model == "tiny":
+        return {"seconds": 0.0, "cpu_seconds": 0.0}
+    from transformers import AutoModelForCausalLM
+
+    from promptbake.models import bundled_gguf
+
+    gguf = bundled_gguf(job.model)
+    lap = Lap()
+    m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    out = lap.done()
+    del m
+    return out
+
+
+def heldout(model, tok, val_rows: list[dict], chunk: int, adapter: bool = True) -> float:
+    from promptbake.train import evaluate_kl, make_batches
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return evaluate_kl(model, make_batches(val_rows, 8, pad, None), chunk, adapter)["kl"]
+
+
+def padding_share(rows: list[dict], batch_size: int, order: list[int]) -> float:
+    """Share of padded positions in right-padded batches of `order` (both sides)."""
+    real = total = 0
+    for j in range(0, len(order), batch_size):
+        b = [rows[i] for i in order[j : j + batch_size]]
+        for key in ("input_ids", "input_ids_nosys"):
+            lens = [len(r[key]) for r in b]
+            real += sum(lens)
+            total += max(lens) * len(lens)
+    return 1 - real / total
+
+
+def add_rates(d: dict, tokens: int) -> dict:
+    d["tokens_per_s"] = tokens / max(d["seconds"], 1e-9)
+    d["tokens_per_cpu_s"] = tokens / max(d["cpu_seconds"], 1e-9)
+    return d
+
+
+# ---------------------------------------------------------------- the CPU job
+def run_cpu(job: Job, workdir: Path) -> dict:
+    from bench.original import generate_original, train_original
+    from promptbake.configs import GenerateConfig, TrainConfig
+    from promptbake.data import read_prompt, read_questions, read_trajectories
+    from promptbake.generate import generate_trajectories, select_questions
+    from promptbake.train import bucket_order, train
+
+    res: dict = {"job": dataclasses.asdict(job), "load_before": loadavg()}
+    torch.manual_seed(job.seed)
+    model, tok, load_ours = load(job)
+    model.eval()
+    log(f"loaded {job.model} in {load_ours['seconds']:.1f} s (cached float weights)")
+    load_orig = original_load(job)
+    if job.model != "tiny":
+        log(f"the original's load (GGUF dequantized): {load_orig['seconds']:.1f} s")
+    res["load"] = {"ours": load_ours, "original": load_orig}
+
+    x0 = read_prompt(job.x0_file)
+    train_q = select_questions(read_questions(job.train_questions), job.n_train_q, job.seed)
+    val_q = select_questions(read_questions(job.heldout_questions), job.n_val_q, job.seed)
+
+    def gen_cfg(path: Path) -> GenerateConfig:
+        return GenerateConfig(
+            model_name=job.model,
+            x0_file=job.x0_file,
+            question_dataset=job.train_questions,
+            traj_out_file=str(path),
+            num_questions=job.n_train_q,
+            num_sequences_per_question=job.n_seq,
+            max_sequence_length=job.max_new_tokens,
+            min_sequence_length=job.min_new_tokens,
+            temperature=job.temperature,
+            batch_size=job.gen_batch_size,
+            seed=job.seed,
+        )
+
+    # ---- generation: ours (mixed-question batches) and the original (one question each)
+    train_path = workdir / "train.jsonl"
+    lap = Lap()
+    g = generate_trajectories(
+        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False
+    )
+    gen_ours = add_rates(lap.done(), g["new_tokens"])
+    gen_ours["new_tokens"] = g["new_tokens"]
+    log(f"ours generated {g['new_tokens']} tokens in {gen_ours['seconds']:.1f} s")
+    lap = Lap()
+    _, go = generate_original(
+        model,
+        tok,
+        x0,
+        train_q,
+        n_seq=job.n_seq,
+        max_new_tokens=job.max_new_tokens,
+        min_new_tokens=job.min_new_tokens,
+        temperature=job.temperature,
+        seed=job.seed,
+    )
+    gen_orig = add_rates(lap.done(), go["new_tokens"])
+    gen_orig["new_tokens"] = go["new_tokens"]
+    log(f"original generated {go['new_tokens']} tokens in {gen_orig['seconds']:.1f} s")
+    val_path = workdir / "val.jsonl"
+    generate_trajectories(model, tok, gen_cfg(val_path), x0, val_q, val_path, progress=False)
+    rows = read_trajectories(train_path)
+    val_rows = read_trajectories(val_path)
+    res["generation"] = {"ours": gen_ours, "original": gen_orig}
+
+    # ---- training: every pipeline on the same rows, from the same base weights
+    base = copy.deepcopy(model)
+    kl_base = heldout(base, tok, val_rows, job.kl_chunk_size)  # no adapter yet: base model
+    training: dict = {}
+    lap = Lap()
+    m, st = train_original(
+        copy.deepcopy(base),
+        tok,
+        rows,
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        learning_rate=job.learning_rate,
+        r=job.r,
+        lora_alpha=job.lora_alpha,
+        seed=job.seed,
+    )
+    training["original"] = {
+        "description": "full logits at every position, teacher every step",
+        **add_rates(lap.done(), st["kl_tokens"]),
+        "kl_tokens": st["kl_tokens"],
+        "train_kl_last_epoch": st["train_kl"][-1],
+        "heldout_kl": heldout(m, tok, val_rows, job.kl_chunk_size),
+    }
+    del m
+    log(f"original trained in {training['original']['seconds']:.1f} s")
+    for name, desc, flags in VARIANTS:
+        if name not in job.variants:
+            continue
+        cfg = TrainConfig(
+            model_name=job.model,
+            data_path=str(train_path),
+            out_dir=str(workdir / f"train-{name}"),
+            num_epochs=job.epochs,
+            batch_size=job.batch_size,
+            learning_rate=job.learning_rate,
+            r=job.r,
+            lora_alpha=job.lora_alpha,
+            save_every=0,
+            kl_chunk_size=job.kl_chunk_size,
+            teacher_topk=job.teacher_topk,
+            plot=False,
+            seed=job.seed,
+            **flags,
+        )
+        model_copy = copy.deepcopy(base)
+        lap = Lap()
+        m, metrics = train(cfg, model_copy, tok, rows, None, echo=False)
+        t = lap.done()
+        n_tok = training["original"]["kl_tokens"]  # the same rows and epochs
+        training[name] = {
+            "description": desc,
+            **add_rates(t, n_tok),
+            "kl_tokens": n_tok,
+            "train_kl_last_epoch": metrics[-1]["train_kl"],
+            "heldout_kl": heldout(m, tok, val_rows, job.kl_chunk_size),
+        }
+        del m, model_copy
+        log(
+            f"{name} trained in {t['seconds']:.1f} s, held-out KL {training[name]['heldout_kl']:.4f}"
+        )
+    res["training"] = training
+    res["heldout_kl_base"] = kl_base
+
+    order = list(range(len(rows)))
+    random.Random(job.seed).shuffle(order)
+    gen = torch.Generator().manual_seed(job.seed)
+    res["padding_share"] = {
+        "shuffled": padding_share(rows, job.batch_size, order),
+        "bucketed": padding_share(
+            rows, job.batch_size, bucket_order(rows, order, job.batch_size, gen)
+        ),
+    }
+
+    # ---- end to end: a bake = model load(s) + generate + train
+    o, t = training["original"], training.get("ours", training["plain"])
+    e2e = {}
+    for unit in ("seconds", "cpu_seconds"):
+        orig = gen_orig[unit] + o[unit]
+        ours = gen_ours[unit] + t[unit]
+        e2e[unit] = {
+            "original": 2 * load_orig[unit] + orig,  # two scripts, two loads
+            "ours": load_ours[unit] + ours,
+            "original_no_load": orig,
+            "ours_no_load": ours,
+        }
+    res["end_to_end"] = e2e
+
+    def ratios(unit: str, rate: str) -> dict:
+        e = e2e[unit]
+        return {
+            "generated_tokens_per_s": ratio(gen_ours[rate], gen_orig[rate]),
+            "training_tokens_per_s": ratio(t[rate], o[rate]),
+            "end_to_end_speedup": ratio(e["original"], e["ours"]),
+            "end_to_end_speedup_no_load": ratio(e["original_no_load"], e["ours_no_load"]),
+        }
+
+    res["ratios"] = {
+        **ratios("seconds", "tokens_per_s"),
+        "cpu_time": ratios("cpu_seconds", "tokens_per_cpu_s"),
+        "heldout_kl_ours_minus_original": round(t["heldout_kl"] - o["heldout_kl"], 5),
+    }
+    res["load_after"] = loadavg()
+    return res
+
+
+# ---------------------------------------------------------------- the memory job
+def run_memory(quick: bool = False) -> dict:
+    """Loss-step peak memory; shapes = the seed's Example 1 scaled down 8x (see memory.py)."""
+    from bench.memory import QWEN3_VOCAB, compare
+
+    vocab = 4096 if quick else QWEN3_VOCAB
+    out = {"default_chunk": compare(chunk=128, vocab=vocab)}
+    if not quick:
+        out["half_chunk"] = compare(chunk=64, vocab=vocab)
+    out["ratio"] = out["default_chunk"]["ratio"]
+    return out
+
+
+# ---------------------------------------------------------------- the GPU job
+@dataclass
+class GpuJob:
+    n_questions: int = 100
+    n_seq: int = 25
+    max_new_tokens: int = 300
+    min_new_tokens: int = 100
+    temperature: float = 2.0
+    gen_batch_size: int = 256
+    train_batch_size: int = 10
+    original_questions: int = 4  # the original runs on a subset; its rates are per token
+    original_train_steps: int = 10
+    x0_file: str = "data/truth_x0.md"
+    questions: str = "data/questions.jsonl"
+    seed: int = 42
+
+
+def hbm_bandwidth(device) -> float:
+    """Measured device-to-device copy bandwidth, bytes/s (read + write)."""
+    x = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    return 10 * 2 * x.numel() * 4 / (time.perf_counter() - t0)
+
+
+def decode_roofline(model, batch: int, avg_context: float, bandwidth: float) -> float:
+    """Tokens/s if each decoding step only had to read the weights and the KV cache."""
+    c = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # bf16
+    step_bytes = weight_bytes + batch * avg_context * kv_per_token
+    return batch / (step_bytes / bandwidth)
+
+
+def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
+    """The Qwen3-1.7B-shaped job; `model`/`tok`/`device` let a test drive it on the CPU."""
+    if device is None:
+        if not torch.cuda.is_available():
+            msg = (
+                "skipped: no CUDA device on this machine; the GPU job (Qwen3-1.7B shapes, bf16, "
+                "100 x 25 x 300) runs where `torch.cuda.is_available()`"
+            )
+            log(msg)
+            return {"skipped": msg}
+        device = torch.device("cuda")
+    from bench.original import add_lora_original, generate_original, step_kl
+    from promptbake.configs import GenerateConfig, TrainConfig
+    from promptbake.data import read_prompt, read_questions, read_trajectories
+    from promptbake.generate import generate_trajectories
+    from promptbake.train import train
+
+    res: dict = {"job": dataclasses.asdict(job)}
+    t0 = time.perf_counter()
+    if model is None:
+        from promptbake import tiny
+
+        tok = tiny.chatml_tokenizer("qwen")
+        tok.padding_side = "left"
+        model = tiny.random_qwen3_1_7b(torch.bfloat16, device, seed=0)
+        model.name_or_path = "random-qwen3-1.7b"
+    res["load_s"] = time.perf_counter() - t0
+    x0 = read_prompt(job.x0_file)
+    qs = read_questions(job.questions)[: job.n_questions]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "traj.jsonl"
+        cfg = GenerateConfig(
+            x0_file=job.x0_file,
+            question_dataset=job.questions,
+            traj_out_file=str(path),
+            num_questions=len(qs),
+            num_sequences_per_question=job.n_seq,
+            max_sequence_length=job.max_new_tokens,
+            min_sequence_length=job.min_new_tokens,
+            temperature=job.temperature,
+            batch_size=job.gen_batch_size,
+            cache_implementation="static" if device.type == "cuda" else "dynamic",
+            seed=job.seed,
+        )
+        g = generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
+        rows = read_trajectories(path)
+        res["generation_ours"] = {k: g[k] for k in ("seconds", "new_tokens", "tokens_per_s")}
+        _, go = generate_original(
+            model,
+            tok,
+            x0,
+            qs[: job.original_questions],
+            n_seq=job.n_seq,
+            max_new_tokens=job.max_new_tokens,
+            min_new_tokens=job.min_new_tokens,
+            temperature=job.temperature,
+        )
+        res["generation_original_subset"] = go
+        if device.type == "cuda":
+            bw = hbm_bandwidth(device)
+            prompt = sum(len(r["prompt_input_ids"]) for r in rows) / len(rows)
+            roof = decode_roofline(model, job.gen_batch_size, prompt + job.max_new_tokens / 2, bw)
+            res["roofline"] = {
+                "bandwidth_bytes_per_s": bw,
+                "tokens_per_s": roof,
+                "fraction": g["tokens_per_s"] / roof,
+            }
+        # ours: generate + 1 epoch (bucketing; one epoch gains nothing from a teacher cache)
+        tcfg = TrainConfig(
+            data_path=str(path),
+            out_dir=str(Path(d) / "train"),
+            num_epochs=1,
+            batch_size=job.train_batch_size,
+            learning_rate=1e-4,
+            r=32,
+            lora_alpha=1.0,
+            save_every=0,
+            plot=False,
+            length_bucketing=True,
+            seed=job.seed,
+        )
+        t0 = time.perf_counter()
+        m, metrics = train(tcfg, model, tok, rows, None, echo=False)
+        res["train_ours"] = {
+            "seconds": time.perf_counter() - t0,
+            "tokens_per_s": metrics[-1]["tokens_per_s"],
+        }
+        base = m.unload() if hasattr(m, "unload") else m  # the base model again, no LoRA
+        # the original: a few steps, per-token rate
+        pm = add_lora_original(base, 32, 1.0, "q_proj,k_proj,v_proj,o_proj", job.seed)
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        pad = tok.pad_token_id
+        n_tok = 0
+        t0 = time.perf_counter()
+        for s in range(job.original_train_steps):
+            b = rows[s * job.train_batch_size : (s + 1) * job.train_batch_size]
+            if not b:
+                break
+            kl = step_kl(pm, b, pad)
+            opt.zero_grad()
+            (kl.sum() / kl.numel()).backward()
+            opt.step()
+            n_tok += kl.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        secs = time.perf_counter() - t0
+        res["train_original_subset"] = {"seconds": secs, "tokens_per_s": n_tok / secs}
+    n_tok = res["generation_ours"]["new_tokens"]
+    res["end_to_end_ours_s"] = res["generation_ours"]["seconds"] + res["train_ours"]["seconds"]
+    res["end_to_end_original_estimate_s"] = (
+        n_tok / res["generation_original_subset"]["tokens_per_s"]
+        + n_tok / res["train_original_subset"]["tokens_per_s"]
+    )
+    res["ratios"] = {
+        "generated_tokens_per_s": ratio(
+            res["generation_ours"]["tokens_per_s"],
+            res["generation_original_subset"]["tokens_per_s"],
+        ),
+        "training_tokens_per_s": ratio(
+            res["train_ours"]["tokens_per_s"], res["train_original_subset"]["tokens_per_s"]
+        ),
+        "end_to_end_speedup": ratio(
+            res["end_to_end_original_estimate_s"], res["end_to_end_ours_s"]
+        ),
+    }
+    return res
+
+
+# ---------------------------------------------------------------- reporting
+def fmt(x, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(results: dict) -> str:
+    """Markdown for one machine's results."""
+    lines = [f"### {results['machine']}", ""]
+    if "date" in results:
+        lines.append(
+            f"{results['date']}, torch {results['torch']}, {results['threads']} threads, "
+            f"{results['cpus']} CPUs; load average (1, 5, 15 min) before / after the CPU job: "
+            f"{results.get('cpu', {}).get('load_before')} / "
+            f"{results.get('cpu', {}).get('load_after')}"
+        )
+    cpu = results.get("cpu")
+    if cpu:
+        j = cpu["job"]
+        lines += [
+            "",
+            f"CPU job: {j['model']}, {j['n_train_q']} questions x {j['n_seq']} samples x "
+            f"<= {j['max_new_tokens']} tokens, {j['epochs']} epochs, batch {j['batch_size']}, "
+            f"held-out: {j['n_val_q']} questions x {j['n_seq']}.",
+            "",
+            "Wall-clock seconds; the last column is the same ratio in process CPU time.",
+            "",
+            "| | original | ours | ratio | ratio (CPU time) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        g, t, e, r = cpu["generation"], cpu["training"], cpu["end_to_end"], cpu["ratios"]
+        rc, ew, ld = r["cpu_time"], e["seconds"], cpu["load"]
+        ours = t.get("ours", t["plain"])
+        lines += [
+            f"| generated tokens/s | {fmt(g['original']['tokens_per_s'])} | "
+            f"{fmt(g['ours']['tokens_per_s'])} | {fmt(r['generated_tokens_per_s'], 2)}x | "
+            f"{fmt(rc['generated_tokens_per_s'], 2)}x |",
+            f"| training tokens/s | {fmt(t['original']['tokens_per_s'])} | "
+            f"{fmt(ours['tokens_per_s'])} | {fmt(r['training_tokens_per_s'], 2)}x | "
+            f"{fmt(rc['training_tokens_per_s'], 2)}x |",
+            f"| model loads (s) | 2 x {fmt(ld['original']['seconds'])} | "
+            f"{fmt(ld['ours']['seconds'])} | | |",
+            f"| end-to-end bake (s) | {fmt(ew['original'])} | {fmt(ew['ours'])} | "
+            f"{fmt(r['end_to_end_speedup'], 2)}x | {fmt(rc['end_to_end_speedup'], 2)}x |",
+            f"| end-to-end without loads (s) | {fmt(ew['original_no_load'])} | "
+            f"{fmt(ew['ours_no_load'])} | {fmt(r['end_to_end_speedup_no_load'], 2)}x | "
+            f"{fmt(rc['end_to_end_speedup_no_load'], 2)}x |",
+            f"| held-out KL/token (base model: {fmt(cpu['heldout_kl_base'], 4)}) | "
+            f"{fmt(t['original']['heldout_kl'], 4)} | {fmt(ours['heldout_kl'], 4)} | | |",
+        ]
+        mem = results.get("memory")
+        if mem:
+            d = mem["default_chunk"]
+            lines.append(
+                f"| loss-step peak memory, V=151,936 (MB) | {fmt(d['naive_bytes'] / 1e6, 0)} | "
+                f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% | |"
+            )
+        lines += [
+            "",
+            "Training ablation (same trajectories, same epochs, same initial weights):",
+            "",
+            "| variant | what | train s | CPU s | KL tokens/s | vs original | vs original "
+            "(CPU time) | held-out KL |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        o = t["original"]
+        for name, v in t.items():
+            lines.append(
+                f"| {name} | {v['description']} | {fmt(v['seconds'])} | "
+                f"{fmt(v['cpu_seconds'])} | {fmt(v['tokens_per_s'])} | "
+                f"{fmt(v['tokens_per_s'] / o['tokens_per_s'], 2)}x | "
+                f"{fmt(v['tokens_per_cpu_s'] / o['tokens_per_cpu_s'], 2)}x | "
+                f"{fmt(v['heldout_kl'], 4)} |"
+            )
+        p = cpu.get("padding_share")
+        if p:
+            lines += [
+                "",
+                f"Padding share of training batches: shuffled {100 * p['shuffled']:.0f}%, "
+                f"length-bucketed {100 * p['bucketed']:.0f}%.",
+            ]
+    mem = results.get("memory")
+    if mem:
+        lines += ["", "Loss-step peak memory (bench/memory.py, float32, V=151,936):", ""]
+        lines += ["| shape (B x T, N, chunk) | naive MB | chunked MB | ratio |"]
+        lines += ["|---|---:|---:|---:|"]
+        for k in ("default_chunk", "half_chunk"):
+            if k in mem:
+                d = mem[k]
+                lines.append(
+                    f"| {d['batch']} x {d['prompt'] + d['gen']}, {d['batch'] * d['gen']}, "
+                    f"{d['chunk']} | {fmt(d['naive_bytes'] / 1e6, 0)} | "
+                    f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% |"
+                )
+    gpu = results.get("gpu")
+    if gpu:
+        lines.append("")
+        if "skipped" in gpu:
+            lines.append(f"GPU job: {gpu['skipped']}.")
+        else:
+            r = gpu["ratios"]
+            roof = gpu.get("roofline", {})
+            lines += [
+                "GPU job (random Qwen3-1.7B, bf16, 100 x 25 x 300):",
+                "",
+                f"- generation {fmt(gpu['generation_ours']['tokens_per_s'], 0)} tokens/s "
+                f"({fmt(100 * roof.get('fraction', float('nan')), 0)}% of the HBM roofline), "
+                f"{fmt(r['generated_tokens_per_s'], 2)}x the original",
+                f"- training {fmt(r['training_tokens_per_s'], 2)}x the original",
+                f"- generate + 1 epoch: {fmt(gpu['end_to_end_ours_s'], 0)} s "
+                f"({fmt(r['end_to_end_speedup'], 2)}x the original, estimated from a subset)",
+            ]
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    """Rebuild the results section of bench/README.md from bench/results/*.json."""
+    if not README.is_file():
+        return
+    text = README.read_text(encoding="utf-8")
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return
+    parts = []
+    for f in sorted(RESULTS.glob("*.json")):
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            parts.append(table(json.loads(f.read_text(encoding="utf-8"))))
+    body = "\n\n".join(parts) or "(no results yet: run `make bench`)"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    README.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+
+
+def summary(results: dict) -> str:
+    """The ratios, one line each, for the console."""
+    out = []
+    cpu = results.get("cpu")
+    if cpu:
+        r, c = cpu["ratios"], cpu["ratios"]["cpu_time"]
+        out += [
+            "CPU job, ours vs the original (wall clock; in CPU time):",
+            f"  generated tokens/s    {r['generated_tokens_per_s']:.2f}x; "
+            f"{c['generated_tokens_per_s']:.2f}x",
+            f"  training tokens/s     {r['training_tokens_per_s']:.2f}x; "
+            f"{c['training_tokens_per_s']:.2f}x",
+            f"  end-to-end bake time  {r['end_to_end_speedup']:.2f}x faster; "
+            f"{c['end_to_end_speedup']:.2f}x ({r['end_to_end_speedup_no_load']:.2f}x; "
+            f"{c['end_to_end_speedup_no_load']:.2f}x without model loads)",
+            f"  held-out KL/token     ours - original = {r['heldout_kl_ours_minus_original']:+.4f}",
+        ]
+    mem = results.get("memory")
+    if mem:
+        out.append(f"loss-step peak memory at V=151,936: chunked/naive = {100 * mem['ratio']:.1f}%")
+    gpu = results.get("gpu")
+    if gpu:
+        out.append(
+            "GPU job: " + (gpu["skipped"] if "skipped" in gpu else json.dumps(gpu["ratios"]))
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="promptbake vs the original algorithm")
+    p.add_argument("--config", choices=["cpu", "memory", "gpu", "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="tiny random model: a harness check")
+    p.add_argument(
+        "--out", default=None, help="results file (default bench/results/<machine>.json)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for every pipeline (default: torch's; 1 on a busy machine)",
+    )
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF loader's bars would flood the log
+    from promptbake.data import write_json
+
+    t_start = time.perf_counter()
+    results = {
+        "machine": machine_name() + ("-quick" if a.quick else ""),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+    if a.config in ("cpu", "all"):
+        with tempfile.TemporaryDirectory() as d:
+            results["cpu"] = run_cpu(QUICK if a.quick else Job(), Path(d))
+    if a.config in ("memory", "all"):
+        log("loss-step memory microbenchmark")
+        results["memory"] = run_memory(a.quick)
+    if a.config in ("gpu", "all"):
+        results["gpu"] = run_gpu(GpuJob())
+    results["seconds"] = time.perf_counter() - t_start
+    out = Path(a.out) if a.out else RESULTS / f"{results['machine']}.json"
+    write_json(out, results)
+    if not a.quick and a.out is None:
+        update_readme()
+    print("\n" + summary(results))
+    print(f"\nresults: {out} ({results['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

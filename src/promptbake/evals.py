@@ -1,0 +1,296 @@
+"""Behaviour evals: answer a question set under base / prompted / baked / re-prompted, score it.
+
+    promptbake eval --adapter runs/zorblax --questions data/identity_heldout.jsonl \\
+        --scorer marker:Zorblax
+    promptbake eval --adapter runs/cot --questions data/math_questions.jsonl \\
+        --scorer math --adapter_scale 0,0.5,1,1.5          # a "half-baking" curve
+
+Modes (--modes, comma-separated):
+
+    base         base model, no prompt
+    prompted     base model, with the prompt (the behaviour we baked)
+    baked        adapter on, no prompt
+    re-prompted  adapter on, with the prompt again
+
+With several --adapter_scale values the two adapter modes are run at each scale
+(rows "baked@0.5", ...); scale 0 is the base model exactly, 1 the baked model.
+The prompt comes from --x0_file / --prompt, else from the adapter's run. Answers are
+greedy unless --temperature > 0 (then --num_samples answers per question).
+
+Scorers (--scorer, comma-separated; see scorers.py): marker:REGEX, lang:CODE, allcaps,
+math, mc, mc:LETTERS. A comma starts a new scorer only when a scorer name follows it,
+so ``marker:a,b`` is one regex and ``marker:Zorblax,allcaps`` two scorers.
+
+Writes --out_dir/eval.json (every answer and score) and eval.md, and prints the table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import adapter_dir, load_adapter, resolve_prompt, set_adapter_scale
+from .configs import ModelArgs, opt, require
+from .data import atomic_write, read_questions, write_json
+from .errors import UserError
+from .evaluate import answer
+from .models import load_model
+from .report import format_table, md_cell
+from .scorers import SCORER_SPECS, Scorer, parse_scorer, score_all
+
+MODES = ("base", "prompted", "baked", "re-prompted")
+# mode -> (use the system prompt?, adapter on?)
+MODE_SETTINGS = {
+    "base": (False, False),
+    "prompted": (True, False),
+    "baked": (False, True),
+    "re-prompted": (True, True),
+}
+
+
+@dataclass
+class EvalConfig(ModelArgs):
+    adapter: str | None = opt(
+        None, "adapter directory; without it only the base and prompted modes run"
+    )
+    questions: str | None = opt(None, "JSONL question set(s) to answer; comma-separated")
+    scorer: str | None = opt(None, f"scorer spec(s), comma-separated: {SCORER_SPECS}")
+    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
+    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
+    modes: str | None = opt(
+        None, "comma-separated modes; default base,prompted,baked,re-prompted (no adapter: 2)"
+    )
+    adapter_scale: str = opt("1", "LoRA scale(s) for the adapter modes, comma-separated")
+    num_questions: int | None = opt(None, "answer only the first N questions")
+    max_new_tokens: int = opt(64, "new tokens per answer")
+    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
+    num_samples: int = opt(1, "answers per question (only with --temperature > 0)")
+    batch_size: int = opt(16, "questions answered at once")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    out_dir: str | None = opt(None, "where eval.json and eval.md go; default <adapter>/eval")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.questions is not None, "--questions is required (a JSONL question set)")
+        require(bool(self.scorer), f"--scorer is required; one or more of: {SCORER_SPECS}")
+        require(
+            self.adapter is not None or self.model_name is not None,
+            "give --adapter (a baked run) or --model_name (base and prompted modes only)",
+        )
+        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
+        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
+        require(self.batch_size > 0, "--batch_size must be positive")
+        require(self.temperature >= 0, "--temperature must be >= 0")
+        require(self.num_samples > 0, "--num_samples must be positive")
+        require(
+            self.num_samples == 1 or self.temperature > 0,
+            "--num_samples > 1 needs --temperature > 0 (greedy answers are all the same)",
+        )
+        require(self.num_questions is None or self.num_questions > 0, "--num_questions must be > 0")
+
+
+def parse_scorers(spec: str) -> list[Scorer]:
+    """Split a comma-separated scorer list; a comma inside a regex stays (see docstring)."""
+    kinds = "marker|lang|allcaps|math|mc"
+    parts = re.split(rf",\s*(?=(?:{kinds})(?::|,|$))", spec.strip())
+    return [parse_scorer(p) for p in parts if p.strip()]
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--adapter_scale {text!r}: expected numbers, e.g. 1 or 0,0.5,1") from None
+    require(bool(scales), "--adapter_scale is empty")
+    return scales
+
+
+def parse_modes(text: str | None, has_adapter: bool) -> list[str]:
+    if text is None:
+        return list(MODES if has_adapter else MODES[:2])
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    require(not bad, f"--modes: unknown {', '.join(bad)}; choose from {', '.join(MODES)}")
+    need = [m for m in modes if MODE_SETTINGS[m][1]]
+    require(has_adapter or not need, f"--modes {','.join(need)} need --adapter")
+    return modes
+
+
+def plan_runs(modes: list[str], scales: list[float]) -> list[tuple[str, str, float]]:
+    """(row label, mode, scale): adapter modes once per scale, labelled mode@scale if several."""
+    runs = []
+    for m in modes:
+        if not MODE_SETTINGS[m][1]:
+            runs.append((m, m, 1.0))
+        else:
+            runs += [(m if len(scales) == 1 else f"{m}@{s:g}", m, s) for s in scales]
+    return runs
+
+
+def run_eval(
+    model,
+    tokenizer,
+    questions: list[dict],
+    scorers: list[Scorer],
+    runs: list[tuple[str, str, float]],
+    prompt: str | None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    batch_size: int = 16,
+    enable_thinking: bool | None = None,
+    seed: int = 0,
+) -> dict:
+    """Answer and score every run; returns {label: {"mode", "scale", "scores", "answers"}}."""
+    examples = [q for q in questions for _ in range(num_samples)]
+    results = {}
+    for label, mode, scale in runs:
+        use_prompt, adapter_on = MODE_SETTINGS[mode]
+        if use_prompt and prompt is None:
+            raise UserError(
+                f"mode {mode} needs the prompt: pass --x0_file or --prompt (the run records none)"
+            )
+        if adapter_on:
+            set_adapter_scale(model, scale)
+        answers = answer(
+            model,
+            tokenizer,
+            examples,
+            system=prompt if use_prompt else None,
+            adapter=adapter_on,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            enable_thinking=enable_thinking,
+            temperature=temperature or None,
+            seed=seed,
+        )
+        results[label] = {
+            "mode": mode,
+            "scale": scale if adapter_on else None,
+            "scores": {s.name: score_all(answers, examples, s) for s in scorers},
+            "answers": answers,
+        }
+        print(
+            f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[label]["scores"].items())
+        )
+    if any(MODE_SETTINGS[m][1] for _, m, _ in runs):
+        set_adapter_scale(model, 1.0)
+    return results
+
+
+def results_table(results: dict, scorers: list[Scorer], markdown: bool = False) -> str:
+    head = ["model", *(s.name for s in scorers)]
+    rows = [
+        [label, *(f"{r['scores'][s.name]:.3f}" for s in scorers)] for label, r in results.items()
+    ]
+    return format_table(head, rows, markdown)
+
+
+def render_markdown(cfg: EvalConfig, results: dict, scorers, questions, prompt) -> str:
+    n = len(questions)
+    lines = [
+        f"# eval: {cfg.adapter or cfg.model_name}",
+        "",
+        f"{n} questions from `{cfg.questions}`, "
+        + (
+            f"{cfg.num_samples} sample(s) each at temperature {cfg.temperature:g}"
+            if cfg.temperature
+            else "greedy answers"
+        )
+        + f", up to {cfg.max_new_tokens} new tokens.",
+        "",
+        "Prompt:",
+        "",
+        "```",
+        prompt or "(none)",
+        "```",
+        "",
+        results_table(results, scorers, markdown=True),
+        "",
+        "## Answers (first sample per question)",
+        "",
+    ]
+    labels = list(results)
+    k = cfg.num_samples
+    lines.append(
+        format_table(
+            ["question", *labels],
+            [
+                [
+                    md_cell(q["question"]),
+                    *(md_cell(results[lb]["answers"][i * k], 200) for lb in labels),
+                ]
+                for i, q in enumerate(questions)
+            ],
+            markdown=True,
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """The `promptbake eval` command; pass `model`/`tokenizer` to skip loading."""
+    cfg.validate()
+    scorers = parse_scorers(cfg.scorer)
+    scales = parse_scales(cfg.adapter_scale)
+    adapter = adapter_dir(cfg.adapter) if cfg.adapter else None
+    modes = parse_modes(cfg.modes, adapter is not None)
+    questions = read_questions(cfg.questions, "--questions")
+    if cfg.num_questions:
+        questions = questions[: cfg.num_questions]
+    prompt = resolve_prompt(cfg.x0_file, cfg.prompt, cfg.adapter)
+    out = Path(cfg.out_dir) if cfg.out_dir else (adapter / "eval" if adapter else Path("eval"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out_dir {out} is a file; give a directory path")
+    if model is None:
+        if adapter is not None:
+            model, tokenizer, _ = load_adapter(
+                adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+            )
+        else:
+            model, tokenizer = load_model(
+                cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+            )
+    runs = plan_runs(modes, scales)
+    print(f"Answering {len(questions)} questions x {cfg.num_samples} under {len(runs)} settings")
+    results = run_eval(
+        model,
+        tokenizer,
+        questions,
+        scorers,
+        runs,
+        prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        enable_thinking=cfg.enable_thinking,
+        seed=cfg.seed,
+    )
+    print(results_table(results, scorers))
+    record = {
+        "adapter": str(adapter) if adapter else None,
+        "model_name": cfg.model_name,
+        "questions": cfg.questions,
+        "prompt": prompt,
+        "scorers": [s.name for s in scorers],
+        "settings": {
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "num_samples": cfg.num_samples,
+            "seed": cfg.seed,
+        },
+        "table": {label: r["scores"] for label, r in results.items()},
+        "results": results,
+        "question_records": questions,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", record)
+    with atomic_write(out / "eval.md") as f:
+        f.write(render_markdown(cfg, results, scorers, questions, prompt))
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    return record

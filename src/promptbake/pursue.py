@@ -1,0 +1,262 @@
+"""Prompt pursuit: bake the prompt again and again, each time on top of the last bake.
+
+    promptbake pursue --rounds 3 --model_name smollm2-135m --x0_file data/zorblax_x0.md \\
+        --question_dataset data/identity_train.jsonl --heldout data/identity_heldout.jsonl \\
+        --marker Zorblax --out_dir runs/zorblax_pursuit
+
+Round 1 is a normal bake (bake.py) with the prompt. Round k > 1 merges the adapters of
+rounds 1..k-1 into the weights, samples trajectories from that merged model WITH the
+prompt (the round-k teacher), and trains a fresh adapter on it: teacher = merged model
+with the prompt, student = merged model + new adapter without it. If baking captures
+the prompt, the round-k model without the prompt behaves like the round-(k-1) model
+with it, so the prompt's effect compounds from round to round (Bhargava et al. 2024).
+
+Writes <out_dir>/round_k/ (a bake run directory: trajectories, adapter, metrics) and,
+after every round, pursuit.json and pursuit.md with one row per round:
+
+* KL(round-k teacher || round-k model) per token on the round's validation trajectories,
+  before (the round-(k-1) model without prompt) and after training;
+* KL(original prompted model || round-k model) on round 1's validation trajectories,
+  i.e. the drift away from the plain prompted model;
+* with --heldout and --marker, the marker rate of the round-k model without the prompt
+  and with it (re-prompted). Round 0 is the base model (without / with the prompt).
+
+round_k/ for k > 1 holds promptbake_chain.json listing rounds 1..k-1, so
+``promptbake eval --adapter <out_dir>/round_k`` loads the whole stack.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import CHAIN_FILE, attach_adapter, merged_copy
+from .bake import BakeConfig, bake, split_questions
+from .configs import opt, require
+from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
+from .evaluate import answer, heldout_kl
+from .generate import generate_trajectories, select_questions
+from .loss import token_kl
+from .models import load_model
+from .report import format_table, pct
+from .scorers import marker, score_all
+from .train import adapter_disabled, base_of, make_batches, prepare_out_dir, selected_hidden, train
+
+
+@dataclass
+class PursueConfig(BakeConfig):
+    rounds: int = opt(2, "rounds: round 1 is a normal bake, each later one bakes on top of it")
+    out_dir: str = opt("runs/pursuit", "directory for round_1/ ... round_K/ and pursuit.md")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        require(
+            self.val_fraction > 0,
+            "--val_fraction must be > 0: pursuit measures each round on validation trajectories",
+        )
+
+    def bake_config(self, out_dir: Path) -> BakeConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BakeConfig)}
+        return BakeConfig(**{**fields, "out_dir": str(out_dir)})
+
+
+@torch.no_grad()
+def cross_model_kl(
+    teacher, student, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
+) -> float:
+    """Per-token KL(teacher WITH prompt || student WITHOUT prompt) for two different models.
+
+    train.batch_kl needs teacher and student inside one model (adapter off / on); here
+    the teacher is the original base model and the student a stack of merged rounds.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(student.parameters()).device
+    t_head = base_of(teacher).get_output_embeddings()
+    s_head = base_of(student).get_output_embeddings()
+    total, n = 0.0, 0
+    for b in make_batches(rows, batch_size, pad, None):
+        b = b.to(device)
+        with adapter_disabled(teacher):
+            t_h = selected_hidden(teacher, b.prompted)
+        s_h = selected_hidden(student, b.unprompted)
+        for i in range(0, t_h.shape[0], chunk_size):
+            kl = token_kl(t_head(t_h[i : i + chunk_size]), s_head(s_h[i : i + chunk_size]))
+            total += float(kl.sum())
+            n += kl.numel()
+    return total / max(n, 1)
+
+
+def marker_rates(model, tok, cfg: PursueConfig, x0: str, heldout: list[dict]) -> dict | None:
+    """Marker rate without and with the prompt (adapter on, if the model has one)."""
+    if not (heldout and cfg.marker):
+        return None
+    scorer = marker(cfg.marker)
+    return {
+        name: score_all(
+            answer(model, tok, heldout, system=system, max_new_tokens=cfg.answer_tokens),
+            heldout,
+            scorer,
+        )
+        for name, system in (("no_prompt", None), ("with_prompt", x0))
+    }
+
+
+def later_round(
+    k: int, prev, tok, cfg: PursueConfig, x0: str, train_q, val_q, rdir: Path, base_dirs
+):
+    """Round k > 1: merge, sample from the merged model with the prompt, train a new adapter."""
+    teacher = merged_copy(prev)  # rounds 1..k-1 in the weights
+    teacher.name_or_path = cfg.model_name
+    bcfg = cfg.bake_config(rdir)
+    # fresh samples each round: the round-k teacher is a different model, and a new seed
+    # keeps round k from replaying round 1's random draws
+    bcfg.seed = cfg.seed + k - 1
+    print(f"\n== round {k}: sampling from the round-{k - 1} model WITH the prompt")
+    for split, qs in (("train", train_q), ("val", val_q)):
+        path = rdir / f"trajectories_{split}.jsonl"
+        generate_trajectories(teacher, tok, bcfg.generate_config(str(path)), x0, qs, path)
+    tcfg = bcfg.train_config()
+    tcfg.seed = cfg.seed
+    train_rows, val_rows = read_trajectories(tcfg.data_path), read_trajectories(tcfg.val_path)
+    model, metrics = train(tcfg, teacher, tok, train_rows, val_rows)
+    write_json(
+        rdir / CHAIN_FILE,
+        {"base_model": cfg.model_name, "merge_first": [f"../{d.name}" for d in base_dirs]},
+    )
+    # evaluate the adapter that was saved (the best validation epoch), as a user would load
+    # it; unload() takes the just-trained LoRA layers out again, leaving the merged teacher
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model.unload(), rdir).eval()
+    return model, metrics, val_rows
+
+
+def render_markdown(result: dict) -> str:
+    rows = []
+    for r in result["rounds"]:
+        t = r.get("kl_to_teacher")
+        m = r.get("marker") or {}
+        rows.append(
+            [
+                r["round"],
+                r["model"],
+                "-" if t is None else f"{t['kl_base']:.4f} → {t['kl_baked']:.4f}",
+                f"{r['kl_to_original']:.4f}",
+                pct(m.get("no_prompt")),
+                pct(m.get("with_prompt")),
+            ]
+        )
+    head = [
+        "round",
+        "model",
+        "KL(round teacher ‖ model) before → after",
+        "KL(original prompted ‖ model)",
+        "marker, no prompt",
+        "marker, with prompt",
+    ]
+    lines = [
+        f"# Prompt pursuit: {len(result['rounds']) - 1} round(s) on {result['model_name']}",
+        "",
+        "```",
+        result["prompt"],
+        "```",
+        "",
+        f"KL in nats per generated token. Marker /{result.get('marker') or '-'}/ on "
+        f"{result.get('num_heldout', 0)} held-out questions (greedy answers).",
+        "",
+        format_table(head, rows, markdown=True),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_result(out: Path, result: dict) -> None:
+    write_json(out / "pursuit.json", result)
+    with atomic_write(out / "pursuit.md") as f:
+        f.write(render_markdown(result))
+
+
+def pursue(cfg: PursueConfig) -> dict:
+    cfg.validate()
+    x0 = cfg.prompt.strip() if cfg.prompt else read_prompt(cfg.x0_file)
+    heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
+    out = prepare_out_dir(cfg.out_dir)
+    t0 = time.perf_counter()
+
+    # round 1: a normal bake
+    print("== round 1: a normal bake")
+    first = bake(cfg.bake_config(out / "round_1"))
+
+    # the same question split bake() used, for every later round
+    questions = read_questions(cfg.question_dataset)
+    random.Random(cfg.seed).shuffle(questions)
+    questions = select_questions(questions, cfg.num_questions, cfg.seed, shuffle=False)
+    train_q, val_q = split_questions(questions, cfg.val_fraction)
+
+    base, tok = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    base.name_or_path = cfg.model_name
+    orig_val = read_trajectories(out / "round_1" / "trajectories_val.jsonl")
+    bs, chunk = cfg.batch_size, cfg.kl_chunk_size
+    result = {
+        "prompt": x0,
+        "model_name": cfg.model_name,
+        "marker": cfg.marker,
+        "num_heldout": len(heldout),
+        "rounds": [
+            {
+                "round": 0,
+                "model": "base",
+                "kl_to_teacher": None,
+                "kl_to_original": cross_model_kl(base, base, tok, orig_val, bs, chunk),
+                "marker": marker_rates(base, tok, cfg, x0, heldout),
+            }
+        ],
+    }
+    write_result(out, result)
+
+    dirs = [out / "round_1"]
+    model = attach_adapter(copy.deepcopy(base), dirs[0]).eval()
+    val_rows, metrics = orig_val, first.get("epochs")
+    for k in range(1, cfg.rounds + 1):
+        t_round = time.perf_counter()
+        if k > 1:
+            rdir = prepare_out_dir(str(out / f"round_{k}"))
+            model, metrics, val_rows = later_round(
+                k, model, tok, cfg, x0, train_q, val_q, rdir, dirs
+            )
+            dirs.append(rdir)
+        entry = {
+            "round": k,
+            "model": f"round {k}",
+            "adapter": str(dirs[-1]),
+            "kl_to_teacher": heldout_kl(model, tok, val_rows, bs, chunk),
+            "kl_to_original": cross_model_kl(base, model, tok, orig_val, bs, chunk),
+            "marker": marker_rates(model, tok, cfg, x0, heldout),
+            "train_epochs": metrics,
+            "seconds": time.perf_counter() - t_round,
+        }
+        write_json(dirs[-1] / "pursuit_round.json", entry)
+        result["rounds"].append(entry)
+        write_result(out, result)
+        print(
+            f"round {k}: KL(teacher || model) {entry['kl_to_teacher']['kl_base']:.4f} -> "
+            f"{entry['kl_to_teacher']['kl_baked']:.4f}, KL(original prompted || model) "
+            f"{entry['kl_to_original']:.4f}"
+            + (
+                f", marker {pct(entry['marker']['no_prompt'])} without / "
+                f"{pct(entry['marker']['with_prompt'])} with the prompt"
+                if entry["marker"]
+                else ""
+            )
+        )
+    result["seconds"] = time.perf_counter() - t0
+    write_result(out, result)
+    print(render_markdown(result))
+    return result

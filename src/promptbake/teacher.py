@@ -1,0 +1,378 @@
+"""Teacher-side speed-ups for training: shared-prefix reuse and an opt-in teacher cache.
+
+    promptbake train ... --prefix_reuse true --teacher_cache exact   # or topk
+    python -m pytest tests/test_teacher.py -q
+
+The teacher is the frozen base model reading (system prompt + question + answer). Two
+facts make most of its work redundant:
+
+* **Prefix reuse** (``--prefix_reuse``, exact). The sequences sampled for one question
+  share their whole prompted prefix (system prompt + question, ``prompt_input_ids``).
+  :func:`prefix_reuse_hidden` runs the decoder once per distinct prefix, keeps its KV
+  cache, repeats the cache for the rows that share it and runs only the generated
+  suffixes on top of it, with positions continuing after each row's own prefix. Its
+  output equals ``train.selected_hidden`` (tests check 1e-5 in float32). It pays off
+  when a batch holds several rows of a question: the teacher-cache pass sorts rows by
+  question for that reason; in shuffled training batches rows rarely share a prefix.
+* **Teacher cache** (``--teacher_cache``). The base model never changes, so its
+  distributions at the generated positions are the same in every epoch. With
+  ``exact``, :func:`build_teacher_cache` computes them once, before epoch 1, as float32
+  log-probabilities [tokens x vocab] on the CPU, and every later step only runs the
+  student: :func:`cached_kl` is ``loss.token_kl`` against the cached rows, equal to the
+  uncached loss. When that table would exceed ``--teacher_cache_max_gb`` (or with
+  ``topk``) only the teacher's top-k log-probs, their ids and the log of the remaining
+  (tail) mass are kept, and the KL is computed against that coarser distribution:
+
+      KL_k = sum_{i in top-k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+
+  where q_tail is the student's mass outside the teacher's top-k. This is an
+  APPROXIMATION: it is the KL between the two distributions with the tail merged into
+  one bin, a lower bound on the full KL (data processing), equal to it when the
+  teacher puts no mass outside its top-k. Gradients still push all of the student's
+  probability mass, since q_tail counts every token outside the top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .errors import warn
+from .loss import token_kl
+
+# ---------------------------------------------------------------- prefix reuse
+
+
+def prefix_lengths(side) -> torch.Tensor:
+    """[B] length of each row's prompt: the first generated token's position.
+
+    ``side.pred_mask[i, p]`` is true when row p predicts a generated token, so the
+    first true row is the prompt's last token. Rows with no generated token count as
+    all prompt.
+    """
+    pred = side.pred_mask.bool()
+    lens = side.attention_mask.sum(1)
+    has = pred.any(1)
+    first = pred.int().argmax(1)
+    return torch.where(has, first + 1, lens)
+
+
+def prefix_groups(side, plen: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(group of each row, representative row of each group): rows whose prompts are
+    token for token identical form one group."""
+    ids = side.input_ids.tolist()
+    seen: dict[tuple[int, ...], int] = {}
+    group, reps = [], []
+    for i, n in enumerate(plen.tolist()):
+        key = tuple(ids[i][:n])
+        if key not in seen:
+            seen[key] = len(reps)
+            reps.append(i)
+        group.append(seen[key])
+    return group, reps
+
+
+def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
+    """Final hidden states [N, H] at the rows that predict generated tokens, computing
+    each distinct prompt once; the same rows, in the same order, as
+    ``train.selected_hidden`` (row-major over ``side.pred_mask``).
+
+    Two decoder calls: the distinct prefixes, right-padded to the longest ([G, P]),
+    with a KV cache; then every row's generated suffix ([B, S]) on its group's cached
+    prefix. Prefix padding stays masked out in the second call, causality follows cache
+    slots, and ``position_ids`` continue each row's own prefix, so every real token
+    sees exactly what it sees in one plain forward.
+    """
+    ids, attn, pred = side.input_ids, side.attention_mask, side.pred_mask.bool()
+    dev = ids.device
+    B = ids.shape[0]
+    lens = attn.sum(1)
+    plen = prefix_lengths(side)
+    group, reps = prefix_groups(side, plen)
+    gidx = torch.tensor(group, device=dev)
+    rep_len = plen[reps]
+    P = int(rep_len.max())
+    # distinct prefixes, right-padded
+    ar = torch.arange(P, device=dev)
+    pre_mask = (ar[None, :] < rep_len[:, None]).long()
+    pre_ids = torch.where(pre_mask.bool(), ids[reps, :P], torch.full_like(pre_mask, pad_id))
+    out = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True)
+    h_pre = out.last_hidden_state  # [G, P, H]
+    # the prompt's last token predicts the first generated token
+    last = h_pre[gidx, plen - 1]  # [B, H]
+    first_pred = pred[torch.arange(B, device=dev), plen - 1]
+    slen = lens - plen
+    S = int(slen.max())
+    if S == 0:
+        return last[first_pred]
+    # every row's suffix, right-padded; its positions continue its own prefix
+    sar = torch.arange(S, device=dev)
+    suf_mask = sar[None, :] < slen[:, None]
+    src = (plen[:, None] + sar[None, :]).clamp(max=ids.shape[1] - 1)
+    suf_ids = torch.where(suf_mask, ids.gather(1, src), torch.full_like(src, pad_id))
+    suf_pred = pred.gather(1, src) & suf_mask
+    cache = out.cache
+    cache.batch_select_indices(gidx)  # repeat each prefix's keys/values for its rows
+    h_suf = decoder(
+        input_ids=suf_ids,
+        attention_mask=torch.cat([pre_mask[gidx], suf_mask.long()], 1),
+        position_ids=plen[:, None] + sar[None, :],
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state  # [B, S, H]
+    h = torch.cat([last[:, None], h_suf], 1)
+    keep = torch.cat([first_pred[:, None], suf_pred], 1)
+    return h[keep]
+
+
+# ---------------------------------------------------------------- the KL against a cache
+
+
+@dataclass
+class TeacherTarget:
+    """The teacher's distributions at a batch's KL rows, in the batch's row order.
+
+    exact: ``logp`` [n, V] log-probabilities. top-k: ``logp`` [n, k] top-k
+    log-probabilities, ``idx`` [n, k] their token ids, ``log_tail`` [n] log of the
+    teacher's mass outside them (-inf when there is none).
+    """
+
+    logp: torch.Tensor
+    idx: torch.Tensor | None = None
+    log_tail: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.logp.shape[0]
+
+    def to(self, device) -> TeacherTarget:
+        return TeacherTarget(*(None if t is None else t.to(device) for t in self._parts()))
+
+    def slice(self, start: int, stop: int) -> TeacherTarget:
+        return TeacherTarget(*(None if t is None else t[start:stop] for t in self._parts()))
+
+    def _parts(self) -> tuple:
+        return (self.logp, self.idx, self.log_tail)
+
+
+def topk_kl(
+    logp: torch.Tensor, idx: torch.Tensor, log_tail: torch.Tensor, student_logits: torch.Tensor
+) -> torch.Tensor:
+    """KL between teacher and student with everything outside the teacher's top-k
+    merged into one "tail" bin (an approximation and a lower bound of the full KL).
+
+    Shapes: [n, k], [n, k], [n], [n, V] -> [n]. Exact when ``log_tail`` is -inf.
+    """
+    s = student_logits.float().log_softmax(-1)
+    s_top = s.gather(1, idx.long())
+    p = logp.exp()
+    head = (p * (logp - s_top)).sum(-1)
+    # student mass outside the teacher's top-k, in log space; clamped so an (almost)
+    # empty tail gives a finite value and a zero gradient instead of log(0)
+    log_q_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, -1))).clamp(min=1e-30))
+    p_tail = log_tail.exp()
+    tail = torch.where(p_tail > 0, p_tail * (log_tail - log_q_tail), torch.zeros_like(p_tail))
+    return head + tail
+
+
+def _cached_chunk_kl(head: Callable, s_hidden, logp, idx, log_tail) -> torch.Tensor:
+    # The target may live on the CPU: it moves to the device here, one chunk at a time,
+    # so checkpointing keeps only the CPU views, not every chunk's copy on the device.
+    dev = s_hidden.device
+    logp, idx, log_tail = (None if t is None else t.to(dev) for t in (logp, idx, log_tail))
+    s_logits = head(s_hidden)
+    if idx is None:
+        return token_kl(logp, s_logits)  # log-probs are valid logits: the same maths
+    return topk_kl(logp, idx, log_tail, s_logits)
+
+
+def cached_kl(
+    target: TeacherTarget,
+    student_hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Per-row KL [N] of the student (hidden states [N, H] through `head`) against a
+    cached teacher; chunked and checkpointed like ``loss.chunked_kl``."""
+    if len(target) != student_hidden.shape[0]:
+        raise ValueError(f"{len(target)} cached teacher rows for {student_hidden.shape[0]} rows")
+    if student_hidden.shape[0] == 0:
+        return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
+    grad = torch.is_grad_enabled() and student_hidden.requires_grad
+    out = []
+    for i in range(0, student_hidden.shape[0], chunk_size):
+        t = target.slice(i, i + chunk_size)
+        args = (head, student_hidden[i : i + chunk_size], t.logp, t.idx, t.log_tail)
+        if grad:
+            out.append(checkpoint(_cached_chunk_kl, *args, use_reentrant=False))
+        else:
+            out.append(_cached_chunk_kl(*args))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- building the cache
+
+
+@dataclass
+class TeacherCache:
+    """Teacher log-probs at every training row's KL positions, on the CPU.
+
+    Row r's positions are ``offsets[r]:offsets[r + 1]`` of the tensors below.
+    """
+
+    mode: str  # "exact" or "topk"
+    offsets: torch.Tensor  # [R + 1]
+    logp: torch.Tensor  # [N, V] (exact) or [N, k] (top-k)
+    idx: torch.Tensor | None = None  # [N, k] int32 (top-k)
+    log_tail: torch.Tensor | None = None  # [N] (top-k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.logp, self.idx, self.log_tail)
+            if t is not None
+        )
+
+    def target(self, rows: Sequence[int], device=None) -> TeacherTarget:
+        """The cached rows of trajectories `rows`, concatenated in that order."""
+        if len(rows) == 0:
+            sel = torch.zeros(0, dtype=torch.long)
+        else:
+            sel = torch.cat(
+                [torch.arange(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows]
+            )
+        t = TeacherTarget(
+            self.logp.index_select(0, sel),
+            None if self.idx is None else self.idx.index_select(0, sel),
+            None if self.log_tail is None else self.log_tail.index_select(0, sel),
+        )
+        return t if device is None else t.to(device)
+
+
+def cache_bytes(n_rows: int, vocab: int, mode: str, k: int) -> int:
+    """Bytes of a cache of `n_rows` KL rows: float32 [N, V], or top-k (float32 values,
+    int32 ids, one float32 tail per row)."""
+    return n_rows * vocab * 4 if mode == "exact" else n_rows * (k * 8 + 4)
+
+
+def kl_rows(rec: dict, max_gen: int | None = None) -> int:
+    """KL rows of one trajectory: its generated tokens (after --max_traj_len)."""
+    n = sum(rec["generated_text_mask"])
+    return n if max_gen is None else min(n, max_gen)
+
+
+def cache_order(rows: list[dict]) -> list[int]:
+    """Row indices sorted so that rows sharing a prompt are adjacent (prefix reuse
+    finds them in one batch) and lengths within a prompt ascend (little padding)."""
+
+    def key(i: int):
+        r = rows[i]
+        prompt = r.get("prompt_input_ids")
+        if prompt is None:
+            g = r["generated_text_mask"]
+            prompt = r["input_ids"][: len(g) - sum(g)]
+        return (len(prompt), prompt, len(r["input_ids"]))
+
+    return sorted(range(len(rows)), key=key)
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    model,
+    rows: list[dict],
+    pad_id: int,
+    *,
+    mode: str = "exact",
+    topk: int = 64,
+    max_gb: float = 4.0,
+    batch_size: int = 16,
+    max_gen: int | None = None,
+    chunk_size: int = 1024,
+    prefix_reuse: bool = True,
+    log: Callable[[str], None] = print,
+) -> TeacherCache:
+    """One teacher pass (adapter disabled) over `rows`; their log-probs at the KL rows.
+
+    ``mode="exact"`` falls back to top-k, with a warning, when the float32 table would
+    exceed `max_gb`. Rows are visited grouped by prompt (see :func:`cache_order`).
+    """
+    from .train import adapter_disabled, base_of, collate, selected_hidden
+
+    if mode not in ("exact", "topk"):
+        raise ValueError(f"teacher cache mode must be exact or topk, not {mode!r}")
+    base = base_of(model)
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder()
+    vocab = head.weight.shape[0]
+    topk = min(topk, vocab)
+    counts = [kl_rows(r, max_gen) for r in rows]
+    n = sum(counts)
+    if mode == "exact" and cache_bytes(n, vocab, "exact", topk) > max_gb * 1e9:
+        warn(
+            f"an exact teacher cache of {n} x {vocab} float32 needs "
+            f"{cache_bytes(n, vocab, 'exact', topk) / 1e9:.1f} GB > --teacher_cache_max_gb "
+            f"{max_gb:g}; keeping the top {topk} log-probs + tail mass instead (approximate KL)"
+        )
+        mode = "topk"
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+    if mode == "exact":
+        logp = torch.empty(n, vocab, dtype=torch.float32)
+        idx = log_tail = None
+    else:
+        logp = torch.empty(n, topk, dtype=torch.float32)
+        idx = torch.empty(n, topk, dtype=torch.int32)
+        log_tail = torch.empty(n, dtype=torch.float32)
+    device = next(model.parameters()).device
+    order = cache_order(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        with adapter_disabled(model):
+            for j in range(0, len(order), batch_size):
+                chunk_rows = order[j : j + batch_size]
+                side = collate([rows[i] for i in chunk_rows], pad_id, max_gen).prompted.to(device)
+                if prefix_reuse:
+                    h = prefix_reuse_hidden(decoder, side, pad_id)
+                else:
+                    h = selected_hidden(model, side)
+                # where each batch row's KL rows go in the cache
+                dest = torch.cat(
+                    [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in chunk_rows]
+                )
+                assert h.shape[0] == dest.shape[0], (h.shape, dest.shape)
+                for c in range(0, h.shape[0], chunk_size):
+                    lp = head(h[c : c + chunk_size]).float().log_softmax(-1)
+                    d = dest[c : c + chunk_size]
+                    if mode == "exact":
+                        logp[d] = lp.cpu()
+                    else:
+                        top, ti = lp.topk(topk, dim=-1)
+                        rest = lp.scatter(1, ti, float("-inf")).logsumexp(-1)
+                        logp[d], idx[d], log_tail[d] = top.cpu(), ti.int().cpu(), rest.cpu()
+    finally:
+        model.train(was_training)
+    cache = TeacherCache(mode, offsets, logp, idx, log_tail)
+    log(
+        f"teacher cache ({mode}{'' if mode == 'exact' else f', k={topk}'}): {n} rows, "
+        f"{cache.nbytes / 1e9:.2f} GB"
+    )
+    return cache
+
+
+__all__ = [
+    "TeacherCache",
+    "TeacherTarget",
+    "build_teacher_cache",
+    "cache_bytes",
+    "cache_order",
+    "cached_kl",
+    "kl_rows",
+    "prefix_groups",
+    "prefix_lengths",
+    "prefix_reuse_hidden",
+    "topk_kl",
+]

@@ -1,0 +1,176 @@
+"""Correctness guard for the speed-ups the benchmark measures (bench/).
+
+    python -m pytest tests/test_bench_guard.py -q
+
+The optimized loss (LM head only at generated positions, chunked KL, prefix reuse, exact
+teacher cache) must equal the original's full-logit KL on tiny shapes within 1e-5, and
+the benchmark harness must run end to end (tiny model) and skip its GPU job cleanly
+when there is no GPU.
+"""
+
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench`
+
+from bench import run as bench_run  # noqa: E402
+from bench.original import add_lora_original, generate_original, step_kl  # noqa: E402
+from promptbake.chat import encode, format_prompt  # noqa: E402
+from promptbake.data import make_trajectory  # noqa: E402
+from promptbake.teacher import build_teacher_cache  # noqa: E402
+from promptbake.train import base_of, batch_kl, collate, selected_hidden  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rows_for(tok, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q in ["Who are you?", "Name a colour.", "What is the capital of a country?"]:
+        p = encode(tok, format_prompt("Your name is Zorblax.", q, True, tok))
+        p0 = encode(tok, format_prompt("Your name is Zorblax.", q, False, tok))
+        for _ in range(2):
+            n = int(torch.randint(1, 8, (1,), generator=g))
+            rows.append(
+                make_trajectory(tok, p, p0, torch.randint(10, 1200, (n,), generator=g).tolist())
+            )
+    return rows
+
+
+@pytest.fixture
+def peft_model(tiny_model):
+    m = add_lora_original(copy.deepcopy(tiny_model), 4, 8.0, "q_proj,k_proj,v_proj,o_proj", 0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def grads(m):
+    return torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "lora_" in n])
+
+
+def test_logits_at_generated_positions_equal_a_plain_forward(tiny_model, chatml_tok):
+    b = collate(rows_for(chatml_tok), chatml_tok.pad_token_id)
+    for side in (b.prompted, b.unprompted):
+        with torch.no_grad():
+            full = tiny_model(input_ids=side.input_ids, attention_mask=side.attention_mask).logits
+            ours = base_of(tiny_model).get_output_embeddings()(selected_hidden(tiny_model, side))
+        torch.testing.assert_close(ours, full[side.pred_mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["chunked", "prefix_reuse", "cache_exact"])
+def test_optimized_loss_equals_the_naive_full_logit_kl(peft_model, chatml_tok, variant):
+    rows = rows_for(chatml_tok)
+    pad = chatml_tok.pad_token_id
+    naive = step_kl(peft_model, rows, pad)  # full [B, T, V] logits, both models
+    naive.sum().backward()
+    g_naive = grads(peft_model)
+    peft_model.zero_grad()
+    kw = {}
+    if variant == "prefix_reuse":
+        kw["prefix_reuse"] = True
+    if variant == "cache_exact":
+        cache = build_teacher_cache(peft_model, rows, pad, batch_size=4, log=lambda s: None)
+        kw["teacher"] = cache.target(range(len(rows)))
+    ours, _ = batch_kl(peft_model, collate(rows, pad), 4, **kw)  # chunks of 4 rows
+    ours.sum().backward()
+    assert naive.shape == ours.shape and naive.min() > 0
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads(peft_model), g_naive, atol=1e-6, rtol=1e-4)
+
+
+def test_original_generation_is_one_question_per_batch(tiny_model, chatml_tok):
+    qs = [{"question": "Who are you?"}, {"question": "Name a colour."}]
+    rows, stats = generate_original(tiny_model, chatml_tok, "Be brief.", qs, 3, 5, seed=1)
+    assert len(rows) == 6 and stats["new_tokens"] == sum(
+        sum(r["generated_text_mask"]) for r in rows
+    )
+    assert [r["question"] for r in rows] == ["Who are you?"] * 3 + ["Name a colour."] * 3
+    assert all(1 <= sum(r["generated_text_mask"]) <= 5 for r in rows)
+
+
+def test_gpu_job_skips_with_a_message_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the job would run")
+    res = bench_run.run_gpu(bench_run.GpuJob())
+    assert "no CUDA device" in res["skipped"]
+    assert "GPU job: skipped" in bench_run.table({"machine": "m", "gpu": res})
+
+
+def test_harness_runs_end_to_end_on_a_tiny_model(tmp_path):
+    job = dataclasses.replace(bench_run.QUICK, variants=["plain", "+cache_exact", "ours"])
+    res = bench_run.run_cpu(job, tmp_path)
+    t = res["training"]
+    assert set(t) == {"original", "plain", "+cache_exact", "ours"}
+    # the same maths and the same batches: the original and plain train identically
+    assert t["plain"]["heldout_kl"] == pytest.approx(t["original"]["heldout_kl"], rel=1e-4)
+    assert t["+cache_exact"]["heldout_kl"] == pytest.approx(t["plain"]["heldout_kl"], rel=1e-4)
+    assert t["ours"]["heldout_kl"] < res["heldout_kl_base"]  # training helped
+    assert t["plain"]["kl_tokens"] == t["original"]["kl_tokens"] > 0
+    r = res["ratios"]
+    assert r["generated_tokens_per_s"] > 0 and r["end_to_end_speedup"] > 0
+    text = bench_run.table({"machine": "tiny", "cpu": res})
+    assert "| end-to-end bake (s) |" in text and "| ours |" in text
+
+
+def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
+    """The GPU job's own code (ours vs the original's subset, ratios, table) on the CPU."""
+    chatml_tok.padding_side = "left"
+    job = bench_run.GpuJob(
+        n_questions=3,
+        n_seq=2,
+        max_new_tokens=5,
+        min_new_tokens=2,
+        gen_batch_size=4,
+        train_batch_size=2,
+        original_questions=1,
+        original_train_steps=2,
+    )
+    res = bench_run.run_gpu(job, tiny_model, chatml_tok, torch.device("cpu"))
+    assert res["generation_ours"]["new_tokens"] >= 3 * 2 * 2  # min_new_tokens honoured
+    assert res["train_original_subset"]["tokens_per_s"] > 0
+    assert res["end_to_end_ours_s"] > 0 and set(res["ratios"]) == {
+        "generated_tokens_per_s",
+        "training_tokens_per_s",
+        "end_to_end_speedup",
+    }
+    assert "GPU job (random Qwen3-1.7B" in bench_run.table({"machine": "m", "gpu": res})
+
+
+def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys):
+    """Decoding with a static cache (prompts padded to 64) gives the dynamic cache's greedy
+    answers, and a CUDA out-of-memory splits the batch instead of crashing."""
+    from promptbake import tiny
+    from promptbake.generate import sample_batch
+
+    model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
+    prompts = [encode(chatml_tok, format_prompt(None, q, False, chatml_tok)) for q in "abc"]
+    kw = dict(pad_id=chatml_tok.pad_token_id, eot_ids=[1], max_new_tokens=6, do_sample=False)
+    plain = sample_batch(model, prompts, **kw)
+    assert len(set(map(tuple, plain))) > 1  # not a degenerate model
+    static = sample_batch(model, prompts, cache_implementation="static", **kw)
+    assert static == plain
+    real = model.generate
+
+    def flaky(*a, **k):
+        if k["input_ids"].shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "generate", flaky)
+    assert sample_batch(model, prompts, **kw) == plain
+    assert "CUDA out of memory at 3 sequences" in capsys.readouterr().err

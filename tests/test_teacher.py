@@ -1,0 +1,294 @@
+"""Teacher speed-ups (promptbake.teacher) and the training switches built on them.
+
+    python -m pytest tests/test_teacher.py -q
+
+Everything runs on the tiny random Qwen3 in float32: prefix reuse must equal a plain
+forward, the exact teacher cache must give the uncached loss and gradients, the top-k
+cache must be exact at k = V and a lower bound below it, length bucketing must be a
+permutation with less padding, and the CUDA out-of-memory back-off must give the
+same gradient as one pass.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from promptbake import train as train_mod
+from promptbake.chat import encode, format_prompt
+from promptbake.configs import TrainConfig
+from promptbake.data import make_trajectory
+from promptbake.errors import UserError
+from promptbake.loss import token_kl
+from promptbake.teacher import (
+    build_teacher_cache,
+    cache_order,
+    cached_kl,
+    prefix_groups,
+    prefix_lengths,
+    prefix_reuse_hidden,
+    topk_kl,
+)
+from promptbake.train import (
+    add_lora,
+    backward_kl,
+    base_of,
+    batch_kl,
+    bucket_order,
+    collate,
+    selected_hidden,
+)
+
+QUESTIONS = ["What is your name?", "Where do rivers go?", "Why is the sky blue today?"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CPU makes extra threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_rows(tok, n_seq=3, seed=0, max_gen=9) -> list[dict]:
+    """Trajectories with real prompts (shared per question) and random answers of
+    random length (1..max_gen tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q in QUESTIONS:
+        p = encode(tok, format_prompt("Your name is Zorblax.", q, True, tok))
+        p0 = encode(tok, format_prompt("Your name is Zorblax.", q, False, tok))
+        for _ in range(n_seq):
+            n = int(torch.randint(1, max_gen + 1, (1,), generator=g))
+            gen = torch.randint(10, len(tok) - 30, (n,), generator=g).tolist()
+            rows.append(make_trajectory(tok, p, p0, gen, question=q))
+    return rows
+
+
+def lora(model):
+    """A LoRA adapter with non-zero B, so the student differs from the teacher."""
+    m = add_lora(copy.deepcopy(model), TrainConfig(r=4, lora_alpha=8.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def lora_grads(m) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "lora_" in n])
+
+
+# ---------------------------------------------------------------- prefix reuse
+def test_prefix_lengths_and_groups(chatml_tok):
+    rows = make_rows(chatml_tok, n_seq=2)
+    side = collate(rows, chatml_tok.pad_token_id).prompted
+    plen = prefix_lengths(side)
+    assert plen.tolist() == [len(r["prompt_input_ids"]) for r in rows]
+    group, reps = prefix_groups(side, plen)
+    assert group == [0, 0, 1, 1, 2, 2] and reps == [0, 2, 4]
+
+
+@pytest.mark.parametrize("order", [None, [4, 0, 7, 2, 8, 1, 3, 6, 5], [5]])
+def test_prefix_reuse_equals_a_plain_forward(tiny_model, chatml_tok, order):
+    rows = make_rows(chatml_tok)
+    rows = rows if order is None else [rows[i] for i in order]
+    side = collate(rows, chatml_tok.pad_token_id).prompted
+    with torch.no_grad():
+        plain = selected_hidden(tiny_model, side)
+        reused = prefix_reuse_hidden(base_of(tiny_model).get_decoder(), side, 0)
+    assert reused.shape == plain.shape == (int(side.pred_mask.sum()), 64)
+    torch.testing.assert_close(reused, plain, atol=1e-5, rtol=0)
+
+
+def test_prefix_reuse_handles_one_token_and_empty_answers(tiny_model, chatml_tok):
+    rows = make_rows(chatml_tok, n_seq=2, max_gen=1)
+    r = rows[0]
+    empty = make_trajectory(chatml_tok, r["prompt_input_ids"], r["prompt_input_ids_nosys"], [])
+    dec = base_of(tiny_model).get_decoder()
+    for batch in (rows + [empty], [empty, empty]):
+        side = collate(batch, chatml_tok.pad_token_id).prompted
+        with torch.no_grad():
+            plain = selected_hidden(tiny_model, side)
+            reused = prefix_reuse_hidden(dec, side, 0)
+        # one row per one-token answer (the prompt's last token predicts it), none if empty
+        assert plain.shape[0] == (6 if len(batch) == 7 else 0)
+        assert reused.shape == plain.shape
+        torch.testing.assert_close(reused, plain, atol=1e-5, rtol=0)
+
+
+def test_batch_kl_with_prefix_reuse_matches(tiny_model, chatml_tok):
+    m = lora(tiny_model)
+    b = collate(make_rows(chatml_tok), chatml_tok.pad_token_id)
+    with torch.no_grad():
+        a, sa = batch_kl(m, b, 5)
+        c, sc = batch_kl(m, b, 5, prefix_reuse=True)
+    assert a.min() > 0
+    torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sc, sa, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- teacher cache
+@pytest.mark.parametrize("prefix_reuse", [False, True])
+def test_exact_cache_gives_the_uncached_loss_and_gradients(tiny_model, chatml_tok, prefix_reuse):
+    rows = make_rows(chatml_tok)
+    pad = chatml_tok.pad_token_id
+    m = lora(tiny_model)
+    cache = build_teacher_cache(
+        m, rows, pad, mode="exact", batch_size=4, prefix_reuse=prefix_reuse, log=lambda s: None
+    )
+    assert cache.mode == "exact" and cache.logp.shape[1] == len(chatml_tok)
+    pick = [7, 2, 5, 0]
+    b = collate([rows[i] for i in pick], pad)
+    kl, per_seq = batch_kl(m, b, 3)
+    kl.sum().backward()
+    g_plain = lora_grads(m)
+    m.zero_grad()
+    kl_c, per_seq_c = batch_kl(m, b, 3, teacher=cache.target(pick))
+    kl_c.sum().backward()
+    torch.testing.assert_close(kl_c, kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_seq_c, per_seq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora_grads(m), g_plain, atol=1e-6, rtol=1e-4)
+
+
+def test_topk_kl_is_exact_at_full_k_and_a_lower_bound_below():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 50, generator=g) * 3
+    s = torch.randn(6, 50, generator=g) * 3
+    full = token_kl(t, s)
+    lp = t.log_softmax(-1)
+    approx = {}
+    for k in (50, 10, 1):
+        top, idx = lp.topk(k, -1)
+        tail = lp.scatter(1, idx, float("-inf")).logsumexp(-1)
+        approx[k] = topk_kl(top, idx, tail, s)
+    torch.testing.assert_close(approx[50], full, atol=1e-5, rtol=1e-5)  # no tail: exact
+    for k in (10, 1):
+        assert (approx[k] <= full + 1e-5).all() and (approx[k] > 0).all()
+    # keeping more of the distribution comes closer to the full KL
+    assert (full - approx[10]).sum() < (full - approx[1]).sum()
+
+
+def test_topk_cache_gradient_flows_and_budget_falls_back(tiny_model, chatml_tok, capsys):
+    rows = make_rows(chatml_tok)
+    m = lora(tiny_model)
+    cache = build_teacher_cache(
+        m, rows, chatml_tok.pad_token_id, mode="exact", topk=16, max_gb=1e-6, log=lambda s: None
+    )
+    assert "teacher_cache_max_gb" in capsys.readouterr().err  # warned, then fell back
+    assert cache.mode == "topk" and cache.logp.shape[1] == 16 and cache.idx.dtype == torch.int32
+    assert (cache.log_tail < 0).all()
+    head = base_of(m).get_output_embeddings()
+    b = collate(rows[:4], chatml_tok.pad_token_id)
+    s_hidden = selected_hidden(m, b.unprompted)
+    kl = cached_kl(cache.target(range(4)), s_hidden, head, 4)
+    with torch.no_grad():
+        t_hidden = selected_hidden(m, b.prompted)
+        full = token_kl(head(t_hidden), head(s_hidden))
+    assert (kl <= full + 1e-5).all()
+    kl.sum().backward()
+    assert lora_grads(m).abs().sum() > 0
+
+
+def test_cache_order_groups_rows_by_prompt(chatml_tok):
+    rows = make_rows(chatml_tok)
+    shuffled = [rows[i] for i in [4, 0, 7, 2, 8, 1, 3, 6, 5]]
+    order = cache_order(shuffled)
+    prompts = [tuple(shuffled[i]["prompt_input_ids"]) for i in order]
+    changes = sum(a != b for a, b in zip(prompts, prompts[1:]))
+    assert sorted(order) == list(range(9)) and changes == 2
+
+
+# ---------------------------------------------------------------- batching, back-off, fit
+def test_bucket_order_is_a_permutation_with_less_padding(chatml_tok):
+    rows = make_rows(chatml_tok, n_seq=8, max_gen=30)  # 24 rows
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
+    out = bucket_order(rows, order, 5, torch.Generator().manual_seed(1))
+    assert sorted(out) == list(range(24))
+
+    def pad(o):
+        tot = 0
+        for j in range(0, len(o), 5):
+            lens = [len(rows[i]["input_ids"]) for i in o[j : j + 5]]
+            tot += max(lens) * len(lens) - sum(lens)
+        return tot
+
+    assert pad(out) < pad(order)
+    # the short batch (24 = 4 x 5 + 4) stays last, so slices of 5 are the batches
+    assert len(out[20:]) == 4
+
+
+def test_oom_backoff_gives_the_same_gradient(tiny_model, chatml_tok, monkeypatch):
+    rows = make_rows(chatml_tok)
+    b = collate(rows[:6], chatml_tok.pad_token_id)
+    m = lora(tiny_model)
+    kl, per_seq, parts = backward_kl(m, b, 4)
+    assert parts == 1
+    g = lora_grads(m)
+    m.zero_grad()
+    real = train_mod.batch_kl
+
+    def flaky(model, batch, *a, **k):  # "out of memory" above two rows per pass
+        if batch.prompted.input_ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(train_mod, "batch_kl", flaky)
+    kl2, per_seq2, parts2 = backward_kl(m, b, 4)
+    assert parts2 == 4  # 1 -> 2 (3 rows: still too many) -> 4
+    torch.testing.assert_close(kl2, kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_seq2, per_seq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora_grads(m), g, atol=1e-6, rtol=1e-4)
+    monkeypatch.setattr(
+        train_mod, "batch_kl", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError())
+    )
+    with pytest.raises(UserError, match="out of memory even with one trajectory"):
+        backward_kl(m, b, 4)
+
+
+def fit(model, tok, rows, tmp_path, name, **flags):
+    cfg = TrainConfig(
+        data_path="unused.jsonl",
+        out_dir=str(tmp_path / name),
+        num_epochs=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        r=4,
+        lora_alpha=8.0,
+        save_every=0,
+        kl_chunk_size=7,
+        plot=False,
+        **flags,
+    )
+    return train_mod.train(cfg, copy.deepcopy(model), tok, rows, None, echo=False)[1]
+
+
+def test_training_switches_keep_the_loss(tiny_model, chatml_tok, tmp_path):
+    """Exact speed-ups change nothing but speed; bucketing changes the batches only."""
+    rows = make_rows(chatml_tok)
+    plain = fit(tiny_model, chatml_tok, rows, tmp_path, "plain")
+    exact = fit(
+        tiny_model,
+        chatml_tok,
+        rows,
+        tmp_path,
+        "exact",
+        teacher_cache="exact",
+        prefix_reuse=True,
+        gradient_checkpointing=True,
+    )
+    for a, b in zip(plain, exact):
+        assert a["train_kl"] == pytest.approx(b["train_kl"], rel=1e-4)
+    assert plain[-1]["train_kl"] < plain[0]["train_kl"]  # it trains
+    bucketed = fit(tiny_model, chatml_tok, rows, tmp_path, "bucket", length_bucketing=True)
+    assert bucketed[0]["train_kl"] != pytest.approx(plain[0]["train_kl"], rel=1e-6)
+    assert bucketed[-1]["train_kl"] < bucketed[0]["train_kl"]
+
+
+def test_new_flags_are_validated():
+    with pytest.raises(UserError, match="teacher_topk"):
+        TrainConfig(data_path="d", out_dir="o", teacher_topk=0).validate()
+    with pytest.raises(UserError, match="teacher_cache_max_gb"):
+        TrainConfig(data_path="d", out_dir="o", teacher_cache_max_gb=0).validate()
