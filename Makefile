@@ -34,8 +34,11 @@ demo: $(STAMP)
 		--heldout data/identity_heldout.jsonl --marker Zorblax \
 		--out_dir runs/demo
 
+# Two pytest workers with one torch thread each: both cores busy, and no OpenMP
+# oversubscription (two threads per process on a shared 2-core box ran 5-60x slower).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # promptbake vs the original algorithm (bench/README.md); BENCH_ARGS="--threads 1" on a busy CPU
 BENCH_ARGS ?=
