@@ -47,6 +47,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
@@ -535,6 +536,7 @@ def train(
         return {"kl": kl / max(n_tok, 1), "kl_seq": kl_seq / max(n_seq, 1), "tokens": int(n_tok)}
 
     best = math.inf
+    best_state = None  # LoRA weights of the best epoch, handed back at the end
     start = 0  # epochs already done
     # rank 0 reads it and hands it to all: other nodes need not see rank 0's disk
     state = distributed.on_main(lambda: checkpoint.load_checkpoint(out)) if cfg.resume else None
@@ -642,6 +644,7 @@ def train(
         m["best"] = score < best
         if m["best"]:
             best = score
+            best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
             if main:
                 save_adapter(model, out)
         if main and cfg.save_every and epoch % cfg.save_every == 0:
@@ -668,6 +671,8 @@ def train(
         )
         if main and cfg.plot:
             plot_curves(metrics, out / "kl_curve.png")
+    if best_state is not None:  # hand back the model that was saved, not the last epoch's
+        set_peft_model_state_dict(model, best_state)
     log(f"done: best {'validation' if val_rows else 'training'} KL {best:.4f}; adapter in {out}")
     return model, metrics
 
