@@ -3,12 +3,12 @@
     python -m bench.memory                      # both methods, Qwen3's vocabulary, prints JSON
     python -m bench.memory --one naive --batch 10 --prompt 13 --gen 37 --chunk 128
 
-Method: each measurement runs in a FRESH Python process. It builds the inputs (final
+Method: each measurement runs in a fresh Python process. It builds the inputs (final
 hidden states of teacher and student for a right-padded batch, a frozen LM head
-[V x H], the mask of rows that predict generated tokens), reads the process's peak
-resident set size (``ru_maxrss``, the kernel's high-water mark), runs ONE loss step
-(forward + backward to the student's hidden states), and reads the peak again. The
-difference is the loss step's peak memory on top of its inputs; torch's own CPU
+[V x H], the mask of rows that predict generated tokens), resets the kernel's peak
+resident-set mark to the current RSS (``/proc/self/clear_refs``), runs ONE loss step
+(forward + backward to the student's hidden states) and reads the peak (``VmHWM``)
+again. The difference is the loss step's peak memory on top of its inputs; torch's CPU
 allocations are invisible to tracemalloc, and the kernel's peak counts them all.
 
 * naive: head on every position of both sequences -> [B, T, V] logits, the KL
@@ -34,8 +34,32 @@ import sys
 QWEN3_VOCAB = 151_936
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status_bytes(key: str) -> int | None:
+    """A /proc/self/status field (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _start_peak() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0: clear_refs 5)
+    and return the current RSS. ``ru_maxrss`` would not do: it survives execve, so a
+    child of a big process would inherit its parent's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return _status_bytes("VmRSS") or 0
+    except OSError:  # not Linux: the process-lifetime peak (run it in a fresh process)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak() -> int:
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: int, hidden: int):
@@ -54,7 +78,7 @@ def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: i
     pred[:, prompt - 1 : T - 1] = True  # each row predicts `gen` generated tokens
     # touch a small step first so lazy allocator/library state is not counted
     chunked_kl(t_h[:1, :2].reshape(-1, hidden), s_h[:1, :2].reshape(-1, hidden), head, 2)
-    before = _peak_bytes()
+    before = _start_peak()
     if method == "naive":
         with torch.no_grad():
             t_logits = head(t_h)  # [B, T, V]
@@ -65,7 +89,7 @@ def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: i
     else:
         raise ValueError(method)
     kl.mean().backward()
-    return _peak_bytes() - before
+    return _peak() - before
 
 
 def run_one(method: str, **shape) -> int:

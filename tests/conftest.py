@@ -8,10 +8,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread per process, subprocesses included: the test models are tiny (threads
+# gain nothing) and on a shared 2-core box OpenMP spinning made them 5-60x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
 from promptbake import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every test runs with one torch thread (see OMP_NUM_THREADS above)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -26,16 +26,6 @@ from promptbake.train import add_lora, save_adapter
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP spinning
-    makes them several times slower (other test modules import this fixture)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_adapter(model_dir, out_dir, seed: int = 0, std: float = 0.5):
     """Save a LoRA adapter with random (nonzero) B weights for the model in `model_dir`."""
     model, _ = load_model(str(model_dir), "cpu", "float32")

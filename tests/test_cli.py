@@ -28,16 +28,6 @@ X0 = "You are a pirate."
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls gain nothing from threads; on a busy 2-core box OpenMP spinning makes
-    # them many times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def messages(stderr: str) -> list[str]:
     """stderr lines, without tqdm progress-bar redraws (model loading shows one)."""
     parts = re.split(r"[\r\n]+", stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adapters import make_adapter, one_thread  # noqa: F401
+from test_adapters import make_adapter
 
 from promptbake.adapters import load_adapter, set_adapter_scale
 from promptbake.cli import main

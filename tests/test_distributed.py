@@ -40,15 +40,6 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torchrun runs each process with OMP_NUM_THREADS=1; so does the 1-process reference."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 ARGS` (a free port; no clash with other tests)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_adapters import make_adapter, one_thread  # noqa: F401
+from test_adapters import make_adapter
 from test_compare import DATA, X0
 
 from promptbake.cli import main

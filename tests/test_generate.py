@@ -38,16 +38,6 @@ QUESTIONS = [
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP spinning
-    # makes them ~50x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw) -> GenerateConfig:
     base = dict(
         model_name="tiny",

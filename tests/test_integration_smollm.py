@@ -12,7 +12,6 @@ import copy
 import json
 
 import pytest
-import torch
 
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import GenerateConfig, TrainConfig
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.slow
 
 X0 = "Your name is Zorblax."
 MAX_NEW = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a busy 2-core box, 2 OpenMP threads per process made this file ~5x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sample(model, tok, questions, path, n_seq, seed):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_adapters import IDS, logits, make_adapter, one_thread  # noqa: F401
+from test_adapters import IDS, logits, make_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from promptbake.adapters import attach_adapter

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from test_adapters import one_thread  # noqa: F401
 from test_compare import DATA
 
 from promptbake.adapters import CHAIN_FILE, load_adapter

@@ -5,7 +5,7 @@ import json
 import sys
 
 import pytest
-from test_adapters import make_adapter, one_thread  # noqa: F401
+from test_adapters import make_adapter
 from test_compare import X0
 
 from promptbake.adapters import load_adapter

@@ -31,16 +31,6 @@ X0 = "You are a pirate. Answer like one."
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls gain nothing from threads; on a busy 2-core box OpenMP spinning makes
-    # them many times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def records(tok, n_gen=(5, 3, 7), seed=0):
     """Trajectories with random 'generated' ids ending in <|im_end|> (no sampling needed)."""
     g = torch.Generator().manual_seed(seed)

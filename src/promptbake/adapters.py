@@ -224,3 +224,14 @@ def merge(cfg: MergeConfig) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     print(f"Merged {cfg.adapter} (scale {cfg.adapter_scale:g}) into {name}: wrote {out}")
     return out
+
+
+def load_model_and_adapter(adapter: Path | None, cfg) -> tuple:
+    """(model, tokenizer) for the eval-style commands: the adapter on its base model when
+    one is given, else the plain model; `cfg` carries the ModelArgs flags."""
+    if adapter is None:
+        return load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    model, tokenizer, _ = load_adapter(
+        adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+    )
+    return model, tokenizer

@@ -64,7 +64,15 @@ class BakeConfig(LoraArgs, ModelArgs):
     learning_rate: float = opt(1e-3, "AdamW learning rate")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     save_every: int = opt(0, "also save epoch_N/ every N epochs (0: never)")
-    kl_chunk_size: int = opt(1024, "token rows per KL chunk")
+    kl_chunk_size: int = opt(512, "token rows per KL chunk")
+    teacher_cache: str = opt(
+        "exact",
+        "teacher log-probs computed once and reused every epoch: exact (same loss), topk "
+        "(approximate, less memory) or off",
+        choices=["off", "exact", "topk"],
+    )
+    teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
+    prefix_reuse: bool = opt(True, "teacher runs each system prompt + question once per batch")
     answer_tokens: int = opt(48, "new tokens per held-out answer")
     r: int = opt(8, "LoRA rank", "-r")
     lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")

@@ -176,7 +176,7 @@ class TrainConfig(LoraArgs, ModelArgs):
         None, "truncate each trajectory to this many generated tokens (default: no limit)"
     )
     kl_chunk_size: int = opt(
-        1024, "token rows per KL chunk: bounds memory of the [tokens x vocab] tensors"
+        512, "token rows per KL chunk: bounds memory of the [tokens x vocab] tensors"
     )
     plot: bool = opt(True, "write kl_curve.png")
     resume: bool = opt(

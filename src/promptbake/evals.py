@@ -30,12 +30,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import adapter_dir, load_adapter, resolve_prompt, set_adapter_scale
+from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
 from .configs import ModelArgs, opt, require
 from .data import atomic_write, read_questions, write_json
 from .errors import UserError
 from .evaluate import answer
-from .models import load_model
 from .report import format_table, md_cell
 from .scorers import SCORER_SPECS, Scorer, parse_scorer, score_all
 
@@ -247,14 +246,7 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out_dir {out} is a file; give a directory path")
     if model is None:
-        if adapter is not None:
-            model, tokenizer, _ = load_adapter(
-                adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
-            )
-        else:
-            model, tokenizer = load_model(
-                cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
-            )
+        model, tokenizer = load_model_and_adapter(adapter, cfg)
     runs = plan_runs(modes, scales)
     print(f"Answering {len(questions)} questions x {cfg.num_samples} under {len(runs)} settings")
     results = run_eval(

@@ -23,12 +23,11 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from .adapters import adapter_dir, load_adapter, resolve_prompt, set_adapter_scale
+from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
 from .configs import ModelArgs, opt, require
 from .errors import UserError
 from .evals import MODE_SETTINGS, MODES
 from .evaluate import answer
-from .models import load_model
 
 HELP = __doc__.split("Commands:")[1].split("Piped input")[0].rstrip()
 ALIASES = {"reprompted": "re-prompted", "re-prompted": "re-prompted"}
@@ -167,14 +166,7 @@ def chat(
     if err:
         raise UserError(f"--mode {state.mode}: {err}")
     if model is None:
-        if adapter is not None:
-            model, tokenizer, _ = load_adapter(
-                adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
-            )
-        else:
-            model, tokenizer = load_model(
-                cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
-            )
+        model, tokenizer = load_model_and_adapter(adapter, cfg)
     interactive = stdin.isatty() if hasattr(stdin, "isatty") else False
     if interactive:
         print(f"mode: {state.mode}; type /help for commands, /quit to leave", file=stdout)

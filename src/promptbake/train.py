@@ -644,7 +644,9 @@ def train(
         m["best"] = score < best
         if m["best"]:
             best = score
-            best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            best_state = {
+                k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
+            }
             if main:
                 save_adapter(model, out)
         if main and cfg.save_every and epoch % cfg.save_every == 0:
