@@ -18,7 +18,6 @@ commands reproduce.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +125,7 @@ def bake(cfg: BakeConfig) -> dict:
     questions = read_questions(cfg.question_dataset)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
     out = prepare_out_dir(cfg.out_dir)
-    random.Random(cfg.seed).shuffle(questions)
-    questions = select_questions(questions, cfg.num_questions, cfg.seed, shuffle=False)
+    questions = select_questions(questions, cfg.num_questions, cfg.seed)
     train_q, val_q = split_questions(questions, cfg.val_fraction)
     if not train_q:
         raise UserError("no training questions left after the validation split")
