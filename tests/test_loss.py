@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from promptbake import loss
 from promptbake.loss import chunked_kl, masked_kl, token_kl
 
 V, H = 37, 8
@@ -152,3 +153,63 @@ def test_chunked_kl_without_grad_builds_no_graph(head):
     with torch.no_grad():
         got = chunked_kl(logits(N, H, seed=21, scale=1), s, head, 3)
     assert got.grad_fn is None and not got.requires_grad
+
+
+# ---------------------------------------------------------------- fused_kl
+@pytest.fixture
+def frozen_head(head):
+    head.weight.requires_grad_(False)
+    return head
+
+
+@pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
+def test_fused_kl_equals_kl_div_value_and_gradient(frozen_head, chunk):
+    """The fused path (gradient computed in the forward pass) against F.kl_div on the
+    full logits with autograd, under a non-uniform upstream gradient."""
+    t_h = logits(N, H, seed=22, scale=1)
+    s_ref = logits(N, H, seed=23, scale=1).requires_grad_()
+    s_fused = s_ref.detach().clone().requires_grad_()
+    weights = torch.linspace(0.5, 2.0, N)
+
+    t_logp = frozen_head(t_h).log_softmax(-1)
+    ref = F.kl_div(frozen_head(s_ref).log_softmax(-1), t_logp, log_target=True, reduction="none")
+    (ref.sum(-1) * weights).sum().backward()
+
+    assert loss.can_fuse(frozen_head)
+    got = chunked_kl(t_h, s_fused, frozen_head, chunk)  # takes the fused path
+    assert got.grad_fn is not None and "Fused" in type(got.grad_fn).__name__
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got.detach(), ref.sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_fused.grad, s_ref.grad, atol=1e-5, rtol=1e-5)
+    assert s_fused.grad.abs().sum() > 0
+    assert frozen_head.weight.grad is None
+
+
+def test_fused_kl_equals_the_checkpointed_path(head):
+    """Same values and hidden-state gradients as the autograd path it replaces."""
+    t_h = logits(N, H, seed=24, scale=1)
+    s1 = logits(N, H, seed=25, scale=1).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    w = torch.linspace(2.0, 0.1, N)
+    assert not loss.can_fuse(head)  # weight requires grad: checkpointed path
+    (chunked_kl(t_h, s1, head, 3) * w).sum().backward()
+    head.weight.requires_grad_(False)
+    (chunked_kl(t_h, s2, head, 3) * w).sum().backward()
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_kl_is_not_used_for_a_head_with_bias():
+    lin = torch.nn.Linear(H, V, bias=True).requires_grad_(False)
+    assert not loss.can_fuse(lin)
+    assert loss.can_fuse(torch.nn.Linear(H, V, bias=False).requires_grad_(False))
+
+
+def test_fused_kl_without_grad_and_with_zero_rows(frozen_head):
+    s = logits(N, H, seed=26, scale=1).requires_grad_()
+    with torch.no_grad():
+        got = chunked_kl(logits(N, H, seed=27, scale=1), s, frozen_head, 3)
+    assert got.grad_fn is None
+    empty = torch.zeros(0, H, requires_grad=True)
+    z = chunked_kl(torch.zeros(0, H), empty, frozen_head, 3)
+    z.sum().backward()
+    assert empty.grad.shape == (0, H)

@@ -196,8 +196,9 @@ class TrainConfig(LoraArgs, ModelArgs):
     teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
     prefix_reuse: bool = opt(
         False,
-        "run the teacher once per distinct system+question prefix in a batch (KV cache reuse); "
-        "exact; pays off in the --teacher_cache pass, which groups rows by question",
+        "run each shared prompt prefix once per batch, for teacher and student (KV cache "
+        "reuse): the prefix every row shares (system prompt, chat header), then each distinct "
+        "question once; exact",
     )
     length_bucketing: bool = opt(
         False, "batch trajectories of similar length together (less padding), in random order"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -231,3 +232,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h.update(json.dumps(vocab, ensure_ascii=False).encode())
     h.update((tokenizer.chat_template or "").encode())
     return h.hexdigest()[:16]
+
+
+def cache_arg(decoder) -> str:
+    """The name of the KV-cache argument of `decoder`'s forward: ``cache`` in
+    transformers 5, ``past_key_values`` in 4.x (the outputs use the same name)."""
+    params = inspect.signature(inspect.unwrap(decoder.forward)).parameters
+    return "cache" if "cache" in params else "past_key_values"

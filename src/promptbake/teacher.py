@@ -43,7 +43,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import warn
-from .loss import token_kl
+from .loss import can_fuse, fused_kl, token_kl
+from .models import cache_arg
 
 # ---------------------------------------------------------------- prefix reuse
 
@@ -77,54 +78,91 @@ def prefix_groups(side, plen: torch.Tensor) -> tuple[list[int], list[int]]:
     return group, reps
 
 
+def common_prefix_length(side, plen: torch.Tensor) -> int:
+    """Tokens at the start of every row's prompt that all rows share (the system prompt
+    and the chat template's header, typically), kept one token short of the shortest
+    prompt so that each prompt's last token is still run per prompt."""
+    ids = side.input_ids
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(0).int()  # [T]: column equal in every row
+    n = int(same.cumprod(0).sum())
+    return max(0, min(n, int(plen.min()) - 1))
+
+
+def _decode(decoder, cache=None, **kw):
+    """One decoder call with a KV cache: (last hidden states, the updated cache)."""
+    key = cache_arg(decoder)
+    out = decoder(**kw, **{key: cache}, use_cache=True)
+    return out.last_hidden_state, getattr(out, key)
+
+
 def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
     """Final hidden states [N, H] at the rows that predict generated tokens, computing
-    each distinct prompt once; the same rows, in the same order, as
+    each shared prompt prefix once; the same rows, in the same order, as
     ``train.selected_hidden`` (row-major over ``side.pred_mask``).
 
-    Two decoder calls: the distinct prefixes, right-padded to the longest ([G, P]),
-    with a KV cache; then every row's generated suffix ([B, S]) on its group's cached
-    prefix. Prefix padding stays masked out in the second call, causality follows cache
-    slots, and ``position_ids`` continue each row's own prefix, so every real token
-    sees exactly what it sees in one plain forward.
+    Up to three decoder calls, each on top of the previous one's KV cache: the prefix
+    that EVERY row shares (:func:`common_prefix_length`: system prompt, template header;
+    [1, C]), then each distinct prompt's remainder, right-padded ([G, P - C]), then every
+    row's generated suffix ([B, S]) on its group's cache. Padding stays masked out,
+    causality follows cache slots and ``position_ids`` continue each row's own prompt,
+    so every real token sees exactly what it sees in one plain forward. It runs under
+    autograd too (the student: the cache's repeats are differentiable index selects, so
+    a shared prefix receives the summed gradient of every row that reads it).
     """
     ids, attn, pred = side.input_ids, side.attention_mask, side.pred_mask.bool()
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
+        # transformers turns the KV cache off under gradient checkpointing in training
+        # mode: one plain forward instead
+        return decoder(input_ids=ids, attention_mask=attn).last_hidden_state[pred]
     dev = ids.device
     B = ids.shape[0]
     lens = attn.sum(1)
     plen = prefix_lengths(side)
     group, reps = prefix_groups(side, plen)
     gidx = torch.tensor(group, device=dev)
-    rep_len = plen[reps]
-    P = int(rep_len.max())
-    # distinct prefixes, right-padded
-    ar = torch.arange(P, device=dev)
-    pre_mask = (ar[None, :] < rep_len[:, None]).long()
-    pre_ids = torch.where(pre_mask.bool(), ids[reps, :P], torch.full_like(pre_mask, pad_id))
-    out = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True)
-    h_pre = out.last_hidden_state  # [G, P, H]
+    G = len(reps)
+    C = common_prefix_length(side, plen)
+    cache = None
+    if C > 0:  # the prefix every row shares, once
+        _, cache = _decode(decoder, input_ids=ids[:1, :C])
+        cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=dev))
+    # the distinct prompts' remainders, right-padded, after the common prefix
+    rem_len = plen[reps] - C
+    R = int(rem_len.max())
+    ar = torch.arange(R, device=dev)
+    rem_mask = (ar[None, :] < rem_len[:, None]).long()
+    rem_ids = torch.where(rem_mask.bool(), ids[reps, C : C + R], torch.full_like(rem_mask, pad_id))
+    common = torch.ones(G, C, dtype=torch.long, device=dev)
+    h_pre, cache = _decode(
+        decoder,
+        cache,
+        input_ids=rem_ids,
+        attention_mask=torch.cat([common, rem_mask], 1),
+        position_ids=(C + ar)[None, :].expand(G, R),
+    )  # [G, R, H]
     # the prompt's last token predicts the first generated token
-    last = h_pre[gidx, plen - 1]  # [B, H]
+    last = h_pre[gidx, plen - 1 - C]  # [B, H]
     first_pred = pred[torch.arange(B, device=dev), plen - 1]
     slen = lens - plen
     S = int(slen.max())
     if S == 0:
         return last[first_pred]
-    # every row's suffix, right-padded; its positions continue its own prefix
+    # every row's suffix, right-padded; its positions continue its own prompt
     sar = torch.arange(S, device=dev)
     suf_mask = sar[None, :] < slen[:, None]
     src = (plen[:, None] + sar[None, :]).clamp(max=ids.shape[1] - 1)
     suf_ids = torch.where(suf_mask, ids.gather(1, src), torch.full_like(src, pad_id))
     suf_pred = pred.gather(1, src) & suf_mask
-    cache = out.cache
-    cache.batch_select_indices(gidx)  # repeat each prefix's keys/values for its rows
-    h_suf = decoder(
+    cache.batch_select_indices(gidx)  # repeat each prompt's keys/values for its rows
+    h_suf, _ = _decode(
+        decoder,
+        cache,
         input_ids=suf_ids,
-        attention_mask=torch.cat([pre_mask[gidx], suf_mask.long()], 1),
+        attention_mask=torch.cat([common[gidx], rem_mask[gidx], suf_mask.long()], 1),
         position_ids=plen[:, None] + sar[None, :],
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state  # [B, S, H]
+    )  # [B, S, H]
     h = torch.cat([last[:, None], h_suf], 1)
     keep = torch.cat([first_pred[:, None], suf_pred], 1)
     return h[keep]
@@ -197,11 +235,19 @@ def cached_kl(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Per-row KL [N] of the student (hidden states [N, H] through `head`) against a
-    cached teacher; chunked and checkpointed like ``loss.chunked_kl``."""
+    cached teacher; chunked like ``loss.chunked_kl`` (fused for an exact cache and a
+    frozen linear head, checkpointed otherwise)."""
     if len(target) != student_hidden.shape[0]:
         raise ValueError(f"{len(target)} cached teacher rows for {student_hidden.shape[0]} rows")
     if student_hidden.shape[0] == 0:
         return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
+    if target.idx is None and can_fuse(head):
+        dev = student_hidden.device
+
+        def teacher_logp(i: int, j: int) -> torch.Tensor:
+            return target.logp[i:j].to(dev, torch.float32)
+
+        return fused_kl(student_hidden, head.weight, teacher_logp, chunk_size)
     grad = torch.is_grad_enabled() and student_hidden.requires_grad
     out = []
     for i in range(0, student_hidden.shape[0], chunk_size):
@@ -279,6 +325,31 @@ def cache_order(rows: list[dict]) -> list[int]:
         return (len(prompt), prompt, len(r["input_ids"]))
 
     return sorted(range(len(rows)), key=key)
+
+
+def cache_from_generation(
+    rows: list[dict], logprobs: dict, max_gen: int | None = None
+) -> TeacherCache | None:
+    """The exact teacher cache of `rows`, from the log-probs saved while sampling them
+    (generate.generate_trajectories(logprobs=...)); None if any row has none.
+
+    The teacher is the prompted base model, the model that sampled the answers: at
+    each sampled token, generation already computed the teacher's full distribution
+    (raw logits, before temperature or top-p). Keeping them saves the whole teacher
+    pass; they equal that pass's log-probs up to float rounding (batch shapes and the
+    incremental KV cache differ; tests check 1e-4).
+    """
+    parts = []
+    for r in rows:
+        lp = logprobs.get((r.get("question_index"), r.get("sample_index")))
+        n = kl_rows(r, max_gen)
+        if lp is None or lp.shape[0] < n or sum(r["generated_text_mask"]) != lp.shape[0]:
+            return None
+        parts.append(lp[:n])
+    counts = torch.tensor([p.shape[0] for p in parts], dtype=torch.long)
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+    offsets[1:] = counts.cumsum(0)
+    return TeacherCache("exact", offsets, torch.cat(parts))
 
 
 @torch.no_grad()
@@ -370,8 +441,10 @@ __all__ = [
     "TeacherTarget",
     "build_teacher_cache",
     "cache_bytes",
+    "cache_from_generation",
     "cache_order",
     "cached_kl",
+    "common_prefix_length",
     "kl_rows",
     "prefix_groups",
     "prefix_lengths",

@@ -26,8 +26,8 @@ across the N processes and the LoRA gradients are summed (distributed.py); only 
 writes files.
 
 Speed-ups, each a switch (measured in bench/README.md): --teacher_cache computes the
-frozen teacher once instead of every epoch, --prefix_reuse runs each system + question
-prefix once per batch (both in teacher.py), --length_bucketing batches similar lengths,
+frozen teacher once instead of every epoch, --prefix_reuse runs each shared prompt
+prefix once per batch, for teacher and student (both in teacher.py), --length_bucketing batches similar lengths,
 --gradient_checkpointing trades compute for memory; on CUDA out-of-memory a step is
 redone in row slices with the same gradient (backward_kl) instead of crashing.
 """
@@ -56,7 +56,13 @@ from .data import read_meta, read_trajectories, write_json, write_jsonl
 from .errors import UserError, warn
 from .loss import chunked_kl
 from .models import load_model, load_tokenizer, tokenizer_fingerprint
-from .teacher import TeacherTarget, build_teacher_cache, cached_kl, prefix_reuse_hidden
+from .teacher import (
+    TeacherCache,
+    TeacherTarget,
+    build_teacher_cache,
+    cached_kl,
+    prefix_reuse_hidden,
+)
 
 
 # ---------------------------------------------------------------- batches
@@ -157,17 +163,21 @@ def batch_kl(
     The teacher is always the model with the adapter disabled, under no_grad. With
     ``student_adapter=False`` the student is the base model too: KL(prompted || base).
     ``teacher``: the batch's cached teacher log-probs (teacher.py), so the teacher does
-    not run; ``prefix_reuse``: run the teacher once per distinct prompt in the batch.
+    not run; ``prefix_reuse``: teacher and student run each shared prompt prefix once
+    (the prefix all rows share, then each distinct prompt; teacher.prefix_reuse_hidden).
     """
+
+    def hidden(side: Side) -> torch.Tensor:
+        if prefix_reuse:
+            return prefix_reuse_hidden(base_of(model).get_decoder(), side)
+        return selected_hidden(model, side)
+
     if teacher is None:
         with torch.no_grad(), adapter_disabled(model):
-            if prefix_reuse:
-                t_hidden = prefix_reuse_hidden(base_of(model).get_decoder(), batch.prompted)
-            else:
-                t_hidden = selected_hidden(model, batch.prompted)
+            t_hidden = hidden(batch.prompted)
     ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
     with ctx:
-        s_hidden = selected_hidden(model, batch.unprompted)
+        s_hidden = hidden(batch.unprompted)
     head = base_of(model).get_output_embeddings()
     if teacher is None:
         kl = chunked_kl(t_hidden, s_hidden, head, chunk_size)
@@ -451,11 +461,14 @@ def train(
     train_rows: list[dict] | None = None,
     val_rows: list[dict] | None = None,
     echo: bool = True,
+    teacher_cache: TeacherCache | None = None,
 ):
     """Run training from a config; returns (peft model, list of epoch metrics).
 
     Pass `model`/`tokenizer` to reuse a loaded model (promptbake bake) and
-    `train_rows`/`val_rows` to skip reading files.
+    `train_rows`/`val_rows` to skip reading files. `teacher_cache`: an exact teacher
+    cache of `train_rows` kept from generation (teacher.cache_from_generation), used
+    instead of a teacher pass when --teacher_cache is exact.
     """
     cfg.validate()
     distributed.init(cfg.device)  # no-op unless launched by torchrun
@@ -560,7 +573,10 @@ def train(
         record({"epoch": 0, "train_kl": None, "val_kl": v["kl"], "val_kl_seq": v["kl_seq"]})
 
     cache = None  # --teacher_cache: the frozen teacher's log-probs, computed once
-    if cfg.teacher_cache != "off" and start < cfg.num_epochs:
+    if teacher_cache is not None and cfg.teacher_cache == "exact":
+        cache = teacher_cache
+        log(f"teacher cache (exact, kept from generation): {len(cache.logp)} rows")
+    elif cfg.teacher_cache != "off" and start < cfg.num_epochs:
         cache = build_teacher_cache(
             model,
             train_rows,
