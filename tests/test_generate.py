@@ -327,3 +327,53 @@ def test_partial_without_key_is_refused(chatml_tok, tiny_model, tmp_path):
     (tmp_path / "out.jsonl.partial").write_text('{"input_ids": [1]}\n')
     with pytest.raises(UserError, match="delete the .partial"):
         run(tiny_model, chatml_tok, out)
+
+
+# ---------------------------------------------------------------- shared prefill
+def test_shared_prefill_gives_the_samples_of_a_plain_call(chatml_tok, peaky_model, monkeypatch):
+    """Each distinct prompt's KV cache is computed once and repeated for its samples;
+    generate() continues from it and must draw the same samples as a plain call."""
+    prompts = [p for p in prompts_for(chatml_tok) for _ in range(3)]  # 3 samples each
+    kw = dict(pad_id=0, eot_ids=[], max_new_tokens=6, do_sample=True, temperature=1.0)
+    ids, mask = left_pad(prompts, 0)
+    cache = generate.shared_prefill(peaky_model, ids, mask)
+    assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
+    torch.manual_seed(3)
+    shared = sample_batch(peaky_model, prompts, **kw)
+    monkeypatch.setattr(generate, "shared_prefill", lambda *a: None)
+    torch.manual_seed(3)
+    plain = sample_batch(peaky_model, prompts, **kw)
+    assert shared == plain
+    assert len({tuple(s) for s in shared}) > 3  # really sampled: samples of a prompt differ
+    # distinct prompts: nothing to share
+    ids1, mask1 = left_pad(prompts_for(chatml_tok), 0)
+    assert generate.shared_prefill(peaky_model, ids1, mask1) is None
+
+
+def test_logprobs_kept_while_sampling_are_the_teachers(chatml_tok, tiny_model):
+    """The raw log-probs generate() computed at each kept token equal a separate
+    teacher pass over the finished trajectories, whatever temperature sampled them."""
+    from promptbake.data import make_trajectory
+    from promptbake.train import collate, selected_hidden
+
+    im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = [p for p in prompts_for(chatml_tok) for _ in range(2)]
+    torch.manual_seed(0)
+    new, lps = sample_batch(
+        tiny_model,
+        prompts,
+        pad_id=0,
+        eot_ids=[im_end],
+        max_new_tokens=7,
+        min_new_tokens=2,
+        return_logprobs=True,
+        do_sample=True,
+        temperature=0.6,
+        top_k=20,
+    )
+    assert [lp.shape for lp in lps] == [(len(n), len(chatml_tok)) for n in new]
+    rows = [make_trajectory(chatml_tok, p, p, n) for p, n in zip(prompts, new)]
+    with torch.no_grad():
+        h = selected_hidden(tiny_model, collate(rows, 0).prompted)
+        teacher = tiny_model.lm_head(h).float().log_softmax(-1)
+    torch.testing.assert_close(torch.cat(lps), teacher, atol=1e-4, rtol=0)

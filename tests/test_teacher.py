@@ -22,8 +22,10 @@ from promptbake.errors import UserError
 from promptbake.loss import token_kl
 from promptbake.teacher import (
     build_teacher_cache,
+    cache_from_generation,
     cache_order,
     cached_kl,
+    common_prefix_length,
     prefix_groups,
     prefix_lengths,
     prefix_reuse_hidden,
@@ -292,3 +294,75 @@ def test_new_flags_are_validated():
         TrainConfig(data_path="d", out_dir="o", teacher_topk=0).validate()
     with pytest.raises(UserError, match="teacher_cache_max_gb"):
         TrainConfig(data_path="d", out_dir="o", teacher_cache_max_gb=0).validate()
+
+
+def test_common_prefix_is_computed_once_and_kept_short_of_every_prompt(chatml_tok):
+    rows = make_rows(chatml_tok, n_seq=2)
+    for side in (collate(rows, 0).prompted, collate(rows, 0).unprompted):
+        plen = prefix_lengths(side)
+        c = common_prefix_length(side, plen)
+        ids = side.input_ids
+        assert 0 < c < int(plen.min())
+        assert (ids[:, :c] == ids[:1, :c]).all()  # really shared
+    one = collate(rows[:1], 0).prompted
+    assert common_prefix_length(one, prefix_lengths(one)) == 0  # nothing to share
+
+
+def test_student_prefix_reuse_gives_the_plain_loss_and_lora_gradients(tiny_model, chatml_tok):
+    """Under autograd (the student, LoRA on): the shared prefixes' cache repeats must
+    carry every row's gradient back, so the LoRA gradients equal a plain forward's."""
+    rows = make_rows(chatml_tok)
+    rows = [rows[i] for i in [4, 0, 7, 2, 8, 1, 3, 6, 5]]
+    b = collate(rows, chatml_tok.pad_token_id)
+    m = lora(tiny_model)
+    with torch.no_grad():  # a non-zero adapter, so LoRA A gets a gradient too
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    grads = []
+    for reuse in (False, True):
+        m.zero_grad(set_to_none=True)
+        kl, _ = batch_kl(m, b, 5, prefix_reuse=reuse)
+        (kl * torch.linspace(0.5, 1.5, kl.numel())).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+        grads[-1]["kl"] = kl.detach()
+    plain, reused = grads
+    torch.testing.assert_close(reused.pop("kl"), plain.pop("kl"), atol=1e-5, rtol=1e-5)
+    assert plain.keys() == reused.keys() and len(plain) > 0
+    for n in plain:
+        torch.testing.assert_close(reused[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert sum(g.abs().sum() for g in plain.values()) > 0
+
+
+def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, chatml_tok, tmp_path):
+    from promptbake.configs import GenerateConfig
+    from promptbake.data import read_trajectories
+    from promptbake.generate import generate_trajectories
+
+    qs = [{"question": q} for q in QUESTIONS]
+    cfg = GenerateConfig(
+        model_name="tiny",
+        device="cpu",
+        num_sequences_per_question=3,
+        max_sequence_length=6,
+        batch_size=4,
+        traj_out_file=str(tmp_path / "t.jsonl"),
+    )
+    kept: dict = {}
+    out = tmp_path / "t.jsonl"
+    generate_trajectories(
+        tiny_model, chatml_tok, cfg, "Your name is Zorblax.", qs, out, logprobs=kept
+    )
+    rows = read_trajectories(out)
+    assert len(kept) == len(rows) == 9
+    m = lora(tiny_model)
+    for max_gen in (None, 2):
+        got = cache_from_generation(rows, kept, max_gen)
+        ref = build_teacher_cache(
+            m, rows, chatml_tok.pad_token_id, batch_size=4, max_gen=max_gen, log=lambda s: None
+        )
+        assert torch.equal(got.offsets, ref.offsets)
+        torch.testing.assert_close(got.logp, ref.logp, atol=1e-4, rtol=0)
+    # a row without kept log-probs (e.g. written by an earlier, resumed run): no cache
+    del kept[(rows[4]["question_index"], rows[4]["sample_index"])]
+    assert cache_from_generation(rows, kept) is None

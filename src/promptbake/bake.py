@@ -31,6 +31,7 @@ from .generate import generate_trajectories, select_questions
 from .models import load_model
 from .report import write_report
 from .scorers import marker, score_all
+from .teacher import cache_from_generation
 from .train import prepare_out_dir, train
 
 
@@ -71,7 +72,9 @@ class BakeConfig(LoraArgs, ModelArgs):
         choices=["off", "exact", "topk"],
     )
     teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
-    prefix_reuse: bool = opt(True, "teacher runs each system prompt + question once per batch")
+    prefix_reuse: bool = opt(
+        True, "teacher and student run each shared prompt prefix once per batch (exact)"
+    )
     answer_tokens: int = opt(48, "new tokens per held-out answer")
     r: int = opt(8, "LoRA rank", "-r")
     lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")
@@ -119,6 +122,19 @@ def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[di
     return questions[n_val:], questions[:n_val]
 
 
+def keep_teacher_logprobs(cfg: BakeConfig, model, n_questions: int) -> bool:
+    """Whether generation should keep the teacher's log-probs for training: with an
+    exact --teacher_cache, in one process (under torchrun each rank samples a shard),
+    when the largest possible table fits --teacher_cache_max_gb."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    tokens = n_questions * cfg.num_sequences_per_question * cfg.max_sequence_length
+    return (
+        cfg.teacher_cache == "exact"
+        and distributed.world_size() == 1
+        and tokens * vocab * 4 <= cfg.teacher_cache_max_gb * 1e9
+    )
+
+
 def bake(cfg: BakeConfig) -> dict:
     cfg.validate()
     x0 = cfg.prompt.strip() if cfg.prompt else read_prompt(cfg.x0_file)
@@ -140,11 +156,19 @@ def bake(cfg: BakeConfig) -> dict:
         f"{len(val_q)} validation questions from the prompted model"
     )
     gen_stats = {}
+    # the exact teacher cache comes free with sampling when it fits (keep_teacher_logprobs)
+    logprobs = {} if keep_teacher_logprobs(cfg, model, len(train_q)) else None
     for split, qs in (("train", train_q), ("val", val_q)):
         if qs:
             path = out / f"trajectories_{split}.jsonl"
             gen_stats[split] = generate_trajectories(
-                model, tok, cfg.generate_config(str(path)), x0, qs, path
+                model,
+                tok,
+                cfg.generate_config(str(path)),
+                x0,
+                qs,
+                path,
+                logprobs=logprobs if split == "train" else None,
             )
     t_gen = time.perf_counter()
     tcfg = cfg.train_config()
@@ -152,7 +176,9 @@ def bake(cfg: BakeConfig) -> dict:
         tcfg.val_path = None
     train_rows = read_trajectories(tcfg.data_path)
     val_rows = read_trajectories(tcfg.val_path) if tcfg.val_path else None
-    model, metrics = train(tcfg, model, tok, train_rows, val_rows)
+    cache = cache_from_generation(train_rows, logprobs, tcfg.max_traj_len) if logprobs else None
+    logprobs = None
+    model, metrics = train(tcfg, model, tok, train_rows, val_rows, teacher_cache=cache)
     t_train = time.perf_counter()
     if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
         return {}

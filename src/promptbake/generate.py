@@ -46,7 +46,7 @@ from .data import (
     write_json,
 )
 from .errors import UserError, warn
-from .models import end_of_turn_ids, load_model, tokenizer_fingerprint
+from .models import cache_arg, end_of_turn_ids, load_model, tokenizer_fingerprint
 
 Prompt = tuple[list[int], list[int]]  # (ids with system prompt, ids without)
 
@@ -123,6 +123,37 @@ def sampling_kwargs(cfg: GenerateConfig) -> dict:
     return kw
 
 
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of every prompt but its last token, computed once per DISTINCT
+    prompt and repeated for the rows that share it; None when no two rows share one.
+
+    A batch holds --num_sequences_per_question copies of each prompt, so the prompt
+    pass (most of a short answer's cost) runs once per question instead of once per
+    sample. ``generate`` continues from the cache with the same positions and mask, so
+    the samples are those of a plain call, up to float rounding.
+    """
+    if ids.shape[1] < 2:
+        return None
+    seen: dict[tuple[int, ...], int] = {}
+    group, reps = [], []  # each row's distinct prompt; each distinct prompt's first row
+    for i, row in enumerate(ids.tolist()):
+        if tuple(row) not in seen:
+            seen[tuple(row)] = len(reps)
+            reps.append(i)
+        group.append(seen[tuple(row)])
+    if len(reps) == ids.shape[0]:
+        return None
+    pre, pre_mask = ids[reps, :-1], mask[reps, :-1]
+    # left padding: positions count real tokens, as generate() computes them
+    pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()
+    key = cache_arg(decoder)
+    out = decoder(input_ids=pre, attention_mask=pre_mask, position_ids=pos, use_cache=True)
+    cache = getattr(out, key)
+    cache.batch_select_indices(torch.tensor(group, device=ids.device))
+    return cache
+
+
 @torch.no_grad()
 def sample_batch(
     model,
@@ -132,17 +163,27 @@ def sample_batch(
     eot_ids: list[int],
     max_new_tokens: int,
     min_new_tokens: int = 0,
+    return_logprobs: bool = False,
     **sampling,
-) -> list[list[int]]:
+):
     """Generate one mixed batch; return each row's new ids, cut after the first end-of-turn.
 
-    On CUDA out-of-memory the batch is generated in two halves (recursively) with a
-    warning, instead of crashing (seed troubleshooting 2).
+    With ``return_logprobs``, also each row's [n_i, V] float32 CPU log-probs of the
+    model's own (temperature 1, unprocessed) next-token distribution at its n_i kept
+    tokens: exactly the teacher's targets at those positions, a by-product of sampling
+    (teacher.cache_from_generation). On CUDA out-of-memory the batch is generated in
+    two halves (recursively) with a warning, instead of crashing (seed troubleshooting 2).
     """
     static = sampling.get("cache_implementation") == "static"
     ids, mask = left_pad(prompts, pad_id, 64 if static else 1)
     ids, mask = ids.to(model.device), mask.to(model.device)
     try:
+        extra = {}
+        cache = None if static else shared_prefill(model, ids, mask)
+        if cache is not None:
+            extra[cache_arg(model.get_decoder())] = cache
+        if return_logprobs:
+            extra.update(output_logits=True, return_dict_in_generate=True)
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -151,23 +192,33 @@ def sample_batch(
             eos_token_id=eot_ids,
             pad_token_id=pad_id,
             **sampling,
+            **extra,
         )
-        new = out[:, ids.shape[1] :].tolist()
-        return [cut_at_end_of_turn(row, eot_ids) for row in new]
+        cache = None
+        seqs = out.sequences if return_logprobs else out
+        new = [cut_at_end_of_turn(row, eot_ids) for row in seqs[:, ids.shape[1] :].tolist()]
+        if not return_logprobs:
+            return new
+        steps = torch.stack(out.logits, 1)  # [B, steps, V], raw logits
+        logps = [steps[i, : len(n)].float().log_softmax(-1).cpu() for i, n in enumerate(new)]
+        return new, logps
     except torch.cuda.OutOfMemoryError:
         if len(prompts) == 1:
             raise UserError(
                 "CUDA out of memory generating one sequence: lower --max_sequence_length"
             ) from None
     # outside the except block, so the failed attempt's tensors are already freed
-    ids = mask = None
+    ids = mask = cache = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = (len(prompts) + 1) // 2
     warn(f"CUDA out of memory at {len(prompts)} sequences: splitting the batch in two")
     kw = dict(pad_id=pad_id, eot_ids=eot_ids, max_new_tokens=max_new_tokens)
-    kw.update(min_new_tokens=min_new_tokens, **sampling)
-    return sample_batch(model, prompts[:half], **kw) + sample_batch(model, prompts[half:], **kw)
+    kw.update(min_new_tokens=min_new_tokens, return_logprobs=return_logprobs, **sampling)
+    a, b = sample_batch(model, prompts[:half], **kw), sample_batch(model, prompts[half:], **kw)
+    if not return_logprobs:
+        return a + b
+    return a[0] + b[0], a[1] + b[1]
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -257,11 +308,15 @@ def generate_trajectories(
     out_path: str | Path,
     *,
     progress: bool = True,
+    logprobs: dict | None = None,
 ) -> dict:
     """Sample cfg.num_sequences_per_question answers for each question and write them.
 
     Returns throughput stats. Resumes from ``<out_path>.partial`` when the same
-    arguments were used; refuses when they differ.
+    arguments were used; refuses when they differ. With a `logprobs` dict, the
+    prompted model's log-probs at each newly sampled answer's tokens are stored in it
+    under (question_index, sample_index) ([n, V] float32 on the CPU; see
+    teacher.cache_from_generation); rows a resumed run had already written get none.
     """
     out_path = Path(out_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -314,8 +369,12 @@ def generate_trajectories(
                 eot_ids=eot,
                 max_new_tokens=cfg.max_sequence_length,
                 min_new_tokens=cfg.min_sequence_length,
+                return_logprobs=logprobs is not None,
                 **sampling_kwargs(cfg),
             )
+            if logprobs is not None:
+                gens, lps = gens
+                logprobs.update(zip(batch, lps))
             lines = []
             for (qi, si), gen in zip(batch, gens):
                 rec = make_trajectory(
