@@ -1,7 +1,7 @@
 """Peak memory of the loss step: full-logit KL (the original) vs promptbake's chunked KL.
 
     python -m bench.memory                      # both methods, Qwen3's vocabulary, prints JSON
-    python -m bench.memory --one naive --batch 10 --prompt 13 --gen 37 --chunk 128
+    python -m bench.memory --one naive --batch 10 --prompt 13 --gen 37 --chunk 64
 
 Method: each measurement runs in a fresh Python process. It builds the inputs (final
 hidden states of teacher and student for a right-padded batch, a frozen LM head
@@ -14,7 +14,8 @@ allocations are invisible to tracemalloc, and the kernel's peak counts them all.
 * naive: head on every position of both sequences -> [B, T, V] logits, the KL
   (``loss.token_kl``) on the rows that predict generated tokens, mean, backward;
 * chunked: the rows that predict generated tokens first ([N, H]), then
-  ``loss.chunked_kl`` (``chunk`` rows of logits at a time, checkpointed).
+  ``loss.chunked_kl`` (``chunk`` rows of logits at a time; with the frozen head, the
+  fused path that computes the gradient w.r.t. the hidden states in the forward pass).
 
 The [rows x V] float32 tensors dominate both and do not depend on H, so H defaults to
 256 (the LM head's weights are an input, not part of the step); memory is linear in

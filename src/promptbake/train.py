@@ -26,10 +26,12 @@ across the N processes and the LoRA gradients are summed (distributed.py); only 
 writes files.
 
 Speed-ups, each a switch (measured in bench/README.md): --teacher_cache computes the
-frozen teacher once instead of every epoch, --prefix_reuse runs each shared prompt
-prefix once per batch, for teacher and student (both in teacher.py), --length_bucketing batches similar lengths,
---gradient_checkpointing trades compute for memory; on CUDA out-of-memory a step is
-redone in row slices with the same gradient (backward_kl) instead of crashing.
+frozen teacher once instead of every epoch (``promptbake bake`` keeps it from
+generation, so the teacher never runs), --prefix_reuse runs each shared prompt
+prefix once per batch, for teacher and student (both in teacher.py),
+--length_bucketing batches similar lengths, --gradient_checkpointing trades compute for
+memory; on CUDA out-of-memory a step is redone in row slices with the same gradient
+(backward_kl) instead of crashing.
 """
 
 from __future__ import annotations
