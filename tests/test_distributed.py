@@ -5,8 +5,10 @@
 The two end-to-end tests launch ``torchrun --standalone --nproc_per_node 2`` on the tiny
 random Qwen3 (``tiny_model_dir``): generation must write the very same file as one
 process (each rank sampling a disjoint share of the batches), and training the same
-losses and adapter (each rank taking half of every global batch). The other tests check
-the sharding and loss-weighting rules in one process, without a process group.
+losses and adapter (each rank taking half of every global batch), also with the layers
+sharded by FSDP2 (``--fsdp true``, on gloo) and when resuming an FSDP checkpoint. The
+other tests check the sharding and loss-weighting rules in one process, without a
+process group.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptbake import distributed, train
+from promptbake import checkpoint, distributed, train
 from promptbake.configs import GenerateConfig, TrainConfig
 from promptbake.data import read_prompt, read_trajectories, write_json
 from promptbake.errors import UserError
@@ -47,9 +49,18 @@ def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    res = subprocess.run(
-        [*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    proc = subprocess.Popen(
+        [*cmd, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # a hung run (mismatched collectives): SIGTERM makes torchrun stop its workers,
+        # which run in sessions of their own (a SIGKILL would leave them spinning)
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun hung for {timeout} s:\n{out[-3000:]}{err[-3000:]}")
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -138,7 +149,7 @@ def one_process_training(reference, tiny_model_dir, tmp_path_factory):
     """A 3-epoch single-process run: (config, metrics, out_dir)."""
     d, _ = reference
     rows = (d / "one.jsonl").read_text().splitlines(keepends=True)
-    (d / "val.jsonl").write_text("".join(rows[:5]))
+    (d / "val.jsonl").write_text("".join(rows[:9]))  # 5 + 4 rows: 2 + 1 batches
     (d / "val.jsonl.meta.json").write_text((d / "one.jsonl.meta.json").read_text())
     out = tmp_path_factory.mktemp("train_one")
     cfg = TrainConfig(
@@ -199,7 +210,73 @@ def test_two_processes_resume_a_checkpoint(one_process_training, tmp_path):
     assert "resumed from" in (out / "train_loop.log").read_text()
 
 
+def test_fsdp_on_two_processes_matches_one_process(one_process_training, tmp_path):
+    """--fsdp true: the layers sharded over 2 processes (FSDP2 on gloo), the same run."""
+    cfg, ref_metrics, one = one_process_training
+    two = tmp_path / "fsdp"
+    torchrun(
+        "train_loop.py", *flags(TrainConfig(**{**vars(cfg), "out_dir": str(two), "fsdp": True}))
+    )
+    assert_same_run(two, one, ref_metrics)
+    log = (two / "train_loop.log").read_text()
+    assert "data parallel on 2 processes" in log and "FSDP: each decoder layer" in log
+    # the checkpoint holds whole tensors in the same layout as a one-process run's
+    a, b = checkpoint.load_checkpoint(two), checkpoint.load_checkpoint(one)
+    assert a["lora"].keys() == b["lora"].keys()
+    for k in a["lora"]:
+        assert a["lora"][k].shape == b["lora"][k].shape
+        assert torch.allclose(a["lora"][k], b["lora"][k], atol=1e-5, rtol=1e-4), k
+    exp_avg = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
+    assert [t.shape for t in exp_avg] == [
+        s["exp_avg"].shape for s in b["optimizer"]["state"].values()
+    ]
+    # and the adapter loads with plain peft, every weight found
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from promptbake.models import load_model
+
+    base, _ = load_model(cfg.model_name, "cpu", "float32")
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, str(two)))
+    saved = load_file(str(two / "adapter_model.safetensors"))
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_fsdp_resumes_an_fsdp_checkpoint(one_process_training, tmp_path):
+    """Epoch 1 under --fsdp, then epochs 2-3 resumed under --fsdp: the same run."""
+    cfg, ref_metrics, one = one_process_training
+    out = tmp_path / "resumed"
+    first = TrainConfig(**{**vars(cfg), "out_dir": str(out), "num_epochs": 1, "fsdp": True})
+    torchrun("train_loop.py", *flags(first))
+    (out / "adapter_model.safetensors").unlink()  # what the resumed run writes is checked
+    resumed = TrainConfig(**{**vars(cfg), "out_dir": str(out), "resume": True, "fsdp": True})
+    torchrun("train_loop.py", *flags(resumed))
+    assert_same_run(out, one, ref_metrics)
+    assert "resumed from" in (out / "train_loop.log").read_text()
+
+
 # ---------------------------------------------------------------- one process, no group
+def test_fsdp_is_refused_without_torchrun_or_with_prefix_reuse(tmp_path, monkeypatch):
+    cfg = TrainConfig(data_path="d.jsonl", out_dir=str(tmp_path), fsdp=True)
+    with pytest.raises(UserError, match=r"launch with torchrun --nproc_per_node N \(N >= 2\)"):
+        cfg.validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets
+    cfg.validate()
+    with pytest.raises(UserError, match="--prefix_reuse does not work with --fsdp"):
+        TrainConfig(**{**vars(cfg), "prefix_reuse": True}).validate()
+
+
+def test_idle_batch_runs_one_row_and_predicts_nothing(reference):
+    d, cfg = reference
+    tok = load_tokenizer(cfg.model_name)
+    b = train.collate(read_trajectories(d / "one.jsonl")[:3], tok.pad_token_id)
+    idle = distributed.idle_batch(b)
+    for side, full in ((idle.prompted, b.prompted), (idle.unprompted, b.unprompted)):
+        assert torch.equal(side.input_ids, full.input_ids[:1])
+        assert not side.pred_mask.any() and full.pred_mask[:1].any()
+    assert idle.num_tokens == 0
+
+
 def test_helpers_are_no_ops_in_one_process():
     assert distributed.world_size() == 1 and distributed.is_main() and not distributed.active()
     assert distributed.all_reduce_sum([1, 2.5]) == [1.0, 2.5]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import UserError
 
 FORMAT = 1
@@ -78,8 +79,30 @@ def _set_rng_state(state: dict) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) parameters by name, on the CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable (LoRA) parameters by name, whole, on the CPU.
+
+    Under --fsdp they are gathered from their shards: every process must call this.
+    """
+    return {
+        n: distributed.full_state(p.detach()).cpu().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with whole tensors (gathered under --fsdp: every
+    process must call this)."""
+    return distributed.full_state(optimizer.state_dict())
+
+
+def load_trainable(model, lora: dict[str, torch.Tensor]) -> None:
+    """Copy whole LoRA tensors by parameter name into `model` (into this process's
+    shards under --fsdp)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in lora.items():
+            params[n].copy_(distributed.shard_like(t, params[n]))
 
 
 def save_checkpoint(
@@ -92,22 +115,30 @@ def save_checkpoint(
     best: float,
     metrics: list[dict],
     args: dict,
+    lora: dict[str, torch.Tensor] | None = None,
+    optimizer_sd: dict | None = None,
 ) -> Path:
-    """Write the state after `epoch` to ``<out_dir>/checkpoint`` atomically; return that path."""
+    """Write the state after `epoch` to ``<out_dir>/checkpoint`` atomically; return that path.
+
+    `lora` and `optimizer_sd`: :func:`trainable_state` and :func:`optimizer_state`,
+    when the caller gathered them already (under --fsdp every process must, and only
+    rank 0 calls this); by default they are read from `model` and `optimizer`.
+    """
+    lora = trainable_state(model) if lora is None else lora
     out_dir = Path(out_dir)
     final, old = checkpoint_dir(out_dir), out_dir / (DIR_NAME + ".old")
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{DIR_NAME}-"))
     try:
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=lora)
         state = {
             "format": FORMAT,
             "epoch": epoch,
             "best": best,
             "metrics": metrics,
             "args": args,
-            "lora": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
+            "lora": lora,
+            "optimizer": optimizer.state_dict() if optimizer_sd is None else optimizer_sd,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
         }
@@ -187,10 +218,8 @@ def restore(state: dict, model, optimizer: torch.optim.Optimizer, scheduler, lr:
             "cannot resume: the checkpoint's adapter does not match this model "
             f"({len(missing)} unknown parameters); delete the checkpoint to start over"
         )
-    with torch.no_grad():
-        for n, t in state["lora"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
+    load_trainable(model, state["lora"])
+    optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     old_lr = state["args"].get("learning_rate")
     if old_lr and old_lr != lr:  # keep the schedule's multiplier, change the base

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .distributed import world_size
 from .errors import UserError
 from .models import DEFAULT_MODEL
 
@@ -206,6 +207,13 @@ class TrainConfig(LoraArgs, ModelArgs):
     gradient_checkpointing: bool = opt(
         False, "recompute decoder activations in backward: less memory, a third more compute"
     )
+    fsdp: bool = opt(
+        False,
+        "for models that do not fit one GPU: shard the frozen base weights and the LoRA "
+        "weights of every decoder layer across the processes with PyTorch FSDP2 "
+        "(fully_shard); embeddings and LM head stay whole on each GPU. Needs torchrun "
+        "with 2 or more processes; not with --prefix_reuse",
+    )
 
     def validate(self) -> None:
         require(self.data_path is not None, "--data_path is required (training trajectories)")
@@ -219,4 +227,16 @@ class TrainConfig(LoraArgs, ModelArgs):
         require(self.max_traj_len is None or self.max_traj_len > 0, "--max_traj_len must be > 0")
         require(self.teacher_topk > 0, f"--teacher_topk must be positive, got {self.teacher_topk}")
         require(self.teacher_cache_max_gb > 0, "--teacher_cache_max_gb must be > 0")
+        if self.fsdp:
+            require(
+                world_size() > 1,
+                "--fsdp true shards the model across processes: launch with torchrun "
+                "--nproc_per_node N (N >= 2), or drop --fsdp to train in one process",
+            )
+            require(
+                not self.prefix_reuse,
+                "--prefix_reuse does not work with --fsdp (its number of decoder passes "
+                "depends on the batch, and FSDP needs every process to run the same passes); "
+                "drop one of them",
+            )
         self.validate_lora()

@@ -23,7 +23,7 @@ killed run from there.
 
 Under ``torchrun --nproc_per_node N`` every global batch of --batch_size rows is split
 across the N processes and the LoRA gradients are summed (distributed.py); only rank 0
-writes files.
+writes files. ``--fsdp true`` also shards the model's layers across them (FSDP2).
 
 Speed-ups, each a switch (measured in bench/README.md): --teacher_cache computes the
 frozen teacher once instead of every epoch (``promptbake bake`` keeps it from
@@ -49,7 +49,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
@@ -298,6 +297,11 @@ def backward_kl(
                 p.grad = None
             if batch.prompted.input_ids.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if distributed.is_sharded(model):  # the other processes cannot follow a retry
+                raise UserError(
+                    "CUDA out of memory under --fsdp: use more GPUs, --gradient_checkpointing "
+                    "true, a smaller --batch_size, --kl_chunk_size or --max_traj_len"
+                ) from None
             if parts >= n:
                 raise UserError(
                     "CUDA out of memory even with one trajectory at a time: use "
@@ -406,11 +410,14 @@ class RunLog:
             tqdm.write(line)
 
 
-def save_adapter(model, out_dir: Path) -> None:
-    """peft save_pretrained into a temp dir, then rename each file into place."""
+def save_adapter(model, out_dir: Path, lora: dict | None = None) -> None:
+    """peft save_pretrained into a temp dir, then rename each file into place.
+
+    `lora`: the weights to write (checkpoint.trainable_state), when the model's own
+    are FSDP shards."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-adapter-"))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=lora)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
     finally:
@@ -490,7 +497,10 @@ def train(
         if p and Path(p).is_file():
             check_fingerprint(p, tokenizer)
     if model is None:
-        model, tokenizer = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        where = (cfg.device, cfg.dtype)
+        if cfg.fsdp:  # into CPU memory (it may not fit one GPU); fsdp_shard moves the shards
+            where = distributed.fsdp_load_args(cfg.device, cfg.dtype)
+        model, tokenizer = load_model(cfg.model_name, *where, cfg.trust_remote_code)
     check_token_ids(train_rows + (val_rows or []), model)
 
     if cfg.gradient_checkpointing:  # before peft wraps it: the layers recompute in backward
@@ -503,6 +513,8 @@ def train(
     model = add_lora(model, cfg)
     out = prepare_out_dir(cfg.out_dir)
     distributed.broadcast_params(p for p in model.parameters() if p.requires_grad)
+    if cfg.fsdp:  # shard the layers (base + LoRA weights) across the processes
+        distributed.fsdp_shard(model)
     device = next(model.parameters()).device
     if main:
         write_json(out / "args.json", dataclasses.asdict(cfg))
@@ -524,11 +536,16 @@ def train(
     world = distributed.world_size()
     if world > 1:
         log(f"data parallel on {world} processes: each step splits {cfg.batch_size} rows")
+    if distributed.is_sharded(model):
+        log(f"FSDP: each decoder layer's weights are sharded across the {world} processes")
     # each process validates its share of the rows; validate() sums the shares
     val_share = distributed.shard(val_rows or [])
     val_batches = (
         make_batches(val_share, cfg.batch_size, pad, cfg.max_traj_len) if val_share else []
     )
+    # FSDP: every process runs the same passes; one with fewer rows runs idle ones
+    idle = distributed.idle_batch(collate(train_rows[:1], pad, cfg.max_traj_len))
+    val_idle = [idle] * (distributed.max_over_ranks(len(val_batches)) - len(val_batches))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -545,6 +562,8 @@ def train(
 
     def validate() -> dict:
         v = evaluate_kl(model, val_batches, cfg.kl_chunk_size)
+        if cfg.fsdp:
+            evaluate_kl(model, val_idle, cfg.kl_chunk_size)  # counts nothing
         kl, n_tok, kl_seq, n_seq = distributed.all_reduce_sum(
             [v["kl"] * v["tokens"], v["tokens"], v["kl_seq"] * len(val_share), len(val_share)]
         )
@@ -613,6 +632,9 @@ def train(
             opt.zero_grad(set_to_none=True)
             if b is None:  # this process has no rows in a short last batch
                 kl = per_seq = torch.zeros(0, device=device)
+                if cfg.fsdp:  # an idle pass: zero gradients, but FSDP's collectives run
+                    empty = None if cache is None else cache.target([])
+                    backward_kl(model, idle.to(device), cfg.kl_chunk_size, teacher=empty)
             else:
                 rows_b = distributed.shard(order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size])
                 target = None if cache is None else cache.target(rows_b)  # stays on the CPU
@@ -660,17 +682,17 @@ def train(
             m.update(val_kl=v["kl"], val_kl_seq=v["kl_seq"])
         score = m.get("val_kl", m["train_kl"])
         m["best"] = score < best
+        # whole tensors, gathered on every process under --fsdp; rank 0 writes them
+        lora, opt_sd = checkpoint.trainable_state(model), checkpoint.optimizer_state(opt)
         if m["best"]:
             best = score
-            best_state = {
-                k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
-            }
+            best_state = lora
             if main:
-                save_adapter(model, out)
+                save_adapter(model, out, lora)
         if main and cfg.save_every and epoch % cfg.save_every == 0:
             d = out / f"epoch_{epoch}"
             d.mkdir(exist_ok=True)
-            save_adapter(model, d)
+            save_adapter(model, d, lora)
         record(m)
         if main:  # after every epoch, so a killed run resumes here (--resume true)
             checkpoint.save_checkpoint(
@@ -682,6 +704,8 @@ def train(
                 best=best,
                 metrics=metrics,
                 args=dataclasses.asdict(cfg),
+                lora=lora,
+                optimizer_sd=opt_sd,
             )
         saved = epoch
         val_txt = f", val KL {m['val_kl']:.4f}" if "val_kl" in m else ""
@@ -692,7 +716,7 @@ def train(
         if main and cfg.plot:
             plot_curves(metrics, out / "kl_curve.png")
     if best_state is not None:  # hand back the model that was saved, not the last epoch's
-        set_peft_model_state_dict(model, best_state)
+        checkpoint.load_trainable(model, best_state)
     log(f"done: best {'validation' if val_rows else 'training'} KL {best:.4f}; adapter in {out}")
     return model, metrics
 
