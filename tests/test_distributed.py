@@ -211,12 +211,12 @@ def test_two_processes_resume_a_checkpoint(one_process_training, tmp_path):
 
 
 def test_fsdp_on_two_processes_matches_one_process(one_process_training, tmp_path):
-    """--fsdp true: the layers sharded over 2 processes (FSDP2 on gloo), the same run."""
+    """--fsdp true: the layers sharded over 2 processes (FSDP2 on gloo), the same run;
+    with --prefix_reuse too (one packed pass per batch), against a plain 1-process run."""
     cfg, ref_metrics, one = one_process_training
     two = tmp_path / "fsdp"
-    torchrun(
-        "train_loop.py", *flags(TrainConfig(**{**vars(cfg), "out_dir": str(two), "fsdp": True}))
-    )
+    fsdp = TrainConfig(**{**vars(cfg), "out_dir": str(two), "fsdp": True, "prefix_reuse": True})
+    torchrun("train_loop.py", *flags(fsdp))
     assert_same_run(two, one, ref_metrics)
     log = (two / "train_loop.log").read_text()
     assert "data parallel on 2 processes" in log and "FSDP: each decoder layer" in log
@@ -256,14 +256,13 @@ def test_fsdp_resumes_an_fsdp_checkpoint(one_process_training, tmp_path):
 
 
 # ---------------------------------------------------------------- one process, no group
-def test_fsdp_is_refused_without_torchrun_or_with_prefix_reuse(tmp_path, monkeypatch):
+def test_fsdp_is_refused_without_torchrun(tmp_path, monkeypatch):
     cfg = TrainConfig(data_path="d.jsonl", out_dir=str(tmp_path), fsdp=True)
     with pytest.raises(UserError, match=r"launch with torchrun --nproc_per_node N \(N >= 2\)"):
         cfg.validate()
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets
     cfg.validate()
-    with pytest.raises(UserError, match="--prefix_reuse does not work with --fsdp"):
-        TrainConfig(**{**vars(cfg), "prefix_reuse": True}).validate()
+    TrainConfig(**{**vars(cfg), "prefix_reuse": True}).validate()
 
 
 def test_idle_batch_runs_one_row_and_predicts_nothing(reference):

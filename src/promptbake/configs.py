@@ -197,9 +197,9 @@ class TrainConfig(LoraArgs, ModelArgs):
     teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
     prefix_reuse: bool = opt(
         False,
-        "run each shared prompt prefix once per batch, for teacher and student (KV cache "
-        "reuse): the prefix every row shares (system prompt, chat header), then each distinct "
-        "question once; exact",
+        "run each shared prompt prefix once per batch, for teacher and student: the batch "
+        "becomes one packed sequence (the prefix every row shares, each distinct prompt once, "
+        "then the answers; no padding) under a tree attention mask; exact",
     )
     length_bucketing: bool = opt(
         False, "batch trajectories of similar length together (less padding), in random order"
@@ -212,7 +212,7 @@ class TrainConfig(LoraArgs, ModelArgs):
         "for models that do not fit one GPU: shard the frozen base weights and the LoRA "
         "weights of every decoder layer across the processes with PyTorch FSDP2 "
         "(fully_shard); embeddings and LM head stay whole on each GPU. Needs torchrun "
-        "with 2 or more processes; not with --prefix_reuse",
+        "with 2 or more processes",
     )
 
     def validate(self) -> None:
@@ -232,11 +232,5 @@ class TrainConfig(LoraArgs, ModelArgs):
                 world_size() > 1,
                 "--fsdp true shards the model across processes: launch with torchrun "
                 "--nproc_per_node N (N >= 2), or drop --fsdp to train in one process",
-            )
-            require(
-                not self.prefix_reuse,
-                "--prefix_reuse does not work with --fsdp (its number of decoder passes "
-                "depends on the batch, and FSDP needs every process to run the same passes); "
-                "drop one of them",
             )
         self.validate_lora()

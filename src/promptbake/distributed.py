@@ -33,7 +33,7 @@ loss may use the LM head's weight outside its module call (loss.py), which a sha
 weight would break, and they are a small part of a large model. Every layer call is a collective, so all processes must
 run the same passes in the same order: a process with no rows in a short last batch
 runs an idle pass (:func:`idle_batch`), evaluation is padded to the same number of
-batches, and --prefix_reuse (data-dependent passes) is refused. Checkpoints and
+batches (--prefix_reuse is one packed decoder pass per batch, like the plain forward). Checkpoints and
 adapters hold whole tensors (:func:`full_state`, gathered on every process, written by
 rank 0), the same files as without FSDP, so a run can resume with or without it.
 """

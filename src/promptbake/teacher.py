@@ -44,7 +44,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import warn
 from .loss import can_fuse, fused_kl, token_kl
-from .models import cache_arg
 
 # ---------------------------------------------------------------- prefix reuse
 
@@ -90,82 +89,91 @@ def common_prefix_length(side, plen: torch.Tensor) -> int:
     return max(0, min(n, int(plen.min()) - 1))
 
 
-def _decode(decoder, cache=None, **kw):
-    """One decoder call with a KV cache: (last hidden states, the updated cache)."""
-    key = cache_arg(decoder)
-    out = decoder(**kw, **{key: cache}, use_cache=True)
-    return out.last_hidden_state, getattr(out, key)
+def prefix_tree(side, plen: torch.Tensor) -> tuple[list[int], list[int], list[int], list[int]]:
+    """A batch as one packed "prefix tree" of tokens: (token ids, positions, segment of
+    each token, parent of each segment) and the packed index of every KL row.
+
+    Segments: the prefix every row shares (if any), then each distinct prompt's
+    remainder (child of the shared prefix), then each row's answer (child of its
+    prompt). A token's position is its position in its own row, so every token sees
+    exactly its row's earlier tokens once :func:`tree_mask` is applied.
+    """
+    ids, lens, pred = side.input_ids.tolist(), side.attention_mask.sum(1).tolist(), side.pred_mask
+    plen_l = plen.tolist()
+    group, reps = prefix_groups(side, plen)
+    C = common_prefix_length(side, plen)
+    toks: list[int] = []
+    pos: list[int] = []
+    seg: list[int] = []
+    parent: list[int] = []
+    start: list[int] = []
+
+    def add(span: list[int], first: int, up: int) -> int:
+        parent.append(up)
+        start.append(len(toks))
+        toks.extend(span)
+        pos.extend(range(first, first + len(span)))
+        seg.extend([len(parent) - 1] * len(span))
+        return len(parent) - 1
+
+    root = add(ids[0][:C], 0, -1) if C > 0 else -1
+    prompt_seg = [add(ids[r][C : plen_l[r]], C, root) for r in reps]
+    rows: list[int] = []  # the packed index of each KL row, row-major like pred_mask
+    for i in range(len(ids)):
+        p = plen_l[i]
+        answer = add(ids[i][p : lens[i]], p, prompt_seg[group[i]])
+        for q in pred[i].nonzero()[:, 0].tolist():  # rows predicting generated tokens
+            if q < p:  # the prompt's last token, in its prompt's segment
+                rows.append(start[prompt_seg[group[i]]] + q - C)
+            else:
+                rows.append(start[answer] + q - p)
+    return toks, pos, seg, parent, rows
+
+
+def tree_mask(seg: list[int], parent: list[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, T, T] additive attention mask: token t sees token u when u's segment is an
+    ancestor of t's, or the same segment and u <= t (causal within a segment)."""
+    n = len(parent)
+    anc = torch.zeros(n, n, dtype=torch.bool)  # anc[s, a]: a is a proper ancestor of s
+    for s_ in range(n):
+        a = parent[s_]
+        while a >= 0:
+            anc[s_, a] = True
+            a = parent[a]
+    sg = torch.tensor(seg)
+    ar = torch.arange(len(seg))
+    see = anc[sg][:, sg] | ((sg[:, None] == sg[None, :]) & (ar[None, :] <= ar[:, None]))
+    mask = torch.zeros(len(seg), len(seg), dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
 
 
 def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
-    """Final hidden states [N, H] at the rows that predict generated tokens, computing
-    each shared prompt prefix once; the same rows, in the same order, as
+    """Final hidden states [N, H] at the rows that predict generated tokens, running
+    every shared prompt prefix once; the same rows, in the same order, as
     ``train.selected_hidden`` (row-major over ``side.pred_mask``).
 
-    Up to three decoder calls, each on top of the previous one's KV cache: the prefix
-    that EVERY row shares (:func:`common_prefix_length`: system prompt, template header;
-    [1, C]), then each distinct prompt's remainder, right-padded ([G, P - C]), then every
-    row's generated suffix ([B, S]) on its group's cache. Padding stays masked out,
-    causality follows cache slots and ``position_ids`` continue each row's own prompt,
-    so every real token sees exactly what it sees in one plain forward. It runs under
-    autograd too (the student: the cache's repeats are differentiable index selects, so
-    a shared prefix receives the summed gradient of every row that reads it).
+    The batch becomes ONE packed sequence (:func:`prefix_tree`): the prefix all rows
+    share (system prompt, chat header), each distinct prompt's remainder once, then
+    every answer, with no padding, run in a single decoder call under a tree attention
+    mask (:func:`tree_mask`) and each token's own position. Every token sees exactly
+    what it sees in a plain forward of its row, so the result equals it up to float
+    rounding (tests: 1e-5); under autograd (the student) a shared prefix receives the
+    summed gradient of every row that reads it. Attention implementations that take no
+    4D mask (flash-attention) get the plain forward instead.
     """
     ids, attn, pred = side.input_ids, side.attention_mask, side.pred_mask.bool()
-    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
-        # transformers turns the KV cache off under gradient checkpointing in training
-        # mode: one plain forward instead
+    if decoder.config._attn_implementation not in ("sdpa", "eager") or ids.shape[0] == 0:
         return decoder(input_ids=ids, attention_mask=attn).last_hidden_state[pred]
+    toks, pos, seg, parent, rows = prefix_tree(side, prefix_lengths(side))
     dev = ids.device
-    B = ids.shape[0]
-    lens = attn.sum(1)
-    plen = prefix_lengths(side)
-    group, reps = prefix_groups(side, plen)
-    gidx = torch.tensor(group, device=dev)
-    G = len(reps)
-    C = common_prefix_length(side, plen)
-    cache = None
-    if C > 0:  # the prefix every row shares, once
-        _, cache = _decode(decoder, input_ids=ids[:1, :C])
-        cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=dev))
-    # the distinct prompts' remainders, right-padded, after the common prefix
-    rem_len = plen[reps] - C
-    R = int(rem_len.max())
-    ar = torch.arange(R, device=dev)
-    rem_mask = (ar[None, :] < rem_len[:, None]).long()
-    rem_ids = torch.where(rem_mask.bool(), ids[reps, C : C + R], torch.full_like(rem_mask, pad_id))
-    common = torch.ones(G, C, dtype=torch.long, device=dev)
-    h_pre, cache = _decode(
-        decoder,
-        cache,
-        input_ids=rem_ids,
-        attention_mask=torch.cat([common, rem_mask], 1),
-        position_ids=(C + ar)[None, :].expand(G, R),
-    )  # [G, R, H]
-    # the prompt's last token predicts the first generated token
-    last = h_pre[gidx, plen - 1 - C]  # [B, H]
-    first_pred = pred[torch.arange(B, device=dev), plen - 1]
-    slen = lens - plen
-    S = int(slen.max())
-    if S == 0:
-        return last[first_pred]
-    # every row's suffix, right-padded; its positions continue its own prompt
-    sar = torch.arange(S, device=dev)
-    suf_mask = sar[None, :] < slen[:, None]
-    src = (plen[:, None] + sar[None, :]).clamp(max=ids.shape[1] - 1)
-    suf_ids = torch.where(suf_mask, ids.gather(1, src), torch.full_like(src, pad_id))
-    suf_pred = pred.gather(1, src) & suf_mask
-    cache.batch_select_indices(gidx)  # repeat each prompt's keys/values for its rows
-    h_suf, _ = _decode(
-        decoder,
-        cache,
-        input_ids=suf_ids,
-        attention_mask=torch.cat([common[gidx], rem_mask[gidx], suf_mask.long()], 1),
-        position_ids=plen[:, None] + sar[None, :],
-    )  # [B, S, H]
-    h = torch.cat([last[:, None], h_suf], 1)
-    keep = torch.cat([first_pred[:, None], suf_pred], 1)
-    return h[keep]
+    dtype = decoder.get_input_embeddings().weight.dtype
+    h = decoder(
+        input_ids=torch.tensor([toks], device=dev),
+        attention_mask=tree_mask(seg, parent, dtype, dev),
+        position_ids=torch.tensor([pos], device=dev),
+        use_cache=False,
+    ).last_hidden_state[0]
+    return h[torch.tensor(rows, dtype=torch.long, device=dev)]
 
 
 # ---------------------------------------------------------------- the KL against a cache
@@ -449,5 +457,7 @@ __all__ = [
     "prefix_groups",
     "prefix_lengths",
     "prefix_reuse_hidden",
+    "prefix_tree",
     "topk_kl",
+    "tree_mask",
 ]
