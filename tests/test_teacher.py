@@ -30,6 +30,7 @@ from promptbake.teacher import (
     prefix_lengths,
     prefix_reuse_hidden,
     topk_kl,
+    tree_mask,
 )
 from promptbake.train import (
     add_lora,
@@ -366,3 +367,26 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
     # a row without kept log-probs (e.g. written by an earlier, resumed run): no cache
     del kept[(rows[4]["question_index"], rows[4]["sample_index"])]
     assert cache_from_generation(rows, kept) is None
+
+
+def test_packing_is_chosen_only_where_it_saves_flops(tiny_model, chatml_tok, monkeypatch):
+    from promptbake import teacher
+    from promptbake.tiny import qwen3_1_7b_config
+
+    qwen = qwen3_1_7b_config()
+    # short answers (the CPU demo): packing wins; the seed's Example 1 (10 x 400 tokens,
+    # distinct prompts): dense attention over 4,000 packed tokens would cost more
+    assert teacher.packing_pays(qwen, 300, 8, 78)
+    assert not teacher.packing_pays(qwen, 3973, 10, 400)
+    # the tests above really ran the packed path (and a forced plain one agrees)
+    calls = []
+    monkeypatch.setattr(teacher, "tree_mask", lambda *a: calls.append(1) or tree_mask(*a))
+    side = collate(make_rows(chatml_tok), 0).unprompted
+    dec = base_of(tiny_model).get_decoder()
+    with torch.no_grad():
+        packed = teacher.prefix_reuse_hidden(dec, side)
+        assert calls == [1]
+        monkeypatch.setattr(teacher, "packing_pays", lambda *a: False)
+        plain = teacher.prefix_reuse_hidden(dec, side)
+    assert calls == [1]
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)

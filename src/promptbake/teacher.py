@@ -147,6 +147,23 @@ def tree_mask(seg: list[int], parent: list[int], dtype: torch.dtype, device) -> 
     return mask[None, None].to(device)
 
 
+def packing_pays(config, packed: int, rows: int, width: int) -> bool:
+    """Whether one packed sequence of `packed` tokens costs fewer FLOPs than `rows`
+    right-padded rows of `width` tokens: the linear layers scale with the token count,
+    attention with the squared length (the packed sequence attends densely under its
+    mask). Short answers and long shared prompts favour packing; long answers (hundreds
+    of tokens, the seed's Example 1) do not."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    linear = 2 * (2 * h * heads * head_dim + 2 * h * kv + 3 * h * config.intermediate_size)
+    attention = 4 * heads * head_dim  # per (query, key) pair
+    cost_packed = packed * linear + packed**2 * attention
+    cost_padded = rows * width * linear + rows * width**2 * attention
+    return cost_packed < cost_padded
+
+
 def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
     """Final hidden states [N, H] at the rows that predict generated tokens, running
     every shared prompt prefix once; the same rows, in the same order, as
@@ -158,13 +175,20 @@ def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
     mask (:func:`tree_mask`) and each token's own position. Every token sees exactly
     what it sees in a plain forward of its row, so the result equals it up to float
     rounding (tests: 1e-5); under autograd (the student) a shared prefix receives the
-    summed gradient of every row that reads it. Attention implementations that take no
-    4D mask (flash-attention) get the plain forward instead.
+    summed gradient of every row that reads it. It falls back to the plain padded
+    forward (still one call) where that is cheaper (:func:`packing_pays`) or where the
+    attention implementation takes no 4D mask (flash-attention).
     """
     ids, attn, pred = side.input_ids, side.attention_mask, side.pred_mask.bool()
-    if decoder.config._attn_implementation not in ("sdpa", "eager") or ids.shape[0] == 0:
+
+    def plain() -> torch.Tensor:
         return decoder(input_ids=ids, attention_mask=attn).last_hidden_state[pred]
+
+    if decoder.config._attn_implementation not in ("sdpa", "eager") or ids.shape[0] == 0:
+        return plain()
     toks, pos, seg, parent, rows = prefix_tree(side, prefix_lengths(side))
+    if not packing_pays(decoder.config, len(toks), *ids.shape):
+        return plain()
     dev = ids.device
     dtype = decoder.get_input_embeddings().weight.dtype
     h = decoder(
@@ -456,6 +480,7 @@ __all__ = [
     "kl_rows",
     "prefix_groups",
     "prefix_lengths",
+    "packing_pays",
     "prefix_reuse_hidden",
     "prefix_tree",
     "topk_kl",
