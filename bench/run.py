@@ -48,16 +48,25 @@ README = ROOT / "bench" / "README.md"
 # at generated positions only and the chunked KL.
 EXACT = {"teacher_cache": "exact", "prefix_reuse": True}
 KEPT = "kept"  # pseudo-flag: train with the exact teacher cache kept from generation
+OFF = {"prefix_reuse": False}  # on by default in promptbake train; off in "plain"
 VARIANTS: list[tuple[str, str, dict]] = [
-    ("plain", "logits at generated positions + fused chunked KL (always on)", {}),
-    ("+bucketing", "plain + length bucketing", {"length_bucketing": True}),
+    ("plain", "logits at generated positions + fused chunked KL (always on)", OFF),
+    ("+bucketing", "plain + length bucketing", {**OFF, "length_bucketing": True}),
     (
         "+prefix_reuse",
         "plain + shared prefixes run once per batch (teacher and student)",
         {"prefix_reuse": True},
     ),
-    ("+cache_exact", "plain + exact teacher cache (a teacher pass)", {"teacher_cache": "exact"}),
-    ("+cache_topk", "plain + top-k teacher cache (approximate)", {"teacher_cache": "topk"}),
+    (
+        "+cache_exact",
+        "plain + exact teacher cache (a teacher pass)",
+        {**OFF, "teacher_cache": "exact"},
+    ),
+    (
+        "+cache_topk",
+        "plain + top-k teacher cache (approximate)",
+        {**OFF, "teacher_cache": "topk"},
+    ),
     ("+cache_exact+prefix", "plain + exact teacher cache + prefix reuse", EXACT),
     # "ours" keeps only exact speed-ups, so its held-out KL is the original's up to rounding
     ("ours", "prefix reuse + exact teacher cache kept from generation", {**EXACT, KEPT: True}),

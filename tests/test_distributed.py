@@ -163,6 +163,7 @@ def one_process_training(reference, tiny_model_dir, tmp_path_factory):
         r=4,
         lora_alpha=8.0,
         plot=False,
+        prefix_reuse=False,  # the plain padded forward: the FSDP run packs, for a cross-check
     )
     _, metrics = train.train(cfg, echo=False)
     assert metrics[-1]["val_kl"] < metrics[0]["val_kl"]  # it trained

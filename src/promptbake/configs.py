@@ -196,7 +196,7 @@ class TrainConfig(LoraArgs, ModelArgs):
     teacher_topk: int = opt(64, "log-probs kept per token by --teacher_cache topk")
     teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
     prefix_reuse: bool = opt(
-        False,
+        True,
         "run each shared prompt prefix once per batch, for teacher and student: the batch "
         "becomes one packed sequence (the prefix every row shares, each distinct prompt once, "
         "then the answers; no padding) under a tree attention mask; exact",
