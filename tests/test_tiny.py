@@ -475,7 +475,9 @@ def test_qwen3_1_7b_config():
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (2048, 6144, 28)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (16, 8, 128)
     assert cfg.max_position_embeddings == 40960
-    assert cfg.rope_parameters["rope_theta"] == 1_000_000
+    # transformers 5: rope_parameters; 4.x: a top-level rope_theta
+    theta = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
+    assert theta["rope_theta"] == 1_000_000
     assert cfg.rms_norm_eps == 1e-6
     assert cfg.tie_word_embeddings is True
     assert (cfg.vocab_size, cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == (

@@ -173,6 +173,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         if kind == "hub":
             raise _hub_error(name, e) from e
         raise UserError(f"could not load the tokenizer of {name}: {e}") from e
+    # transformers 4.x converts SmolLM2's GGUF with eos = <|im_start|> (the GGUF's bos):
+    # a ChatML turn ends with <|im_end|>, and an eos that opens turns is never right
+    if tok.eos_token == "<|im_start|>" and "<|im_end|>" in tok.get_vocab():
+        tok.eos_token = "<|im_end|>"
     # Padding is always explicit (we build attention masks from real lengths), so
     # pad == eos is harmless here, unlike in the original scripts.
     if tok.pad_token is None:

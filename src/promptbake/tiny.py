@@ -393,6 +393,9 @@ def chatml_tokenizer(kind: str = "tiny") -> transformers.PreTrainedTokenizerFast
         model_max_length=_MAX_POSITIONS,
         clean_up_tokenization_spaces=False,
         chat_template=QWEN3_STYLE_CHAT_TEMPLATE,
+        # as Qwen's tokenizer: no token_type_ids (transformers 4.x would return them, and
+        # generate() refuses them for a decoder-only model)
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 
