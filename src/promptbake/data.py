@@ -226,3 +226,17 @@ def generated_ids(rec: dict, nosys: bool = False) -> list[int]:
     suffix = "_nosys" if nosys else ""
     ids, mask = rec["input_ids" + suffix], rec["generated_text_mask" + suffix]
     return [i for i, m in zip(ids, mask) if m]
+
+
+def group_identical(keys: list) -> tuple[list[int], list[int]]:
+    """(group of each item, first item of each group): equal keys form one group, the
+    groups numbered in order of first appearance. Shared prompts are found this way in
+    generation (generate.shared_prefill) and in training (teacher.prefix_groups)."""
+    seen: dict = {}
+    group, reps = [], []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen[key] = len(reps)
+            reps.append(i)
+        group.append(seen[key])
+    return group, reps

@@ -39,6 +39,7 @@ from .chat import encode, format_prompt
 from .configs import GenerateConfig
 from .data import (
     atomic_write,
+    group_identical,
     make_trajectory,
     meta_path,
     read_prompt,
@@ -134,13 +135,8 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     """
     if ids.shape[1] < 2:
         return None
-    seen: dict[tuple[int, ...], int] = {}
-    group, reps = [], []  # each row's distinct prompt; each distinct prompt's first row
-    for i, row in enumerate(ids.tolist()):
-        if tuple(row) not in seen:
-            seen[tuple(row)] = len(reps)
-            reps.append(i)
-        group.append(seen[tuple(row)])
+    # each row's distinct prompt; each distinct prompt's first row
+    group, reps = group_identical([tuple(row) for row in ids.tolist()])
     if len(reps) == ids.shape[0]:
         return None
     pre, pre_mask = ids[reps, :-1], mask[reps, :-1]

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .data import group_identical
 from .errors import warn
 from .loss import can_fuse, fused_kl, token_kl
 
@@ -66,15 +67,7 @@ def prefix_groups(side, plen: torch.Tensor) -> tuple[list[int], list[int]]:
     """(group of each row, representative row of each group): rows whose prompts are
     token for token identical form one group."""
     ids = side.input_ids.tolist()
-    seen: dict[tuple[int, ...], int] = {}
-    group, reps = [], []
-    for i, n in enumerate(plen.tolist()):
-        key = tuple(ids[i][:n])
-        if key not in seen:
-            seen[key] = len(reps)
-            reps.append(i)
-        group.append(seen[key])
-    return group, reps
+    return group_identical([tuple(row[:n]) for row, n in zip(ids, plen.tolist())])
 
 
 def common_prefix_length(side, plen: torch.Tensor) -> int:
