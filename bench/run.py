@@ -199,7 +199,8 @@ def original_load(job: Job) -> dict:
 
 
 def heldout(model, tok, val_rows: list[dict], chunk: int, adapter: bool = True) -> float:
-    from promptbake.train import evaluate_kl, make_batches
+    from promptbake.batches import make_batches
+    from promptbake.objective import evaluate_kl
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return evaluate_kl(model, make_batches(val_rows, 8, pad, None), chunk, adapter)["kl"]
@@ -226,11 +227,12 @@ def add_rates(d: dict, tokens: int) -> dict:
 # ---------------------------------------------------------------- the CPU job
 def run_cpu(job: Job, workdir: Path) -> dict:
     from bench.original import generate_original, train_original
+    from promptbake.batches import bucket_order
     from promptbake.configs import GenerateConfig, TrainConfig
     from promptbake.data import read_prompt, read_questions, read_trajectories
     from promptbake.generate import generate_trajectories, select_questions
     from promptbake.teacher import cache_from_generation
-    from promptbake.train import bucket_order, train
+    from promptbake.train import train
 
     res: dict = {"job": dataclasses.asdict(job), "load_before": loadavg()}
     torch.manual_seed(job.seed)

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptbake import checkpoint, distributed, train
-from promptbake.configs import GenerateConfig, TrainConfig
+from promptbake import batches, checkpoint, distributed, objective, train
+from promptbake.configs import GenerateConfig, LoraArgs, TrainConfig
 from promptbake.data import read_prompt, read_trajectories, write_json
 from promptbake.errors import UserError
 from promptbake.generate import _resume_key, run_generate
@@ -269,7 +269,7 @@ def test_fsdp_is_refused_without_torchrun(tmp_path, monkeypatch):
 def test_idle_batch_runs_one_row_and_predicts_nothing(reference):
     d, cfg = reference
     tok = load_tokenizer(cfg.model_name)
-    b = train.collate(read_trajectories(d / "one.jsonl")[:3], tok.pad_token_id)
+    b = batches.collate(read_trajectories(d / "one.jsonl")[:3], tok.pad_token_id)
     idle = distributed.idle_batch(b)
     for side, full in ((idle.prompted, b.prompted), (idle.unprompted, b.unprompted)):
         assert torch.equal(side.input_ids, full.input_ids[:1])
@@ -302,7 +302,7 @@ def test_token_weighted_shares_give_the_global_batch_gradient(reference, monkeyp
     from promptbake.models import load_model
 
     model, tok = load_model(cfg.model_name, "cpu", "float32")
-    model = train.add_lora(model, train.LoraArgs(r=4, lora_alpha=8.0))
+    model = train.add_lora(model, LoraArgs(r=4, lora_alpha=8.0))
     with torch.no_grad():  # a non-zero B, so every LoRA weight gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -318,11 +318,11 @@ def test_token_weighted_shares_give_the_global_batch_gradient(reference, monkeyp
         for r in range(world):
             monkeypatch.setenv("RANK", str(r))
             monkeypatch.setenv("WORLD_SIZE", str(world))
-            shares.append(train.make_batches(rows, 4, pad, None, order, shard=world > 1))
+            shares.append(batches.make_batches(rows, 4, pad, None, order, shard=world > 1))
         n_glob = [sum(s[i].num_tokens for s in shares if s[i] is not None) for i in range(2)]
         for s in shares:
             b = s[0]  # the first global batch; rank 1's share of the 1-row second one is None
-            kl, _ = train.batch_kl(model, b)
+            kl, _ = objective.batch_kl(model, b)
             (kl.sum() / n_glob[0]).backward()  # the sum over ranks = all_reduce_grads
         assert [s[1] is None for s in shares] == [False] + [True] * (world - 1)
         return [p.grad.clone() for p in params]

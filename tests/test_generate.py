@@ -15,18 +15,13 @@ import stat
 import pytest
 import torch
 
-from promptbake import __version__, generate, tiny
+from promptbake import __version__, engine_hf, generate, tiny
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import GenerateConfig
 from promptbake.data import TRAJECTORY_KEYS, generated_ids, read_meta
+from promptbake.engine_hf import cut_at_end_of_turn, left_pad, sample_batch
 from promptbake.errors import UserError
-from promptbake.generate import (
-    cut_at_end_of_turn,
-    generate_trajectories,
-    left_pad,
-    plan_batches,
-    sample_batch,
-)
+from promptbake.generate import generate_trajectories, plan_batches
 from promptbake.models import end_of_turn_ids, tokenizer_fingerprint
 
 X0 = "You are a pirate. Answer like one."
@@ -270,8 +265,8 @@ def test_meta_sidecar(chatml_tok, tiny_model, tmp_path):
 
 # ---------------------------------------------------------------- resuming
 def interrupt_on_batch(monkeypatch, n: int):
-    """Make the n-th sample_batch call (1-based) raise KeyboardInterrupt."""
-    real = generate.sample_batch
+    """Make the n-th sampling call (1-based) raise KeyboardInterrupt."""
+    real = generate.sample
     calls = []
 
     def flaky(*a, **kw):
@@ -280,7 +275,7 @@ def interrupt_on_batch(monkeypatch, n: int):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(generate, "sample_batch", flaky)
+    monkeypatch.setattr(generate, "sample", flaky)
     return calls
 
 
@@ -336,25 +331,26 @@ def test_shared_prefill_gives_the_samples_of_a_plain_call(chatml_tok, peaky_mode
     prompts = [p for p in prompts_for(chatml_tok) for _ in range(3)]  # 3 samples each
     kw = dict(pad_id=0, eot_ids=[], max_new_tokens=6, do_sample=True, temperature=1.0)
     ids, mask = left_pad(prompts, 0)
-    cache = generate.shared_prefill(peaky_model, ids, mask)
+    cache = engine_hf.shared_prefill(peaky_model, ids, mask)
     assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
     torch.manual_seed(3)
     shared = sample_batch(peaky_model, prompts, **kw)
-    monkeypatch.setattr(generate, "shared_prefill", lambda *a: None)
+    monkeypatch.setattr(engine_hf, "shared_prefill", lambda *a: None)
     torch.manual_seed(3)
     plain = sample_batch(peaky_model, prompts, **kw)
     assert shared == plain
     assert len({tuple(s) for s in shared}) > 3  # really sampled: samples of a prompt differ
     # distinct prompts: nothing to share
     ids1, mask1 = left_pad(prompts_for(chatml_tok), 0)
-    assert generate.shared_prefill(peaky_model, ids1, mask1) is None
+    assert engine_hf.shared_prefill(peaky_model, ids1, mask1) is None
 
 
 def test_logprobs_kept_while_sampling_are_the_teachers(chatml_tok, tiny_model):
     """The raw log-probs generate() computed at each kept token equal a separate
     teacher pass over the finished trajectories, whatever temperature sampled them."""
+    from promptbake.batches import collate
     from promptbake.data import make_trajectory
-    from promptbake.train import collate, selected_hidden
+    from promptbake.forward import selected_hidden
 
     im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
     prompts = [p for p in prompts_for(chatml_tok) for _ in range(2)]

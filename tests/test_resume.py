@@ -4,7 +4,7 @@
 
 Everything runs on the tiny random Qwen3 (``tiny_model_dir``). Two tests kill a real
 ``promptbake`` subprocess with SIGKILL and finish the run in-process; the rest interrupt
-training in-process (a KeyboardInterrupt or a NaN injected into ``train.batch_kl``).
+training in-process (a KeyboardInterrupt or a NaN injected into ``objective.batch_kl``).
 Comparisons run single-threaded so that float sums do not depend on thread splits.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptbake import checkpoint, train
+from promptbake import checkpoint, objective, train
 from promptbake.cli import main as cli_main
 from promptbake.configs import GenerateConfig, TrainConfig
 from promptbake.errors import UserError
@@ -144,8 +144,8 @@ def baseline(tiny_model_dir, trajectories, tmp_path_factory):
 
 
 def patch_batch_kl(monkeypatch, at_call: int, action: str) -> None:
-    """Make the `at_call`-th training call of train.batch_kl raise KeyboardInterrupt or return NaN."""
-    real = train.batch_kl
+    """Make the `at_call`-th training call of objective.batch_kl raise KeyboardInterrupt or return NaN."""
+    real = objective.batch_kl
     calls = [0]
 
     def fake(model, batch, *a, **kw):
@@ -158,7 +158,7 @@ def patch_batch_kl(monkeypatch, at_call: int, action: str) -> None:
                 kl = kl * float("nan")
         return kl, per_seq
 
-    monkeypatch.setattr(train, "batch_kl", fake)
+    monkeypatch.setattr(objective, "batch_kl", fake)
 
 
 # ---------------------------------------------------------------- generation

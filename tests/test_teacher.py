@@ -14,33 +14,25 @@ import copy
 import pytest
 import torch
 
+from promptbake import objective
 from promptbake import train as train_mod
+from promptbake.batches import (
+    bucket_order,
+    collate,
+    common_prefix_length,
+    prefix_groups,
+    prefix_lengths,
+    tree_mask,
+)
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import TrainConfig
 from promptbake.data import make_trajectory
 from promptbake.errors import UserError
-from promptbake.loss import token_kl
-from promptbake.teacher import (
-    build_teacher_cache,
-    cache_from_generation,
-    cache_order,
-    cached_kl,
-    common_prefix_length,
-    prefix_groups,
-    prefix_lengths,
-    prefix_reuse_hidden,
-    topk_kl,
-    tree_mask,
-)
-from promptbake.train import (
-    add_lora,
-    backward_kl,
-    base_of,
-    batch_kl,
-    bucket_order,
-    collate,
-    selected_hidden,
-)
+from promptbake.forward import base_of, prefix_reuse_hidden, selected_hidden
+from promptbake.loss import cached_kl, token_kl, topk_kl
+from promptbake.objective import backward_kl, batch_kl
+from promptbake.teacher import build_teacher_cache, cache_from_generation, cache_order
+from promptbake.train import add_lora
 
 QUESTIONS = ["What is your name?", "Where do rivers go?", "Why is the sky blue today?"]
 
@@ -231,21 +223,21 @@ def test_oom_backoff_gives_the_same_gradient(tiny_model, chatml_tok, monkeypatch
     assert parts == 1
     g = lora_grads(m)
     m.zero_grad()
-    real = train_mod.batch_kl
+    real = objective.batch_kl
 
     def flaky(model, batch, *a, **k):  # "out of memory" above two rows per pass
         if batch.prompted.input_ids.shape[0] > 2:
             raise torch.cuda.OutOfMemoryError("fake")
         return real(model, batch, *a, **k)
 
-    monkeypatch.setattr(train_mod, "batch_kl", flaky)
+    monkeypatch.setattr(objective, "batch_kl", flaky)
     kl2, per_seq2, parts2 = backward_kl(m, b, 4)
     assert parts2 == 4  # 1 -> 2 (3 rows: still too many) -> 4
     torch.testing.assert_close(kl2, kl, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(per_seq2, per_seq, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lora_grads(m), g, atol=1e-6, rtol=1e-4)
     monkeypatch.setattr(
-        train_mod, "batch_kl", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError())
+        objective, "batch_kl", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError())
     )
     with pytest.raises(UserError, match="out of memory even with one trajectory"):
         backward_kl(m, b, 4)
@@ -370,23 +362,23 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
 
 
 def test_packing_is_chosen_only_where_it_saves_flops(tiny_model, chatml_tok, monkeypatch):
-    from promptbake import teacher
+    from promptbake import batches, forward
     from promptbake.tiny import qwen3_1_7b_config
 
     qwen = qwen3_1_7b_config()
     # short answers (the CPU demo): packing wins; the seed's Example 1 (10 x 400 tokens,
     # distinct prompts): dense attention over 4,000 packed tokens would cost more
-    assert teacher.packing_pays(qwen, 300, 8, 78)
-    assert not teacher.packing_pays(qwen, 3973, 10, 400)
+    assert batches.packing_pays(qwen, 300, 8, 78)
+    assert not batches.packing_pays(qwen, 3973, 10, 400)
     # the tests above really ran the packed path (and a forced plain one agrees)
     calls = []
-    monkeypatch.setattr(teacher, "tree_mask", lambda *a: calls.append(1) or tree_mask(*a))
+    monkeypatch.setattr(forward, "tree_mask", lambda *a: calls.append(1) or tree_mask(*a))
     side = collate(make_rows(chatml_tok), 0).unprompted
     dec = base_of(tiny_model).get_decoder()
     with torch.no_grad():
-        packed = teacher.prefix_reuse_hidden(dec, side)
+        packed = forward.prefix_reuse_hidden(dec, side)
         assert calls == [1]
-        monkeypatch.setattr(teacher, "packing_pays", lambda *a: False)
-        plain = teacher.prefix_reuse_hidden(dec, side)
+        monkeypatch.setattr(forward, "packing_pays", lambda *a: False)
+        plain = forward.prefix_reuse_hidden(dec, side)
     assert calls == [1]
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)

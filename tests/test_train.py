@@ -19,13 +19,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from promptbake import tiny, train
+from promptbake import objective, tiny, train
+from promptbake.batches import collate
 from promptbake.chat import encode, format_prompt
 from promptbake.cli import main
 from promptbake.configs import LoraArgs, TrainConfig
 from promptbake.data import make_trajectory
+from promptbake.forward import adapter_disabled
 from promptbake.loss import masked_kl
-from promptbake.train import adapter_disabled, add_lora, batch_kl, collate, evaluate_kl
+from promptbake.objective import batch_kl, evaluate_kl
+from promptbake.train import add_lora
 
 X0 = "You are a pirate. Answer like one."
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number."]
@@ -182,14 +185,14 @@ def test_validation_builds_no_graph(chatml_tok, monkeypatch):
     model = add_lora(tiny.tiny_qwen3(chatml_tok), LoraArgs(r=4))
     batches = [collate(records(chatml_tok), chatml_tok.pad_token_id)]
     seen = []
-    real = train.batch_kl
+    real = objective.batch_kl
 
     def spy(*a, **kw):
         out = real(*a, **kw)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(train, "batch_kl", spy)
+    monkeypatch.setattr(objective, "batch_kl", spy)
     result = evaluate_kl(model, batches)
     assert len(seen) == 1
     kl, per_seq = seen[0]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import adapter_dir, load_adapter, run_file, set_adapter_scale
+from .batches import Side, make_batches
 from .chat import encode, format_prompt
 from .configs import ModelArgs, opt, require
 from .data import (
@@ -51,8 +52,9 @@ from .data import (
 )
 from .errors import UserError
 from .evaluate import heldout_kl
+from .forward import adapter_disabled, base_of, selected_hidden
 from .report import format_table
-from .train import Side, adapter_disabled, base_of, check_fingerprint, make_batches, selected_hidden
+from .train import check_fingerprint
 
 # condition -> (which side of the trajectory, adapter on?)
 CONDITIONS: dict[str, tuple[str, bool]] = {

@@ -19,6 +19,7 @@ from typing import Any
 from .distributed import world_size
 from .errors import UserError
 from .models import DEFAULT_MODEL
+from .sampling import engine_names
 
 
 def opt(default: Any, help: str, *aliases: str, choices: list | None = None) -> Any:
@@ -118,6 +119,12 @@ class GenerateConfig(ModelArgs):
         choices=["dynamic", "static"],
     )
     compile: bool = opt(True, "with --cache_implementation static on CUDA: torch.compile decoding")
+    engine: str = opt(
+        "auto",
+        "sampling engine (sampling.py): auto picks the fastest for the device; hf is "
+        "transformers' generate",
+        choices=engine_names(),
+    )
 
     def validate(self) -> None:
         require(self.x0_file is not None, "--x0_file is required (the prompt to bake)")
@@ -185,7 +192,7 @@ class TrainConfig(LoraArgs, ModelArgs):
         "continue from <out_dir>/checkpoint (adapter, optimizer, scheduler, RNG, epoch, best "
         "validation), written after every epoch; starts fresh if there is none",
     )
-    # speed-ups (teacher.py, train.py); each can be switched off for the benchmark
+    # speed-ups (teacher.py, forward.py); each can be switched off for the benchmark
     teacher_cache: str = opt(
         "off",
         "cache the teacher's log-probs at the generated tokens once, before epoch 1: exact "

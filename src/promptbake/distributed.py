@@ -15,7 +15,7 @@ every helper here is a no-op for one process, so the stages run unchanged in a p
 Why training all-reduces LoRA gradients by hand instead of wrapping the model in
 DistributedDataParallel: each step runs the same peft model twice, the teacher with
 the adapter disabled under no_grad and the student with it enabled, both by calling the
-decoder directly (train.selected_hidden) and with checkpointed KL chunks. DDP's reducer
+decoder directly (forward.selected_hidden) and with checkpointed KL chunks. DDP's reducer
 hooks only the wrapper's forward and assumes one forward per backward, so it would
 either miss the student pass or need find_unused_parameters and still fight the
 checkpointing. The trainable LoRA weights are small (r=32 on Qwen3-1.7B's attention:
@@ -262,7 +262,7 @@ def is_sharded(model) -> bool:
 
 
 def idle_batch(batch: T) -> T:
-    """The first row of `batch` (a train.Batch), predicting no token.
+    """The first row of `batch` (a batches.Batch), predicting no token.
 
     Under FSDP a process with nothing to do in a pass runs this instead: the decoder
     runs on one row, so the process takes part in every layer's collectives, and the

@@ -18,10 +18,12 @@ import textwrap
 import torch
 from tqdm.auto import tqdm
 
+from .batches import make_batches
 from .chat import encode, format_prompt
-from .generate import sample_batch
+from .forward import adapter_disabled
 from .models import end_of_turn_ids
-from .train import adapter_disabled, evaluate_kl, make_batches
+from .objective import evaluate_kl
+from .sampling import Sampling, sample
 
 
 @torch.no_grad()
@@ -37,6 +39,7 @@ def answer(
     temperature: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    engine: str = "auto",
 ) -> list[str]:
     """Answer each question (greedy unless `temperature` is set), with or without the system
     prompt and with or without the adapter. Returns the decoded answers, in order."""
@@ -51,24 +54,20 @@ def answer(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     eot = end_of_turn_ids(tokenizer, model)
-    sampling = (
-        {"do_sample": True, "temperature": temperature}
-        if temperature
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
+    settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     ctx = contextlib.nullcontext() if adapter else adapter_disabled(model)
     torch.manual_seed(seed)
     with ctx:
         for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="answering"):
             idx = order[i : i + batch_size]
-            gens = sample_batch(
+            gens = sample(
                 model,
                 [prompts[j] for j in idx],
+                settings,
                 pad_id=tokenizer.pad_token_id,
                 eot_ids=eot,
-                max_new_tokens=max_new_tokens,
-                **sampling,
-            )
+                engine=engine,
+            ).new_ids
             for j, g in zip(idx, gens):
                 out[j] = tokenizer.decode(g, skip_special_tokens=True).strip()
     return out

@@ -25,6 +25,7 @@ of two (the same trick as fused linear + cross-entropy kernels).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -154,3 +155,93 @@ def fused_kl(
     if student_hidden.shape[0] == 0:
         return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
     return _FusedKL.apply(student_hidden, weight.detach(), teacher_logp, chunk_size)
+
+
+# ---------------------------------------------------------------- cached teacher targets
+@dataclass
+class TeacherTarget:
+    """The teacher's distributions at a batch's KL rows, in the batch's row order.
+
+    exact: ``logp`` [n, V] log-probabilities. top-k: ``logp`` [n, k] top-k
+    log-probabilities, ``idx`` [n, k] their token ids, ``log_tail`` [n] log of the
+    teacher's mass outside them (-inf when there is none).
+    """
+
+    logp: torch.Tensor
+    idx: torch.Tensor | None = None
+    log_tail: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.logp.shape[0]
+
+    def to(self, device) -> TeacherTarget:
+        return TeacherTarget(*(None if t is None else t.to(device) for t in self._parts()))
+
+    def slice(self, start: int, stop: int) -> TeacherTarget:
+        return TeacherTarget(*(None if t is None else t[start:stop] for t in self._parts()))
+
+    def _parts(self) -> tuple:
+        return (self.logp, self.idx, self.log_tail)
+
+
+def topk_kl(
+    logp: torch.Tensor, idx: torch.Tensor, log_tail: torch.Tensor, student_logits: torch.Tensor
+) -> torch.Tensor:
+    """KL between teacher and student with everything outside the teacher's top-k
+    merged into one "tail" bin (an approximation and a lower bound of the full KL).
+
+    Shapes: [n, k], [n, k], [n], [n, V] -> [n]. Exact when ``log_tail`` is -inf.
+    """
+    s = student_logits.float().log_softmax(-1)
+    s_top = s.gather(1, idx.long())
+    p = logp.exp()
+    head = (p * (logp - s_top)).sum(-1)
+    # student mass outside the teacher's top-k, in log space; clamped so an (almost)
+    # empty tail gives a finite value and a zero gradient instead of log(0)
+    log_q_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, -1))).clamp(min=1e-30))
+    p_tail = log_tail.exp()
+    tail = torch.where(p_tail > 0, p_tail * (log_tail - log_q_tail), torch.zeros_like(p_tail))
+    return head + tail
+
+
+def _cached_chunk_kl(head: Callable, s_hidden, logp, idx, log_tail) -> torch.Tensor:
+    # The target may live on the CPU: it moves to the device here, one chunk at a time,
+    # so checkpointing keeps only the CPU views, not every chunk's copy on the device.
+    dev = s_hidden.device
+    logp, idx, log_tail = (None if t is None else t.to(dev) for t in (logp, idx, log_tail))
+    s_logits = head(s_hidden)
+    if idx is None:
+        return token_kl(logp, s_logits)  # log-probs are valid logits: the same maths
+    return topk_kl(logp, idx, log_tail, s_logits)
+
+
+def cached_kl(
+    target: TeacherTarget,
+    student_hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Per-row KL [N] of the student (hidden states [N, H] through `head`) against a
+    cached teacher; chunked like ``loss.chunked_kl`` (fused for an exact cache and a
+    frozen linear head, checkpointed otherwise)."""
+    if len(target) != student_hidden.shape[0]:
+        raise ValueError(f"{len(target)} cached teacher rows for {student_hidden.shape[0]} rows")
+    if student_hidden.shape[0] == 0:
+        return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
+    if target.idx is None and can_fuse(head):
+        dev = student_hidden.device
+
+        def teacher_logp(i: int, j: int) -> torch.Tensor:
+            return target.logp[i:j].to(dev, torch.float32)
+
+        return fused_kl(student_hidden, head.weight, teacher_logp, chunk_size)
+    grad = torch.is_grad_enabled() and student_hidden.requires_grad
+    out = []
+    for i in range(0, student_hidden.shape[0], chunk_size):
+        t = target.slice(i, i + chunk_size)
+        args = (head, student_hidden[i : i + chunk_size], t.logp, t.idx, t.log_tail)
+        if grad:
+            out.append(checkpoint(_cached_chunk_kl, *args, use_reentrant=False))
+        else:
+            out.append(_cached_chunk_kl(*args))
+    return torch.cat(out)

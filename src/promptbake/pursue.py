@@ -38,15 +38,17 @@ import torch
 
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
 from .bake import BakeConfig, bake, split_questions
+from .batches import make_batches
 from .configs import opt, require
 from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
 from .evaluate import answer, heldout_kl
+from .forward import adapter_disabled, base_of, selected_hidden
 from .generate import generate_trajectories, select_questions
 from .loss import token_kl
 from .models import load_model
 from .report import format_table, pct
 from .scorers import marker, score_all
-from .train import adapter_disabled, base_of, make_batches, prepare_out_dir, selected_hidden, train
+from .train import prepare_out_dir, train
 
 
 @dataclass
@@ -73,7 +75,7 @@ def cross_model_kl(
 ) -> float:
     """Per-token KL(teacher WITH prompt || student WITHOUT prompt) for two different models.
 
-    train.batch_kl needs teacher and student inside one model (adapter off / on); here
+    objective.batch_kl needs teacher and student inside one model (adapter off / on); here
     the teacher is the original base model and the student a stack of merged rounds.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

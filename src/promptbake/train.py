@@ -28,7 +28,7 @@ writes files. ``--fsdp true`` also shards the model's layers across them (FSDP2)
 Speed-ups, each a switch (measured in bench/README.md): --teacher_cache computes the
 frozen teacher once instead of every epoch (``promptbake bake`` keeps it from
 generation, so the teacher never runs), --prefix_reuse runs each shared prompt
-prefix once per batch, for teacher and student (both in teacher.py),
+prefix once per batch, for teacher and student (forward.py),
 --length_bucketing batches similar lengths, --gradient_checkpointing trades compute for
 memory; on CUDA out-of-memory a step is redone in row slices with the same gradient
 (backward_kl) instead of crashing.
@@ -36,7 +36,6 @@ memory; on CUDA out-of-memory a step is redone in row slices with the same gradi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -44,7 +43,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -52,279 +50,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
+from .batches import bucket_order, collate, make_batches
 from .configs import LoraArgs, TrainConfig
 from .data import read_meta, read_trajectories, write_json, write_jsonl
 from .errors import UserError, warn
-from .loss import chunked_kl
+from .forward import base_of
 from .models import load_model, load_tokenizer, tokenizer_fingerprint
-from .teacher import (
-    TeacherCache,
-    TeacherTarget,
-    build_teacher_cache,
-    cached_kl,
-    prefix_reuse_hidden,
-)
-
-
-# ---------------------------------------------------------------- batches
-@dataclass
-class Side:
-    """One side (prompted or unprompted) of a batch, right-padded."""
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    pred_mask: torch.Tensor  # [B, L] True on rows whose logits predict a generated token
-
-    def to(self, device) -> Side:
-        return Side(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.pred_mask)))
-
-
-@dataclass
-class Batch:
-    prompted: Side
-    unprompted: Side
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.prompted.pred_mask.sum())
-
-    def to(self, device) -> Batch:
-        return Batch(self.prompted.to(device), self.unprompted.to(device))
-
-
-def truncate(rec: dict, max_gen: int | None) -> dict:
-    """Keep only the first `max_gen` generated tokens of a trajectory (both sides)."""
-    if max_gen is None:
-        return rec
-    out = dict(rec)
-    for sfx in ("", "_nosys"):
-        n_prompt = len(rec["generated_text_mask" + sfx]) - sum(rec["generated_text_mask" + sfx])
-        out["input_ids" + sfx] = rec["input_ids" + sfx][: n_prompt + max_gen]
-        out["generated_text_mask" + sfx] = rec["generated_text_mask" + sfx][: n_prompt + max_gen]
-    return out
-
-
-def make_side(seqs: list[list[int]], gen_masks: list[list[int]], pad_id: int) -> Side:
-    width = max(len(s) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, width), dtype=torch.long)
-    pred = torch.zeros((B, width), dtype=torch.bool)
-    for i, (s, g) in enumerate(zip(seqs, gen_masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        g = torch.tensor(g, dtype=torch.bool)
-        pred[i, : len(s) - 1] = g[1:]  # row p predicts token p + 1
-    return Side(ids, attn, pred)
-
-
-def collate(records: list[dict], pad_id: int, max_gen: int | None = None) -> Batch:
-    recs = [truncate(r, max_gen) for r in records]
-    return Batch(
-        make_side([r["input_ids"] for r in recs], [r["generated_text_mask"] for r in recs], pad_id),
-        make_side(
-            [r["input_ids_nosys"] for r in recs],
-            [r["generated_text_mask_nosys"] for r in recs],
-            pad_id,
-        ),
-    )
-
-
-# ---------------------------------------------------------------- the objective on a model
-def base_of(model):
-    """The transformers model under a PeftModel (LoRA layers are injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def adapter_disabled(model):
-    """Context in which a PeftModel runs as the base model; a no-op for plain models."""
-    return (
-        model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    )
-
-
-def selected_hidden(model, side: Side) -> torch.Tensor:
-    """Final hidden states [N, H] at the rows that predict generated tokens."""
-    decoder = base_of(model).get_decoder()
-    h = decoder(input_ids=side.input_ids, attention_mask=side.attention_mask).last_hidden_state
-    return h[side.pred_mask]
-
-
-def batch_kl(
-    model,
-    batch: Batch,
-    chunk_size: int = 1024,
-    student_adapter: bool = True,
-    *,
-    teacher: TeacherTarget | None = None,
-    prefix_reuse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(prompted base || unprompted student) [N] and per-sequence sums [B].
-
-    The teacher is always the model with the adapter disabled, under no_grad. With
-    ``student_adapter=False`` the student is the base model too: KL(prompted || base).
-    ``teacher``: the batch's cached teacher log-probs (teacher.py), so the teacher does
-    not run; ``prefix_reuse``: teacher and student run each shared prompt prefix once
-    (the prefix all rows share, then each distinct prompt; teacher.prefix_reuse_hidden).
-    """
-
-    def hidden(side: Side) -> torch.Tensor:
-        if prefix_reuse:
-            return prefix_reuse_hidden(base_of(model).get_decoder(), side)
-        return selected_hidden(model, side)
-
-    if teacher is None:
-        with torch.no_grad(), adapter_disabled(model):
-            t_hidden = hidden(batch.prompted)
-    ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
-    with ctx:
-        s_hidden = hidden(batch.unprompted)
-    head = base_of(model).get_output_embeddings()
-    if teacher is None:
-        kl = chunked_kl(t_hidden, s_hidden, head, chunk_size)
-    else:
-        kl = cached_kl(teacher, s_hidden, head, chunk_size)
-    seq_idx = batch.unprompted.pred_mask.nonzero()[:, 0]
-    per_seq = torch.zeros(batch.unprompted.pred_mask.shape[0], device=kl.device)
-    per_seq = per_seq.index_add(0, seq_idx, kl.detach())
-    return kl, per_seq
-
-
-def make_batches(
-    rows: list[dict],
-    batch_size: int,
-    pad_id: int,
-    max_gen: int | None,
-    order: list[int] | None = None,
-    shard: bool = False,
-) -> list[Batch | None]:
-    """Batches of `batch_size` rows in `order`. With `shard`, each batch is cut down to
-    this process's share of it (distributed.shard), so the processes together see the
-    same global batches as one process; a share of a short last batch may be empty (None).
-    """
-    order = list(range(len(rows))) if order is None else order
-    chunks = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
-    if shard:
-        chunks = [distributed.shard(c) for c in chunks]
-    return [collate([rows[i] for i in c], pad_id, max_gen) if c else None for c in chunks]
-
-
-def bucket_order(
-    rows: list[dict],
-    order: list[int],
-    batch_size: int,
-    generator: torch.Generator,
-    max_gen: int | None = None,
-    window: int = 16,
-) -> list[int]:
-    """`order` regrouped so that each batch holds trajectories of similar length.
-
-    Windows of `window` batches of the shuffled order are sorted by length and cut into
-    batches; the full batches are then shuffled (a short last batch stays last, so
-    consecutive `batch_size` slices of the result are the batches). Less padding, and
-    still a random epoch: which rows meet in a batch and the batch order vary by epoch.
-    """
-
-    def size(i: int) -> int:
-        r = rows[i]
-        n_gen = sum(r["generated_text_mask"])
-        kept = n_gen if max_gen is None else min(n_gen, max_gen)
-        return len(r["input_ids"]) + len(r["input_ids_nosys"]) - 2 * (n_gen - kept)
-
-    w = batch_size * window
-    chunks = []
-    for j in range(0, len(order), w):
-        win = sorted(order[j : j + w], key=size)
-        chunks += [win[k : k + batch_size] for k in range(0, len(win), batch_size)]
-    short = [c for c in chunks if len(c) < batch_size]
-    full = [c for c in chunks if len(c) == batch_size]
-    perm = torch.randperm(len(full), generator=generator).tolist()
-    return [i for c in [full[p] for p in perm] + short for i in c]
-
-
-def split_batch(batch: Batch, teacher: TeacherTarget | None, parts: int) -> list[tuple]:
-    """`batch` cut into `parts` row slices (each trimmed to its own width), with the
-    matching slices of its cached teacher rows."""
-    n = batch.prompted.input_ids.shape[0]
-    if parts <= 1:
-        return [(batch, teacher)]
-    size = -(-n // parts)
-    counts = batch.unprompted.pred_mask.sum(1).tolist()
-    out, tok = [], 0
-    for a in range(0, n, size):
-        sides = []
-        for side in (batch.prompted, batch.unprompted):
-            w = int(side.attention_mask[a : a + size].sum(1).max())
-            sides.append(Side(*(t[a : a + size, :w] for t in vars(side).values())))
-        n_tok = int(sum(counts[a : a + size]))
-        t = None if teacher is None else teacher.slice(tok, tok + n_tok)
-        out.append((Batch(*sides), t))
-        tok += n_tok
-    return out
-
-
-def backward_kl(
-    model,
-    batch: Batch,
-    chunk_size: int = 1024,
-    *,
-    teacher: TeacherTarget | None = None,
-    prefix_reuse: bool = False,
-    parts: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Forward and backward of the batch's SUMMED KL; returns (kl [N] detached,
-    per-sequence sums [B], parts).
-
-    The rows run in `parts` slices whose gradients add up (the same gradient as one
-    pass). On CUDA out-of-memory the step is redone with twice as many slices, instead
-    of crashing (seed troubleshooting 2, without changing --batch_size); the caller
-    keeps the returned `parts` for the following steps.
-    """
-    n = batch.prompted.input_ids.shape[0]
-    while True:
-        try:
-            kls, seqs = [], []
-            for sub, t in split_batch(batch, teacher, parts):
-                kl, per_seq = batch_kl(model, sub, chunk_size, teacher=t, prefix_reuse=prefix_reuse)
-                if kl.requires_grad:
-                    kl.sum().backward()
-                kls.append(kl.detach())
-                seqs.append(per_seq)
-            return torch.cat(kls), torch.cat(seqs), parts
-        except torch.cuda.OutOfMemoryError:
-            kl = per_seq = kls = None  # drop the failed attempt's tensors
-            for p in model.parameters():
-                p.grad = None
-            if batch.prompted.input_ids.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if distributed.is_sharded(model):  # the other processes cannot follow a retry
-                raise UserError(
-                    "CUDA out of memory under --fsdp: use more GPUs, --gradient_checkpointing "
-                    "true, a smaller --batch_size, --kl_chunk_size or --max_traj_len"
-                ) from None
-            if parts >= n:
-                raise UserError(
-                    "CUDA out of memory even with one trajectory at a time: use "
-                    "--gradient_checkpointing true, a smaller --kl_chunk_size or --max_traj_len"
-                ) from None
-            parts = min(2 * parts, n)
-            warn(f"CUDA out of memory: retrying each step in {parts} slices of the batch")
-
-
-@torch.no_grad()
-def evaluate_kl(
-    model, batches: list[Batch], chunk_size: int = 1024, student_adapter: bool = True
-) -> dict:
-    """Token-mean KL and mean per-sequence KL sum over batches; builds no graph."""
-    total, n_tok, seq_sum, n_seq = 0.0, 0, 0.0, 0
-    device = next(model.parameters()).device
-    for b in batches:
-        kl, per_seq = batch_kl(model, b.to(device), chunk_size, student_adapter)
-        total += float(kl.sum())
-        n_tok += kl.numel()
-        seq_sum += float(per_seq.sum())
-        n_seq += per_seq.numel()
-    return {"kl": total / max(n_tok, 1), "kl_seq": seq_sum / max(n_seq, 1), "tokens": n_tok}
+from .objective import backward_kl, evaluate_kl
+from .teacher import TeacherCache, build_teacher_cache
 
 
 # ---------------------------------------------------------------- setup
@@ -449,7 +182,6 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- fit
 def non_finite_message(value: float, epoch: int, bi: int, n_batches: int, saved: int, out) -> str:
     where = f"non-finite loss ({value}) at epoch {epoch}, batch {bi + 1}/{n_batches}"
     if saved:

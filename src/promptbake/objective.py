@@ -1,0 +1,121 @@
+"""The objective on a batch: the KL of every generated token, its backward, held-out KL.
+
+    kl, per_seq, parts = backward_kl(model, batch, chunk_size, teacher=target)
+
+:func:`batch_kl` runs the teacher (adapter off, no grad; or reads its cached target)
+and the student (adapter on) and hands their hidden states to loss.py.
+:func:`backward_kl` runs the SUMMED loss's backward, in row slices whose gradients add
+up, and on CUDA out-of-memory retries with more slices instead of crashing.
+:func:`evaluate_kl` is the held-out KL, with no graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import distributed
+from .batches import Batch, split_batch
+from .errors import UserError, warn
+from .forward import adapter_disabled, base_of, hidden_states
+from .loss import TeacherTarget, cached_kl, chunked_kl
+
+
+def batch_kl(
+    model,
+    batch: Batch,
+    chunk_size: int = 1024,
+    student_adapter: bool = True,
+    *,
+    teacher: TeacherTarget | None = None,
+    prefix_reuse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(prompted base || unprompted student) [N] and per-sequence sums [B].
+
+    The teacher is always the model with the adapter disabled, under no_grad. With
+    ``student_adapter=False`` the student is the base model too: KL(prompted || base).
+    ``teacher``: the batch's cached teacher log-probs (loss.TeacherTarget), so the teacher does
+    not run; ``prefix_reuse``: teacher and student run each shared prompt prefix once
+    (the prefix all rows share, then each distinct prompt; forward.prefix_reuse_hidden).
+    """
+
+    if teacher is None:
+        with torch.no_grad(), adapter_disabled(model):
+            t_hidden = hidden_states(model, batch.prompted, prefix_reuse)
+    ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
+    with ctx:
+        s_hidden = hidden_states(model, batch.unprompted, prefix_reuse)
+    head = base_of(model).get_output_embeddings()
+    if teacher is None:
+        kl = chunked_kl(t_hidden, s_hidden, head, chunk_size)
+    else:
+        kl = cached_kl(teacher, s_hidden, head, chunk_size)
+    seq_idx = batch.unprompted.pred_mask.nonzero()[:, 0]
+    per_seq = torch.zeros(batch.unprompted.pred_mask.shape[0], device=kl.device)
+    per_seq = per_seq.index_add(0, seq_idx, kl.detach())
+    return kl, per_seq
+
+
+def backward_kl(
+    model,
+    batch: Batch,
+    chunk_size: int = 1024,
+    *,
+    teacher: TeacherTarget | None = None,
+    prefix_reuse: bool = False,
+    parts: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward of the batch's SUMMED KL; returns (kl [N] detached,
+    per-sequence sums [B], parts).
+
+    The rows run in `parts` slices whose gradients add up (the same gradient as one
+    pass). On CUDA out-of-memory the step is redone with twice as many slices, instead
+    of crashing (seed troubleshooting 2, without changing --batch_size); the caller
+    keeps the returned `parts` for the following steps.
+    """
+    n = batch.prompted.input_ids.shape[0]
+    while True:
+        try:
+            kls, seqs = [], []
+            for sub, t in split_batch(batch, teacher, parts):
+                kl, per_seq = batch_kl(model, sub, chunk_size, teacher=t, prefix_reuse=prefix_reuse)
+                if kl.requires_grad:
+                    kl.sum().backward()
+                kls.append(kl.detach())
+                seqs.append(per_seq)
+            return torch.cat(kls), torch.cat(seqs), parts
+        except torch.cuda.OutOfMemoryError:
+            kl = per_seq = kls = None  # drop the failed attempt's tensors
+            for p in model.parameters():
+                p.grad = None
+            if batch.prompted.input_ids.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if distributed.is_sharded(model):  # the other processes cannot follow a retry
+                raise UserError(
+                    "CUDA out of memory under --fsdp: use more GPUs, --gradient_checkpointing "
+                    "true, a smaller --batch_size, --kl_chunk_size or --max_traj_len"
+                ) from None
+            if parts >= n:
+                raise UserError(
+                    "CUDA out of memory even with one trajectory at a time: use "
+                    "--gradient_checkpointing true, a smaller --kl_chunk_size or --max_traj_len"
+                ) from None
+            parts = min(2 * parts, n)
+            warn(f"CUDA out of memory: retrying each step in {parts} slices of the batch")
+
+
+@torch.no_grad()
+def evaluate_kl(
+    model, batches: list[Batch], chunk_size: int = 1024, student_adapter: bool = True
+) -> dict:
+    """Token-mean KL and mean per-sequence KL sum over batches; builds no graph."""
+    total, n_tok, seq_sum, n_seq = 0.0, 0, 0.0, 0
+    device = next(model.parameters()).device
+    for b in batches:
+        kl, per_seq = batch_kl(model, b.to(device), chunk_size, student_adapter)
+        total += float(kl.sum())
+        n_tok += kl.numel()
+        seq_sum += float(per_seq.sum())
+        n_seq += per_seq.numel()
+    return {"kl": total / max(n_tok, 1), "kl_seq": seq_sum / max(n_seq, 1), "tokens": n_tok}

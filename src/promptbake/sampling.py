@@ -1,0 +1,107 @@
+"""The sampling seam: given prompts and sampling settings, return each row's new ids.
+
+    from promptbake.sampling import Sampling, sample
+    out = sample(model, prompt_ids, Sampling(max_new_tokens=64, temperature=1.0),
+                 pad_id=tok.pad_token_id, eot_ids=end_of_turn_ids(tok, model))
+    out.new_ids      # list of lists: each row's new tokens, cut after the first end-of-turn
+    out.logprobs     # with return_logprobs=True: each row's [n_i, V] float32 CPU log-probs
+
+Every caller that samples (generation, held-out answers, eval, chat, pursuit, on-policy
+training) goes through :func:`sample`; an engine is one module with a function of the
+:class:`Engine` type, named in :data:`ENGINES`. ``--engine`` picks one; ``auto`` takes
+the fastest engine for the device.
+
+Contract of an engine, whatever it does inside:
+* rows are independent: row i's ids depend only on prompt i, the settings and the RNG;
+* the new ids stop after the first end-of-turn id (kept), never hold padding, and
+  have at least ``min_new_tokens`` tokens unless ``max_new_tokens`` is smaller;
+* randomness comes from torch's global RNG of the model's device, so the caller's
+  ``torch.manual_seed`` makes a call reproducible;
+* ``logprobs`` are the model's own raw (temperature 1, unfiltered) next-token
+  log-probabilities at each kept position: exactly the teacher's targets there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample. ``temperature`` None or 0 means greedy decoding."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    temperature: float | None = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    # options of the hf engine: transformers' static cache (compiled on CUDA)
+    cache_implementation: str = "dynamic"
+    compile: bool = True
+
+
+@dataclass
+class Samples:
+    new_ids: list[list[int]]
+    logprobs: list[torch.Tensor] | None = None  # each [n_i, V] float32, on the CPU
+
+
+class Engine(Protocol):
+    def __call__(
+        self,
+        model,
+        prompts: list[list[int]],
+        settings: Sampling,
+        *,
+        pad_id: int,
+        eot_ids: list[int],
+        return_logprobs: bool = False,
+    ) -> Samples: ...
+
+
+# name -> "module:function"; imported on first use, so an engine's heavy imports
+# (compilers, kernels) cost nothing to the others
+ENGINES: dict[str, str] = {
+    "hf": "promptbake.engine_hf:sample",
+}
+
+
+def engine_names() -> list[str]:
+    """The --engine choices."""
+    return ["auto", *ENGINES]
+
+
+def resolve_engine(name: str, device: torch.device | str) -> str:
+    """``auto``: the engine for the device (hf everywhere until a faster one registers)."""
+    if name != "auto":
+        if name not in ENGINES:
+            raise ValueError(f"unknown sampling engine {name!r}; choose from {engine_names()}")
+        return name
+    return "hf"
+
+
+def get_engine(name: str) -> Callable[..., Samples]:
+    module, fn = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def sample(
+    model,
+    prompts: list[list[int]],
+    settings: Sampling,
+    *,
+    pad_id: int,
+    eot_ids: list[int],
+    return_logprobs: bool = False,
+    engine: str = "auto",
+) -> Samples:
+    """Sample one batch of rows with `engine` (see the module docstring)."""
+    name = resolve_engine(engine, model.device)
+    return get_engine(name)(
+        model, prompts, settings, pad_id=pad_id, eot_ids=eot_ids, return_logprobs=return_logprobs
+    )
