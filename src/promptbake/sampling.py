@@ -30,6 +30,8 @@ from typing import Protocol
 
 import torch
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -68,6 +70,7 @@ class Engine(Protocol):
 # (compilers, kernels) cost nothing to the others
 ENGINES: dict[str, str] = {
     "hf": "promptbake.engine_hf:sample",
+    "static": "promptbake.engine_static:sample",
 }
 
 
@@ -77,12 +80,26 @@ def engine_names() -> list[str]:
 
 
 def resolve_engine(name: str, device: torch.device | str) -> str:
-    """``auto``: the engine for the device (hf everywhere until a faster one registers)."""
+    """``auto``: static (a compiled static-cache decode step) on CUDA, hf elsewhere."""
     if name != "auto":
         if name not in ENGINES:
             raise ValueError(f"unknown sampling engine {name!r}; choose from {engine_names()}")
         return name
-    return "hf"
+    return "static" if torch.device(device).type == "cuda" else "hf"
+
+
+def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """UserError, before any work, when a prompt plus its new tokens exceeds the model's
+    context (``config.max_position_embeddings``; no check when the config has none)."""
+    config = model.config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max((len(p) for p in prompts), default=0)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise UserError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
+            f"model's context of {limit} positions: lower --max_sequence_length or "
+            "shorten the system prompt / questions"
+        )
 
 
 def get_engine(name: str) -> Callable[..., Samples]:
@@ -101,6 +118,7 @@ def sample(
     engine: str = "auto",
 ) -> Samples:
     """Sample one batch of rows with `engine` (see the module docstring)."""
+    check_context(model, prompts, settings.max_new_tokens)
     name = resolve_engine(engine, model.device)
     return get_engine(name)(
         model, prompts, settings, pad_id=pad_id, eot_ids=eot_ids, return_logprobs=return_logprobs
