@@ -13,7 +13,7 @@ HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean venv
+.PHONY: demo test lint format bench bench-gpu clean venv
 
 venv: $(STAMP)
 
@@ -44,6 +44,13 @@ test: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# the GPU job (bench/gpu.py): one CUDA GPU, no network; runs with the machine's own python
+# (its torch/transformers/peft), no venv and no installs. Prints one line without CUDA.
+GPU_PYTHON ?= $(PYTHON)
+BENCH_GPU_ARGS ?=
+bench-gpu:
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=src $(GPU_PYTHON) -m bench.gpu $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench *.py
