@@ -255,3 +255,24 @@ def test_generate_trajectories_with_the_static_engine_resumes_exactly(
         tiny_model, chatml_tok, gen_cfg(batch_size=2), X0, QUESTIONS, out, progress=False
     )
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_a_step_that_fails_to_compile_falls_back_to_the_eager_step(monkeypatch, capsys):
+    """A compile error in the CUDA-graph step must not end a generation run: the same
+    arguments go to the eager step, which is then used for the following steps; an
+    out-of-memory error still propagates (the caller splits the batch)."""
+    seen = []
+    monkeypatch.setattr(engine_static, "forward_step", lambda *a: seen.append(a) or "logits")
+
+    def broken(*args):
+        raise RuntimeError("inductor: unsupported")
+
+    out, step = engine_static.run_step(broken, 1, 2)
+    assert out == "logits" and seen == [(1, 2)] and step is engine_static.forward_step
+    assert "decoding eagerly" in capsys.readouterr().err
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError()
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine_static.run_step(oom, 1)

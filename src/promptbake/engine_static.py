@@ -107,6 +107,21 @@ def compiled_step():
     return torch.compile(forward_step, mode="reduce-overhead", dynamic=False)
 
 
+def run_step(step, *args):
+    """(logits, the step to use next): a compiled step that fails to compile (an
+    unsupported model or torch version) falls back to the eager step, once, with a
+    warning, instead of ending the run; out-of-memory errors still propagate."""
+    try:
+        return step(*args), step
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # torch._dynamo / inductor errors have no common base class
+        if step is forward_step:
+            raise
+        warn(f"compiling the decode step failed ({type(e).__name__}); decoding eagerly")
+        return forward_step(*args), forward_step
+
+
 @dataclass
 class HeldCache:
     cache: StaticCache
@@ -191,7 +206,7 @@ def decode(model, prompts, settings: Sampling, *, pad_id: int, eot_ids: list[int
         slots[:, width + t] = True
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        logits = step(model, tok[:, None], pos, slots, held.cache, key)
+        logits, step = run_step(step, model, tok[:, None], pos, slots, held.cache, key)
         pos += 1
     new = [cut_at_end_of_turn(r, eot_ids) for r in toks[:n, :steps].tolist()]
     if kept is None:
