@@ -48,14 +48,15 @@ README = ROOT / "bench" / "README.md"
 # at generated positions only and the chunked KL.
 EXACT = {"teacher_cache": "exact", "prefix_reuse": True}
 KEPT = "kept"  # pseudo-flag: train with the exact teacher cache kept from generation
-OFF = {"prefix_reuse": False}  # on by default in promptbake train; off in "plain"
+# on by default in promptbake train (the cache: when it fits); off in "plain"
+OFF = {"prefix_reuse": False, "teacher_cache": "off"}
 VARIANTS: list[tuple[str, str, dict]] = [
     ("plain", "logits at generated positions + fused chunked KL (always on)", OFF),
     ("+bucketing", "plain + length bucketing", {**OFF, "length_bucketing": True}),
     (
         "+prefix_reuse",
         "plain + shared prefixes run once per batch (teacher and student)",
-        {"prefix_reuse": True},
+        {"prefix_reuse": True, "teacher_cache": "off"},
     ),
     (
         "+cache_exact",

@@ -165,7 +165,7 @@ def one_process_training(reference, tiny_model_dir, tmp_path_factory):
         plot=False,
         prefix_reuse=False,  # the plain padded forward: the FSDP run packs, for a cross-check
     )
-    _, metrics = train.train(cfg, echo=False)
+    _, metrics = train.run_train(cfg, echo=False)
     assert metrics[-1]["val_kl"] < metrics[0]["val_kl"]  # it trained
     return cfg, metrics, out
 
@@ -203,7 +203,7 @@ def test_two_processes_resume_a_checkpoint(one_process_training, tmp_path):
     """Epoch 1 in one process, killed; epochs 2-3 resumed by two: the same run."""
     cfg, ref_metrics, one = one_process_training
     out = tmp_path / "resumed"
-    train.train(TrainConfig(**{**vars(cfg), "out_dir": str(out), "num_epochs": 1}), echo=False)
+    train.run_train(TrainConfig(**{**vars(cfg), "out_dir": str(out), "num_epochs": 1}), echo=False)
     (out / "adapter_model.safetensors").unlink()  # what the resumed run writes is checked
     resumed = TrainConfig(**{**vars(cfg), "out_dir": str(out), "resume": True})
     torchrun("train_loop.py", *flags(resumed))

@@ -136,7 +136,7 @@ def kl_curve(metrics: list[dict]) -> list[float]:
 def baseline(tiny_model_dir, trajectories, tmp_path_factory):
     """An uninterrupted 3-epoch run: (out_dir, metrics)."""
     out = tmp_path_factory.mktemp("baseline")
-    _, metrics = train.train(train_config(tiny_model_dir, trajectories, out), echo=False)
+    _, metrics = train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     assert (
         metrics[-1]["val_kl"] < metrics[0]["val_kl"]
     )  # it learns, so the comparison means something
@@ -210,12 +210,12 @@ def test_training_interrupted_and_resumed_matches_uninterrupted(
     out = tmp_path / "run"
     patch_batch_kl(monkeypatch, at_call=4 + 2, action="interrupt")  # epoch 2, second batch
     with pytest.raises(KeyboardInterrupt):
-        train.train(train_config(tiny_model_dir, trajectories, out), echo=False)
+        train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     state = checkpoint.load_checkpoint(out)
     assert state["epoch"] == 1
     monkeypatch.undo()
 
-    _, metrics = train.train(
+    _, metrics = train.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
     )
     assert kl_curve(metrics) == pytest.approx(kl_curve(base_metrics), rel=1e-6)
@@ -238,7 +238,7 @@ def test_resume_without_restoring_the_optimizer_would_differ(
     out = tmp_path / "run"
     patch_batch_kl(monkeypatch, at_call=4 + 1, action="interrupt")
     with pytest.raises(KeyboardInterrupt):
-        train.train(train_config(tiny_model_dir, trajectories, out), echo=False)
+        train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     monkeypatch.undo()
     real_restore = checkpoint.restore
 
@@ -247,7 +247,7 @@ def test_resume_without_restoring_the_optimizer_would_differ(
         real_restore(state, model, optimizer, scheduler, lr)
 
     monkeypatch.setattr(checkpoint, "restore", forgetful)
-    train.train(train_config(tiny_model_dir, trajectories, out, resume=True), echo=False)
+    train.run_train(train_config(tiny_model_dir, trajectories, out, resume=True), echo=False)
     a, b = lora_of(out), lora_of(base_out)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
@@ -275,7 +275,7 @@ def test_training_killed_with_sigkill_resumes(tiny_model_dir, trajectories, base
     assert state is not None and state["epoch"] >= 1
 
     # the same command with --resume true finishes it like the uninterrupted run
-    _, metrics = train.train(
+    _, metrics = train.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
     )
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
@@ -290,7 +290,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoint(
     out = tmp_path / "run"
     patch_batch_kl(monkeypatch, at_call=4 + 3, action="nan")  # epoch 2, batch 3 of 4
     with pytest.raises(UserError) as e:
-        train.train(train_config(tiny_model_dir, trajectories, out), echo=False)
+        train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     msg = str(e.value)
     assert "non-finite loss" in msg and "epoch 2, batch 3/4" in msg
     assert "checkpoint after epoch 1" in msg and "--resume true" in msg
@@ -302,7 +302,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoint(
     assert all(torch.isfinite(t).all() for t in lora_of(out).values())
     # and the run continues from it
     monkeypatch.undo()
-    _, metrics = train.train(
+    _, metrics = train.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
     )
     assert kl_curve(metrics) == pytest.approx(kl_curve(base_metrics), rel=1e-6)
@@ -313,7 +313,7 @@ def test_huge_learning_rate_is_caught_as_non_finite(tiny_model_dir, trajectories
     with pytest.raises(
         UserError, match=r"non-finite loss .* at epoch 1, batch [2-4]/4.*before any"
     ):
-        train.train(cfg, echo=False)
+        train.run_train(cfg, echo=False)
     assert checkpoint.load_checkpoint(tmp_path / "run") is None
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
@@ -332,7 +332,7 @@ def test_resume_refuses_a_checkpoint_of_another_setup(tiny_model_dir, trajectori
 
 def test_resume_with_nothing_to_resume_starts_fresh(tiny_model_dir, trajectories, tmp_path):
     out = tmp_path / "run"
-    _, metrics = train.train(
+    _, metrics = train.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True, num_epochs=1), echo=False
     )
     assert [m["epoch"] for m in metrics] == [0, 1]

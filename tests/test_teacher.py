@@ -166,13 +166,10 @@ def test_topk_kl_is_exact_at_full_k_and_a_lower_bound_below():
     assert (full - approx[10]).sum() < (full - approx[1]).sum()
 
 
-def test_topk_cache_gradient_flows_and_budget_falls_back(tiny_model, chatml_tok, capsys):
+def test_topk_cache_gradient_flows(tiny_model, chatml_tok):
     rows = make_rows(chatml_tok)
     m = lora(tiny_model)
-    cache = build_teacher_cache(
-        m, rows, chatml_tok.pad_token_id, mode="exact", topk=16, max_gb=1e-6, log=lambda s: None
-    )
-    assert "teacher_cache_max_gb" in capsys.readouterr().err  # warned, then fell back
+    cache = build_teacher_cache(m, rows, chatml_tok.pad_token_id, mode="topk", topk=16, log=print)
     assert cache.mode == "topk" and cache.logp.shape[1] == 16 and cache.idx.dtype == torch.int32
     assert (cache.log_tail < 0).all()
     head = base_of(m).get_output_embeddings()
@@ -263,7 +260,7 @@ def fit(model, tok, rows, tmp_path, name, **flags):
 def test_training_switches_keep_the_loss(tiny_model, chatml_tok, tmp_path):
     """Exact speed-ups change nothing but speed; bucketing changes the batches only."""
     rows = make_rows(chatml_tok)
-    plain = fit(tiny_model, chatml_tok, rows, tmp_path, "plain")
+    plain = fit(tiny_model, chatml_tok, rows, tmp_path, "plain", teacher_cache="off")
     exact = fit(
         tiny_model,
         chatml_tok,
@@ -277,9 +274,34 @@ def test_training_switches_keep_the_loss(tiny_model, chatml_tok, tmp_path):
     for a, b in zip(plain, exact):
         assert a["train_kl"] == pytest.approx(b["train_kl"], rel=1e-4)
     assert plain[-1]["train_kl"] < plain[0]["train_kl"]  # it trains
-    bucketed = fit(tiny_model, chatml_tok, rows, tmp_path, "bucket", length_bucketing=True)
+    bucketed = fit(
+        tiny_model, chatml_tok, rows, tmp_path, "bucket", teacher_cache="off", length_bucketing=True
+    )
     assert bucketed[0]["train_kl"] != pytest.approx(plain[0]["train_kl"], rel=1e-6)
     assert bucketed[-1]["train_kl"] < bucketed[0]["train_kl"]
+
+
+def test_teacher_cache_auto_is_exact_and_never_topk_unless_asked(tiny_model, chatml_tok, tmp_path):
+    """auto builds the exact table when it fits; auto or exact over --teacher_cache_max_gb
+    runs the teacher every step (the same curve as off, bit for bit), never top-k."""
+    rows = make_rows(chatml_tok)
+    off = fit(tiny_model, chatml_tok, rows, tmp_path, "off", teacher_cache="off")
+    auto = fit(tiny_model, chatml_tok, rows, tmp_path, "auto")  # the default
+    log = (tmp_path / "auto" / "train_loop.log").read_text()
+    assert "teacher cache (exact)" in log
+    for a, b in zip(off, auto):
+        assert a["train_kl"] == pytest.approx(b["train_kl"], rel=1e-4)
+    for mode in ("auto", "exact"):
+        small = fit(
+            tiny_model, chatml_tok, rows, tmp_path, f"small-{mode}",
+            teacher_cache=mode, teacher_cache_max_gb=1e-9,
+        )  # fmt: skip
+        assert [m["train_kl"] for m in small] == [m["train_kl"] for m in off]
+        log = (tmp_path / f"small-{mode}" / "train_loop.log").read_text()
+        assert "the teacher runs every step instead" in log
+        assert "topk" not in log.replace("--teacher_cache topk trades", "")
+        assert "teacher cache (" not in log
+    assert TrainConfig().teacher_cache == "auto"
 
 
 def test_new_flags_are_validated():

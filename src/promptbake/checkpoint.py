@@ -7,7 +7,8 @@ After every epoch train.py writes ``<out_dir>/checkpoint/``:
 
     adapter_config.json, adapter_model.safetensors   the adapter after that epoch (peft format)
     state.pt   LoRA weights, optimizer, scheduler, torch/CUDA/python/numpy RNG states,
-               epoch, best validation score, metrics so far, and the arguments of the run
+               epoch, best validation score, epochs since it improved (--patience),
+               metrics so far, and the arguments of the run
 
 The directory is written under a temporary name and swapped in by renames, so a crash
 leaves either the previous checkpoint or the new one, never a half-written one: the
@@ -117,12 +118,14 @@ def save_checkpoint(
     args: dict,
     lora: dict[str, torch.Tensor] | None = None,
     optimizer_sd: dict | None = None,
+    bad_epochs: int = 0,
 ) -> Path:
     """Write the state after `epoch` to ``<out_dir>/checkpoint`` atomically; return that path.
 
     `lora` and `optimizer_sd`: :func:`trainable_state` and :func:`optimizer_state`,
     when the caller gathered them already (under --fsdp every process must, and only
     rank 0 calls this); by default they are read from `model` and `optimizer`.
+    `bad_epochs`: epochs since the best score improved, so --patience survives a resume.
     """
     lora = trainable_state(model) if lora is None else lora
     out_dir = Path(out_dir)
@@ -135,6 +138,7 @@ def save_checkpoint(
             "format": FORMAT,
             "epoch": epoch,
             "best": best,
+            "bad_epochs": bad_epochs,
             "metrics": metrics,
             "args": args,
             "lora": lora,

@@ -194,11 +194,13 @@ class TrainConfig(LoraArgs, ModelArgs):
     )
     # speed-ups (teacher.py, forward.py); each can be switched off for the benchmark
     teacher_cache: str = opt(
-        "off",
-        "cache the teacher's log-probs at the generated tokens once, before epoch 1: exact "
-        "(float32 [tokens x vocab] on the CPU, the same loss; falls back to topk above "
-        "--teacher_cache_max_gb) or topk (top-k log-probs + tail mass: an approximate KL)",
-        choices=["off", "exact", "topk"],
+        "auto",
+        "the frozen teacher's log-probs at the generated tokens: auto (computed once before "
+        "epoch 1 as an exact float32 [tokens x vocab] table on the CPU when it fits "
+        "--teacher_cache_max_gb, else the teacher runs every step: exact either way), exact "
+        "(the same; one log line when it does not fit), off (teacher every step), or topk "
+        "(top-k log-probs + tail mass: an approximate KL, only when asked for)",
+        choices=["auto", "off", "exact", "topk"],
     )
     teacher_topk: int = opt(64, "log-probs kept per token by --teacher_cache topk")
     teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
@@ -222,6 +224,39 @@ class TrainConfig(LoraArgs, ModelArgs):
         "with 2 or more processes",
     )
 
+    # when to stop, what to train on, where to report (train.py, onpolicy.py, outputs.py)
+    patience: int = opt(
+        0,
+        "stop after this many epochs without a better validation KL (the best adapter is "
+        "kept; --num_epochs is the ceiling); 0: run every epoch",
+    )
+    on_policy: float = opt(
+        0.0,
+        "share of each epoch's batches sampled from the student itself (adapter on, no "
+        "prompt) on the training questions, scored by the teacher per step (0: the paper's "
+        "off-policy baking). Needs the prompt and questions: --x0_file/--question_dataset "
+        "or the trajectory file's .meta.json",
+    )
+    x0_file: str | None = opt(
+        None, "with --on_policy: the baked prompt (default: the trajectory file's sidecar)"
+    )
+    question_dataset: str | None = opt(
+        None, "with --on_policy: training questions, JSONL (default: the sidecar's selection)"
+    )
+    divergence: str = opt(
+        "forward_kl",
+        "what is minimised: forward_kl KL(teacher || student), reverse_kl "
+        "KL(student || teacher), or jsd (generalized Jensen-Shannon, --jsd_beta)",
+        choices=["forward_kl", "reverse_kl", "jsd"],
+    )
+    jsd_beta: float = opt(0.5, "with --divergence jsd: the mixture weight beta, in [0, 1]")
+    report_to: str = opt(
+        "none",
+        "experiment tracker: tensorboard writes per-step loss, learning rate and tokens/s and "
+        "per-epoch KL to <out_dir>/tensorboard (pip install 'promptbake[tensorboard]')",
+        choices=["none", "tensorboard"],
+    )
+
     def validate(self) -> None:
         require(self.data_path is not None, "--data_path is required (training trajectories)")
         require(self.out_dir is not None, "--out_dir is required (where the adapter goes)")
@@ -240,4 +275,12 @@ class TrainConfig(LoraArgs, ModelArgs):
                 "--fsdp true shards the model across processes: launch with torchrun "
                 "--nproc_per_node N (N >= 2), or drop --fsdp to train in one process",
             )
+        require(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
+        require(0 <= self.on_policy <= 1, f"--on_policy must be in [0, 1], got {self.on_policy}")
+        require(0 <= self.jsd_beta <= 1, f"--jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        require(
+            not (self.on_policy > 0 and self.fsdp),
+            "--on_policy with --fsdp is not supported: sampling needs the whole model on each "
+            "process; drop one of them",
+        )
         self.validate_lora()

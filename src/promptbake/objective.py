@@ -30,6 +30,8 @@ def batch_kl(
     *,
     teacher: TeacherTarget | None = None,
     prefix_reuse: bool = False,
+    divergence: str = "forward_kl",  # pass-through placeholder until loss.py has the family
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(prompted base || unprompted student) [N] and per-sequence sums [B].
 
@@ -65,6 +67,8 @@ def backward_kl(
     teacher: TeacherTarget | None = None,
     prefix_reuse: bool = False,
     parts: int = 1,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward and backward of the batch's SUMMED KL; returns (kl [N] detached,
     per-sequence sums [B], parts).
@@ -79,7 +83,15 @@ def backward_kl(
         try:
             kls, seqs = [], []
             for sub, t in split_batch(batch, teacher, parts):
-                kl, per_seq = batch_kl(model, sub, chunk_size, teacher=t, prefix_reuse=prefix_reuse)
+                kl, per_seq = batch_kl(
+                    model,
+                    sub,
+                    chunk_size,
+                    teacher=t,
+                    prefix_reuse=prefix_reuse,
+                    divergence=divergence,
+                    beta=beta,
+                )
                 if kl.requires_grad:
                     kl.sum().backward()
                 kls.append(kl.detach())

@@ -16,12 +16,14 @@ facts make most of its work redundant:
   question for that reason; in shuffled training batches rows rarely share a prefix.
 * **Teacher cache** (``--teacher_cache``). The base model never changes, so its
   distributions at the generated positions are the same in every epoch. With
-  ``exact``, :func:`build_teacher_cache` computes them once, before epoch 1, as float32
-  log-probabilities [tokens x vocab] on the CPU, and every later step only runs the
-  student: :func:`cached_kl` is ``loss.token_kl`` against the cached rows, equal to the
-  uncached loss. When that table would exceed ``--teacher_cache_max_gb`` (or with
-  ``topk``) only the teacher's top-k log-probs, their ids and the log of the remaining
-  (tail) mass are kept, and the KL is computed against that coarser distribution:
+  ``exact`` (or ``auto``, the default), :func:`build_teacher_cache` computes them once,
+  before epoch 1, as float32 log-probabilities [tokens x vocab] on the CPU, and every
+  later step only runs the student: :func:`cached_kl` is ``loss.token_kl`` against the
+  cached rows, equal to the uncached loss. When that table would exceed
+  ``--teacher_cache_max_gb`` (:func:`exact_cache_fits`), the training loop runs the
+  teacher every step instead: exact too, only slower. Only ``topk``, asked for by
+  name, keeps the teacher's top-k log-probs, their ids and the log of the remaining
+  (tail) mass, and computes the KL against that coarser distribution:
 
       KL_k = sum_{i in top-k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
 
@@ -31,7 +33,7 @@ facts make most of its work redundant:
   teacher puts no mass outside its top-k. The student's total mass outside the top-k
   is still trained (q_tail counts every such token), but not how it spreads that mass
   among them; in bench/ (SmolLM2, k=64) it ended with a visibly higher held-out KL
-  than the exact cache. Use it only where the exact table does not fit.
+  than the exact cache.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from dataclasses import dataclass
 import torch
 
 from .batches import collate
-from .errors import warn
 from .forward import adapter_disabled, base_of, prefix_reuse_hidden, selected_hidden
 from .loss import TeacherTarget
 
@@ -136,6 +137,12 @@ def cache_from_generation(
     return TeacherCache("exact", offsets, torch.cat(parts))
 
 
+def exact_cache_fits(rows: list[dict], vocab: int, max_gen: int | None, max_gb: float) -> bool:
+    """Whether the exact table of `rows` (float32 [tokens x vocab]) fits `max_gb` GB."""
+    n = sum(kl_rows(r, max_gen) for r in rows)
+    return cache_bytes(n, vocab, "exact", 0) <= max_gb * 1e9
+
+
 @torch.no_grad()
 def build_teacher_cache(
     model,
@@ -144,7 +151,6 @@ def build_teacher_cache(
     *,
     mode: str = "exact",
     topk: int = 64,
-    max_gb: float = 4.0,
     batch_size: int = 16,
     max_gen: int | None = None,
     chunk_size: int = 1024,
@@ -153,8 +159,9 @@ def build_teacher_cache(
 ) -> TeacherCache:
     """One teacher pass (adapter disabled) over `rows`; their log-probs at the KL rows.
 
-    ``mode="exact"`` falls back to top-k, with a warning, when the float32 table would
-    exceed `max_gb`. Rows are visited grouped by prompt (see :func:`cache_order`).
+    ``mode`` is built as asked, never swapped for another: the caller checks the size
+    of an exact table first (:func:`exact_cache_fits`). Rows are visited grouped by
+    prompt (see :func:`cache_order`).
     """
     if mode not in ("exact", "topk"):
         raise ValueError(f"teacher cache mode must be exact or topk, not {mode!r}")
@@ -165,13 +172,6 @@ def build_teacher_cache(
     topk = min(topk, vocab)
     counts = [kl_rows(r, max_gen) for r in rows]
     n = sum(counts)
-    if mode == "exact" and cache_bytes(n, vocab, "exact", topk) > max_gb * 1e9:
-        warn(
-            f"an exact teacher cache of {n} x {vocab} float32 needs "
-            f"{cache_bytes(n, vocab, 'exact', topk) / 1e9:.1f} GB > --teacher_cache_max_gb "
-            f"{max_gb:g}; keeping the top {topk} log-probs + tail mass instead (approximate KL)"
-        )
-        mode = "topk"
     offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
     if mode == "exact":

@@ -1,0 +1,137 @@
+"""What a training run writes besides its checkpoint: the log, the adapter, the KL
+plot and, on request, TensorBoard events.
+
+    log = RunLog(out / "train_loop.log")        # timestamped lines, echoed to the console
+    save_adapter(model, out, lora)               # peft files, each swapped in by a rename
+    tracker = Tracker.open("tensorboard", out)   # --report_to; None for "none"
+
+Only rank 0 writes: every helper here is called on the main process alone, except
+:class:`RunLog`, which is silent elsewhere (``enabled=False``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+REPORT_TO = ["none", "tensorboard"]
+
+
+def check_out_dir(out_dir: str) -> Path:
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; give a directory path")
+    return p
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    p = check_out_dir(out_dir)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+class RunLog:
+    """Timestamped lines to <out_dir>/train_loop.log, echoed to the console; does
+    nothing when not `enabled` (the processes other than rank 0)."""
+
+    def __init__(self, path: Path, echo: bool = True, enabled: bool = True):
+        self.path, self.echo, self.enabled = path, echo, enabled
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        line = f"{datetime.now().isoformat(timespec='seconds')} {msg}"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if self.echo:
+            tqdm.write(line)
+
+
+def save_adapter(model, out_dir: Path, lora: dict | None = None) -> None:
+    """peft save_pretrained into a temp dir, then rename each file into place.
+
+    `lora`: the weights to write (checkpoint.trainable_state), when the model's own
+    are FSDP shards."""
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-adapter-"))
+    try:
+        model.save_pretrained(tmp, state_dict=lora)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tr = [(m["epoch"], m["train_kl"]) for m in metrics if m.get("train_kl") is not None]
+    va = [(m["epoch"], m["val_kl"]) for m in metrics if m.get("val_kl") is not None]
+    if tr:
+        ax.plot(*zip(*tr), "o-", label="train KL")
+    if va:
+        ax.plot(*zip(*va), "s-", label="validation KL")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("KL(prompted || baked) per token (nats)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse --report_to tensorboard, before any model loads, when its package is missing."""
+    if report_to != "tensorboard":
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "--report_to tensorboard needs the tensorboard package: "
+            "pip install 'promptbake[tensorboard]' (or pip install tensorboard)"
+        ) from None
+
+
+class Tracker:
+    """Scalars for an experiment tracker (--report_to): TensorBoard event files under
+    <out_dir>/tensorboard. Steps count optimizer steps from the start of the run."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, report_to: str, out_dir: Path) -> Tracker | None:
+        if report_to == "none":
+            return None
+        check_report_to(report_to)
+        from torch.utils.tensorboard import SummaryWriter
+
+        return cls(SummaryWriter(log_dir=str(out_dir / "tensorboard")))
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/learning_rate", lr, step)
+        self.writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+
+    def epoch(self, epoch: int, m: dict) -> None:
+        for key in ("train_kl", "val_kl", "val_kl_seq"):
+            if m.get(key) is not None:
+                self.writer.add_scalar(f"epoch/{key}", m[key], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,234 @@
+"""A training run's state and its setup, before the first step (train.py runs it).
+
+    run = setup(cfg, model, tokenizer, train_rows, val_rows, echo=True, student=None)
+    resume(run)                  # --resume true: weights, optimizer, RNG, epoch, patience
+    choose_teacher(run, kept)    # --teacher_cache: exact table, per-step teacher, or top-k
+
+:class:`Run` holds what the loop needs between epochs; :func:`setup` wraps the model
+in a fresh LoRA (:func:`add_lora`; gradient checkpointing, FSDP shards), makes the
+optimizer and schedule and the output directory, and cuts the validation rows into
+this process's batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, distributed, onpolicy
+from .batches import Batch, collate, make_batches
+from .configs import LoraArgs, TrainConfig
+from .data import write_json, write_jsonl
+from .errors import UserError
+from .forward import base_of
+from .outputs import RunLog, Tracker, prepare_out_dir
+from .teacher import TeacherCache, build_teacher_cache, exact_cache_fits
+
+
+def linear_module_names(model) -> list[str]:
+    names = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    return sorted(names)
+
+
+def add_lora(model, lora: LoraArgs):
+    """Wrap `model` in a fresh LoRA adapter; unknown target modules are a clear error."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise UserError(
+            f"--target_modules {','.join(missing)} not found in the model; its linear modules "
+            f"are: {', '.join(available)}"
+        )
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        inference_mode=False,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        bias="none",
+        target_modules=targets,
+    )
+    return get_peft_model(model, config)
+
+
+def prepare_model(cfg: TrainConfig, model):
+    """Gradient checkpointing, a fresh LoRA (the same on every process), FSDP shards."""
+    if cfg.gradient_checkpointing:  # before peft wraps it: the layers recompute in backward
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name in transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(model, cfg)
+    distributed.broadcast_params(p for p in model.parameters() if p.requires_grad)
+    if cfg.fsdp:  # shard the layers (base + LoRA weights) across the processes
+        distributed.fsdp_shard(model)
+    return model
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier: linear warm-up over `warmup_steps`, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+@dataclass
+class Run:
+    """One training run's inputs and its state between epochs."""
+
+    cfg: TrainConfig
+    model: Any
+    tokenizer: Any
+    train_rows: list[dict]
+    val_rows: list[dict]
+    out: Path
+    log: RunLog
+    opt: torch.optim.Optimizer
+    sched: Any
+    pad: int
+    idle: Batch  # a pass that predicts nothing, for processes without rows under FSDP
+    student: onpolicy.StudentPrompts | None = None
+    tracker: Tracker | None = None
+    cache: TeacherCache | None = None
+    val_share: list[dict] = field(default_factory=list)  # this process's validation rows
+    val_batches: list[Batch] = field(default_factory=list)
+    val_idle: list[Batch] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    best: float = math.inf
+    best_state: dict | None = None  # LoRA weights of the best epoch, handed back at the end
+    bad_epochs: int = 0  # epochs since `best` improved (--patience)
+    start: int = 0  # epochs already done
+    saved: int = 0  # the epoch of the checkpoint on disk
+    parts: int = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
+
+    @property
+    def main(self) -> bool:
+        return distributed.is_main()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def setup(cfg, model, tokenizer, train_rows, val_rows, echo, student) -> Run:
+    """Model with LoRA, optimizer, output directory, validation batches: a Run at epoch 0."""
+    model = prepare_model(cfg, model)
+    out = prepare_out_dir(cfg.out_dir)
+    main = distributed.is_main()
+    if main:
+        write_json(out / "args.json", dataclasses.asdict(cfg))
+        if not cfg.resume:
+            (out / "train_loop.log").unlink(missing_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(warmup_factor, warmup_steps=cfg.warmup_steps)
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run = Run(
+        cfg, model, tokenizer, train_rows, val_rows or [], out,
+        RunLog(out / "train_loop.log", echo, enabled=main), opt, sched, pad,
+        distributed.idle_batch(collate(train_rows[:1], pad, cfg.max_traj_len)),
+        student=student,
+        tracker=Tracker.open(cfg.report_to, out) if main else None,
+    )  # fmt: skip
+    # each process validates its share of the rows; validate() sums the shares
+    run.val_share = distributed.shard(run.val_rows)
+    if run.val_share:
+        run.val_batches = make_batches(run.val_share, cfg.batch_size, pad, cfg.max_traj_len)
+    # FSDP: every process runs the same passes; one with fewer rows runs idle ones
+    n_idle = distributed.max_over_ranks(len(run.val_batches)) - len(run.val_batches)
+    run.val_idle = [run.idle] * n_idle
+    log_setup(run)
+    return run
+
+
+def log_setup(run: Run) -> None:
+    cfg, model = run.cfg, run.model
+    n_train = sum(p.numel() for p in run.params)
+    n_all = sum(p.numel() for p in model.parameters())
+    run.log(
+        f"model {cfg.model_name} on {run.device}; LoRA r={cfg.r} alpha={cfg.lora_alpha} on "
+        f"{cfg.target_modules}: {n_train:,} trainable of {n_all:,} parameters"
+    )
+    run.log(f"{len(run.train_rows)} training and {len(run.val_rows)} validation trajectories")
+    world = distributed.world_size()
+    if world > 1:
+        run.log(f"data parallel on {world} processes: each step splits {cfg.batch_size} rows")
+    if distributed.is_sharded(model):
+        run.log(f"FSDP: each decoder layer's weights are sharded across the {world} processes")
+    if cfg.on_policy > 0:
+        s = run.student.settings
+        run.log(
+            f"on-policy: {cfg.on_policy:g} of each epoch's batches sampled from the student on "
+            f"{len(run.student.prompts)} questions (temperature {s.temperature}, at most "
+            f"{s.max_new_tokens} new tokens)"
+        )
+
+
+def resume(run: Run) -> None:
+    """Continue from <out_dir>/checkpoint with --resume true; else drop a stale one."""
+    cfg, out = run.cfg, run.out
+    # rank 0 reads it and hands it to all: other nodes need not see rank 0's disk
+    load = functools.partial(checkpoint.load_checkpoint, out)
+    state = distributed.on_main(load) if cfg.resume else None
+    if state is not None:
+        changed = checkpoint.changed_args(state["args"], dataclasses.asdict(cfg))
+        checkpoint.restore(state, run.model, run.opt, run.sched, cfg.learning_rate)
+        run.start, run.best, run.metrics = state["epoch"], state["best"], list(state["metrics"])
+        run.saved, run.bad_epochs = run.start, state.get("bad_epochs", 0)
+        run.log(
+            f"resumed from {checkpoint.checkpoint_dir(out)} after epoch {run.start}"
+            + (f" (changed: {', '.join(changed)})" if changed else "")
+        )
+    elif cfg.resume:
+        run.log(f"--resume: no checkpoint in {out}, starting from the beginning")
+    elif run.main:
+        checkpoint.remove_checkpoint(out)  # a previous run's state must not be resumed later
+    if run.main and cfg.resume:  # metrics.jsonl = the checkpoint's epochs, nothing half-done
+        write_jsonl(out / "metrics.jsonl", run.metrics)
+
+
+def choose_teacher(run: Run, kept: TeacherCache | None) -> None:
+    """The teacher for off-policy batches: a cache (kept from generation, or built now)
+    or None (the teacher runs every step). Never an approximation unless asked (topk)."""
+    cfg, log = run.cfg, run.log
+    mode = cfg.teacher_cache
+    if mode == "off" or run.start >= cfg.num_epochs or cfg.on_policy >= 1:
+        return  # nothing to cache for: no epochs left, or every batch is on-policy
+    if kept is not None and mode in ("auto", "exact"):
+        run.cache = kept
+        log(f"teacher cache (exact, kept from generation): {len(kept.logp)} rows")
+        return
+    if mode in ("auto", "exact"):
+        vocab = base_of(run.model).get_output_embeddings().weight.shape[0]
+        if not exact_cache_fits(run.train_rows, vocab, cfg.max_traj_len, cfg.teacher_cache_max_gb):
+            log(
+                f"teacher: the exact cache of {len(run.train_rows)} trajectories x {vocab} "
+                f"log-probs exceeds --teacher_cache_max_gb {cfg.teacher_cache_max_gb:g}; the "
+                "teacher runs every step instead (exact, slower; --teacher_cache topk trades "
+                "exactness for speed)"
+            )
+            return
+        mode = "exact"
+    run.cache = build_teacher_cache(
+        run.model, run.train_rows, run.pad, mode=mode, topk=cfg.teacher_topk,
+        batch_size=cfg.batch_size, max_gen=cfg.max_traj_len, chunk_size=cfg.kl_chunk_size,
+        prefix_reuse=cfg.prefix_reuse, log=log,
+    )  # fmt: skip
