@@ -217,14 +217,15 @@ def train(
     # fail on a bad --out_dir before loading anything, but create it only once every
     # input has been checked: a failed run leaves no empty run directory behind
     check_out_dir(cfg.out_dir)
-    if train_rows is None:
-        train_rows = read_trajectories(cfg.data_path, "--data_path")
-    if val_rows is None and cfg.val_path:
-        val_rows = read_trajectories(cfg.val_path, "--val_path")
-    if not train_rows:
-        raise UserError("the training set is empty")
     if tokenizer is None:  # cheap: check the data against it before loading the weights
         tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    # (the tokenizer also reads files in the original generate_data.py layout)
+    if train_rows is None:
+        train_rows = read_trajectories(cfg.data_path, "--data_path", tokenizer)
+    if val_rows is None and cfg.val_path:
+        val_rows = read_trajectories(cfg.val_path, "--val_path", tokenizer)
+    if not train_rows:
+        raise UserError("the training set is empty")
     for p in (cfg.data_path, cfg.val_path):
         if p and Path(p).is_file():
             check_fingerprint(p, tokenizer)
