@@ -255,7 +255,12 @@ def generate_trajectories(
         disable=not (progress and main),
     )
     fresh = not unfinished and world == 1
-    with _no_leftovers_on_failure(partial, key_path, fresh), open(own, "a", encoding="utf-8") as f:
+    # (the bar is closed on failure too, so an error line starts a line of its own)
+    with (
+        _no_leftovers_on_failure(partial, key_path, fresh),
+        pbar,
+        open(own, "a", encoding="utf-8") as f,
+    ):
         for bi in mine[done_batches:]:
             batch = batches[bi]
             torch.manual_seed(batch_seed(cfg.seed, bi))

@@ -204,7 +204,7 @@ def write_result(out: Path, result: dict) -> None:
 
 def pursue(cfg: PursueConfig) -> dict:
     cfg.validate()
-    x0 = prompt_text(cfg.prompt) if cfg.prompt else read_prompt(cfg.x0_file)
+    x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
     out = prepare_out_dir(cfg.out_dir)
     t0 = time.perf_counter()
