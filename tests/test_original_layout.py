@@ -194,7 +194,7 @@ def test_train_loop_trains_on_an_original_file(smollm, tmp_path, capsys):
     same_fields(rows, expected_rows(orig, end_of_turn_ids(tok, model)))
     eos = tok.eos_token_id
     kept = []
-    for r, o, n in zip(rows, orig, gen_lens):
+    for r, o in zip(rows, orig):
         gen = r["input_ids"][len(o["prompt_input_ids"]) :]
         assert eos not in gen[:-1]  # never padding: at most the one end-of-turn at the end
         kept.append(len(gen))
