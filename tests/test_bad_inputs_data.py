@@ -77,7 +77,7 @@ TRAJ_CASES = {
     "non-integer mask": (float_mask, 2, None, ["line 2", "generated_text_mask", "0/1"]),
     "padding in our layout": (padded_mask, 2, None, ["line 2", "zeros after"]),
     "no generated tokens": (None, 0, None, ["none of its 2 trajectories", "generated token"]),
-    "row count differs from sidecar": (None, 2, 4, ["holds 2", "records 4"]),
+    "more rows than the sidecar": (None, 2, 1, ["holds 2", "records 1", "written twice"]),
 }
 
 

@@ -344,14 +344,29 @@ def _layout(obj: dict, where: str) -> str:
     )
 
 
+def _check_row_count(path: str | Path, what: str, n: int) -> None:
+    """More rows than the sidecar records: the file was written twice (two runs at once)
+    or appended to, so rows repeat; refused. Fewer: a subset (e.g. a train/val split that
+    kept the sidecar); said once, then used."""
+    n_meta = (read_meta(path) or {}).get("num_trajectories")
+    if not isinstance(n_meta, int) or n_meta == n:
+        return
+    if n > n_meta:
+        raise UserError(
+            f"{what} {path}: holds {n} trajectories but its .meta.json records {n_meta}; "
+            "the file was written twice or appended to; regenerate it"
+        )
+    warn(f"{what} {path}: holds {n} of the {n_meta} trajectories its .meta.json records")
+
+
 def read_trajectories(path: str | Path, what: str = "--data_path", tokenizer=None) -> list[dict]:
     """Trajectory records in our schema, checked so training fails early and clearly.
 
     Reads our own files and the original generate_data.py's (converted; needs the
     model's `tokenizer` for its end-of-turn ids). Every row is checked (ids are
     integers >= 0, masks 0/1 and as long as the ids, both sides share the generated
-    ids); a file with no generated token at all, or with another row count than its
-    .meta.json sidecar records, is refused.
+    ids); a file with no generated token at all, or with more rows than its .meta.json
+    sidecar records, is refused.
     """
     rows, layouts = [], set()
     eot: list[int] | None = None
@@ -379,13 +394,7 @@ def read_trajectories(path: str | Path, what: str = "--data_path", tokenizer=Non
             f"{what} {path}: none of its {len(rows)} trajectories has a generated token; "
             "there is nothing to train on (regenerate with a larger --max_sequence_length)"
         )
-    meta = read_meta(path)
-    n_meta = (meta or {}).get("num_trajectories")
-    if isinstance(n_meta, int) and n_meta != len(rows):
-        raise UserError(
-            f"{what} {path}: holds {len(rows)} trajectories but its .meta.json records "
-            f"{n_meta}; the file was changed or written twice; regenerate it"
-        )
+    _check_row_count(path, what, len(rows))
     if layouts == {"original"}:
         warn(
             f"{what} {path}: read {len(rows)} trajectories in the original generate_data.py "
