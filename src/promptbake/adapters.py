@@ -109,12 +109,15 @@ def run_prompt(adapter: str | Path) -> str | None:
     return None
 
 
-def resolve_prompt(x0_file: str | None, prompt: str | None, adapter: str | None) -> str | None:
-    """--prompt text, else --x0_file, else the prompt recorded by the adapter's run."""
-    from .data import read_prompt
+def resolve_prompt(
+    x0_file: str | None, prompt: str | None, adapter: str | None
+) -> str | list[dict] | None:
+    """--prompt text, else --x0_file (text, or a .json list of chat messages), else the
+    prompt recorded by the adapter's run."""
+    from .data import prompt_text, read_prompt
 
-    if prompt:
-        return prompt.strip()
+    if prompt is not None:
+        return prompt_text(prompt)
     if x0_file:
         return read_prompt(x0_file)
     return run_prompt(adapter) if adapter else None

@@ -24,7 +24,14 @@ from pathlib import Path
 
 from . import distributed
 from .configs import GenerateConfig, LoraArgs, ModelArgs, TrainConfig, opt, require
-from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
+from .data import (
+    atomic_write,
+    prompt_text,
+    read_prompt,
+    read_questions,
+    read_trajectories,
+    write_json,
+)
 from .errors import UserError
 from .evaluate import answer, heldout_kl, side_by_side
 from .generate import generate_trajectories, select_questions
@@ -80,7 +87,10 @@ class BakeConfig(LoraArgs, ModelArgs):
     lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")
 
     def validate(self) -> None:
-        require(bool(self.x0_file) != bool(self.prompt), "give exactly one of --x0_file, --prompt")
+        require(
+            (self.x0_file is None) != (self.prompt is None),
+            "give exactly one of --x0_file, --prompt",
+        )
         require(0 <= self.val_fraction < 1, "--val_fraction must be in [0, 1)")
         require(self.answer_tokens > 0, "--answer_tokens must be positive")
         self.generate_config("x").validate()
@@ -137,7 +147,7 @@ def keep_teacher_logprobs(cfg: BakeConfig, model, n_questions: int) -> bool:
 
 def bake(cfg: BakeConfig) -> dict:
     cfg.validate()
-    x0 = cfg.prompt.strip() if cfg.prompt else read_prompt(cfg.x0_file)
+    x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     questions = read_questions(cfg.question_dataset)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
     out = prepare_out_dir(cfg.out_dir)

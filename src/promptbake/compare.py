@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .adapters import adapter_dir, load_adapter, run_file, set_adapter_scale
+from .adapters import adapter_dir, base_model_name, load_adapter, run_file, set_adapter_scale
 from .batches import Side, make_batches
 from .chat import encode, format_prompt
 from .configs import ModelArgs, opt, require
@@ -53,8 +53,9 @@ from .data import (
 from .errors import UserError
 from .evaluate import heldout_kl
 from .forward import adapter_disabled, base_of, selected_hidden
+from .models import load_tokenizer
 from .report import format_table
-from .train import check_fingerprint
+from .train import check_fingerprint, check_token_ids
 
 # condition -> (which side of the trajectory, adapter on?)
 CONDITIONS: dict[str, tuple[str, bool]] = {
@@ -145,7 +146,7 @@ def _prompt_ids_nosys(rec: dict) -> list[int]:
 
 
 def override_prompt(
-    rows: list[dict], tokenizer, system: str, enable_thinking: bool | None = None
+    rows: list[dict], tokenizer, system: str | list[dict], enable_thinking: bool | None = None
 ) -> list[dict]:
     """The trajectories with their prompted side re-rendered under another system prompt.
 
@@ -270,7 +271,9 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     cfg.validate()
     adapter = adapter_dir(cfg.adapter)
     data_file = cfg.data_file or default_data_file(str(adapter))
-    rows = read_trajectories(data_file, "--data_file")
+    if tokenizer is None:  # cheap; also reads files in the original generate_data.py layout
+        tokenizer = load_tokenizer(base_model_name(adapter, cfg.model_name), cfg.trust_remote_code)
+    rows = read_trajectories(data_file, "--data_file", tokenizer)
     override = (
         read_prompt(cfg.prompt_override, "--prompt_override") if cfg.prompt_override else None
     )
@@ -282,6 +285,7 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
             adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
         )
     check_fingerprint(data_file, tokenizer)
+    check_token_ids(rows, model)
     if override is not None:
         meta = read_meta(data_file) or {}
         thinking = (meta.get("args") or {}).get("enable_thinking")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import group_identical
+from .data import cut_at_end_of_turn, group_identical
 from .errors import UserError, warn
 from .models import cache_arg
 from .sampling import Samples, Sampling
@@ -34,15 +34,6 @@ def left_pad(
             ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s) :] = 1
     return ids, mask
-
-
-def cut_at_end_of_turn(ids: list[int], eot_ids: set[int] | list[int]) -> list[int]:
-    """Keep tokens up to and including the first end-of-turn token (padding follows it)."""
-    eot = set(eot_ids)
-    for i, t in enumerate(ids):
-        if t in eot:
-            return ids[: i + 1]
-    return ids
 
 
 def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor):

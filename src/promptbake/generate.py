@@ -24,6 +24,7 @@ What differs from the original script, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +40,7 @@ from .chat import encode, format_prompt
 from .configs import GenerateConfig
 from .data import (
     atomic_write,
+    exclusive_lock,
     make_trajectory,
     meta_path,
     read_prompt,
@@ -63,7 +65,7 @@ def select_questions(questions: list[dict], n: int, seed: int, shuffle: bool = T
 
 
 def render_prompts(
-    tokenizer, x0: str, questions: list[dict], enable_thinking: bool | None = None
+    tokenizer, x0: str | list[dict], questions: list[dict], enable_thinking: bool | None = None
 ) -> list[Prompt]:
     out = []
     for q in questions:
@@ -105,7 +107,7 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
-def _resume_key(cfg: GenerateConfig, fingerprint: str, x0: str) -> dict:
+def _resume_key(cfg: GenerateConfig, fingerprint: str, x0: str | list[dict]) -> dict:
     args = dataclasses.asdict(cfg)
     args.pop("traj_out_file")
     return {"args": args, "tokenizer_fingerprint": fingerprint, "x0": x0}
@@ -157,6 +159,19 @@ def _check_resume_key(partial: Path, key_path: Path, key: dict) -> None:
     )
 
 
+@contextlib.contextmanager
+def _no_leftovers_on_failure(partial: Path, key_path: Path, fresh: bool):
+    """A fresh run that fails before writing a row removes its empty .partial and key:
+    left behind, they would block the corrected command ("unfinished run")."""
+    try:
+        yield
+    except BaseException:
+        if fresh and (not partial.exists() or partial.stat().st_size == 0):
+            partial.unlink(missing_ok=True)
+            key_path.unlink(missing_ok=True)
+        raise
+
+
 def _merge_shards(partial: Path, batches: list[list[tuple[int, int]]], world: int) -> None:
     """Interleave the processes' shard files into `partial` in batch order, atomically.
 
@@ -183,7 +198,7 @@ def generate_trajectories(
     model,
     tokenizer,
     cfg: GenerateConfig,
-    x0: str,
+    x0: str | list[dict],
     questions: list[dict],
     out_path: str | Path,
     *,
@@ -239,7 +254,13 @@ def generate_trajectories(
         desc="generating",
         disable=not (progress and main),
     )
-    with open(own, "a", encoding="utf-8") as f:
+    fresh = not unfinished and world == 1
+    # (the bar is closed on failure too, so an error line starts a line of its own)
+    with (
+        _no_leftovers_on_failure(partial, key_path, fresh),
+        pbar,
+        open(own, "a", encoding="utf-8") as f,
+    ):
         for bi in mine[done_batches:]:
             batch = batches[bi]
             torch.manual_seed(batch_seed(cfg.seed, bi))
@@ -317,9 +338,14 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     out = Path(cfg.traj_out_file)
     if out.is_dir():
         raise UserError(f"--traj_out_file {out} is a directory; give a .jsonl file path")
-    if model is None:
-        model, tokenizer = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
-    stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out)
+    # one writer per output for the whole run: a second run at once is refused (exit 2)
+    main = distributed.is_main()
+    with exclusive_lock(out, "--traj_out_file") if main else contextlib.nullcontext():
+        if model is None:
+            model, tokenizer = load_model(
+                cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+            )
+        stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out)
     if not distributed.is_main():
         return stats
     print(

@@ -40,7 +40,14 @@ from .adapters import CHAIN_FILE, attach_adapter, merged_copy
 from .bake import BakeConfig, bake, split_questions
 from .batches import make_batches
 from .configs import opt, require
-from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
+from .data import (
+    atomic_write,
+    prompt_text,
+    read_prompt,
+    read_questions,
+    read_trajectories,
+    write_json,
+)
 from .evaluate import answer, heldout_kl
 from .forward import adapter_disabled, base_of, selected_hidden
 from .generate import generate_trajectories, select_questions
@@ -95,7 +102,9 @@ def cross_model_kl(
     return total / max(n, 1)
 
 
-def marker_rates(model, tok, cfg: PursueConfig, x0: str, heldout: list[dict]) -> dict | None:
+def marker_rates(
+    model, tok, cfg: PursueConfig, x0: str | list[dict], heldout: list[dict]
+) -> dict | None:
     """Marker rate without and with the prompt (adapter on, if the model has one)."""
     if not (heldout and cfg.marker):
         return None
@@ -111,7 +120,15 @@ def marker_rates(model, tok, cfg: PursueConfig, x0: str, heldout: list[dict]) ->
 
 
 def later_round(
-    k: int, prev, tok, cfg: PursueConfig, x0: str, train_q, val_q, rdir: Path, base_dirs
+    k: int,
+    prev,
+    tok,
+    cfg: PursueConfig,
+    x0: str | list[dict],
+    train_q,
+    val_q,
+    rdir: Path,
+    base_dirs,
 ):
     """Round k > 1: merge, sample from the merged model with the prompt, train a new adapter."""
     teacher = merged_copy(prev)  # rounds 1..k-1 in the weights
@@ -187,7 +204,7 @@ def write_result(out: Path, result: dict) -> None:
 
 def pursue(cfg: PursueConfig) -> dict:
     cfg.validate()
-    x0 = cfg.prompt.strip() if cfg.prompt else read_prompt(cfg.x0_file)
+    x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
     out = prepare_out_dir(cfg.out_dir)
     t0 = time.perf_counter()

@@ -385,9 +385,10 @@ def run_train(cfg: TrainConfig, echo: bool = True):
     # input has been checked: a failed run leaves no empty run directory behind
     check_out_dir(cfg.out_dir)
     check_report_to(cfg.report_to)
-    train_rows = read_trajectories(cfg.data_path, "--data_path")
-    val_rows = read_trajectories(cfg.val_path, "--val_path") if cfg.val_path else None
     tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)  # cheap: before weights
+    # (the tokenizer also reads files in the original generate_data.py layout)
+    train_rows = read_trajectories(cfg.data_path, "--data_path", tokenizer)
+    val_rows = read_trajectories(cfg.val_path, "--val_path", tokenizer) if cfg.val_path else None
     meta = read_meta(cfg.data_path)
     check_fingerprint(cfg.data_path, tokenizer, meta)
     if cfg.val_path:
