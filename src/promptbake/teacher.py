@@ -18,7 +18,7 @@ facts make most of its work redundant:
   distributions at the generated positions are the same in every epoch. With
   ``exact``, :func:`build_teacher_cache` computes them once, before epoch 1, as float32
   log-probabilities [tokens x vocab] on the CPU, and every later step only runs the
-  student: :func:`cached_kl` is ``loss.token_kl`` against the cached rows, equal to the
+  student: ``loss.divergence`` against the cached rows, equal to the
   uncached loss. When that table would exceed ``--teacher_cache_max_gb`` (or with
   ``topk``) only the teacher's top-k log-probs, their ids and the log of the remaining
   (tail) mass are kept, and the KL is computed against that coarser distribution:
