@@ -14,7 +14,7 @@ allocations are invisible to tracemalloc, and the kernel's peak counts them all.
 * naive: head on every position of both sequences -> [B, T, V] logits, the KL
   (``loss.token_kl``) on the rows that predict generated tokens, mean, backward;
 * chunked: the rows that predict generated tokens first ([N, H]), then
-  ``loss.chunked_kl`` (``chunk`` rows of logits at a time; with the frozen head, the
+  ``loss.divergence`` (forward KL; ``chunk`` rows of logits at a time; with the frozen head, the
   fused path that computes the gradient w.r.t. the hidden states in the forward pass).
 
 The [rows x V] float32 tensors dominate both and do not depend on H, so H defaults to
@@ -67,7 +67,7 @@ def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: i
     """Run one loss step in THIS process; return the peak-RSS increase in bytes."""
     import torch
 
-    from promptbake.loss import chunked_kl, token_kl
+    from promptbake.loss import TeacherTarget, divergence, token_kl
 
     torch.manual_seed(0)
     T = prompt + gen
@@ -78,7 +78,8 @@ def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: i
     pred = torch.zeros(batch, T, dtype=torch.bool)
     pred[:, prompt - 1 : T - 1] = True  # each row predicts `gen` generated tokens
     # touch a small step first so lazy allocator/library state is not counted
-    chunked_kl(t_h[:1, :2].reshape(-1, hidden), s_h[:1, :2].reshape(-1, hidden), head, 2)
+    warm = TeacherTarget(hidden=t_h[:1, :2].reshape(-1, hidden))
+    divergence(s_h[:1, :2].reshape(-1, hidden), head, warm, 2)
     before = _start_peak()
     if method == "naive":
         with torch.no_grad():
@@ -86,7 +87,7 @@ def measure(method: str, batch: int, prompt: int, gen: int, chunk: int, vocab: i
         s_logits = head(s_h)  # [B, T, V]
         kl = token_kl(t_logits[pred], s_logits[pred])
     elif method == "chunked":
-        kl = chunked_kl(t_h[pred], s_h[pred], head, chunk)
+        kl = divergence(s_h[pred], head, TeacherTarget(hidden=t_h[pred]), chunk)
     else:
         raise ValueError(method)
     kl.mean().backward()

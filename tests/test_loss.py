@@ -1,4 +1,4 @@
-"""The KL objective as pure tensor functions (promptbake.loss).
+"""The divergences as pure tensor functions (promptbake.loss).
 
 python -m pytest tests/test_loss.py -q
 """
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from promptbake import loss
-from promptbake.loss import chunked_kl, masked_kl, token_kl
+from promptbake.errors import UserError
+from promptbake.loss import DIVERGENCES, TeacherTarget, divergence, masked_kl, token_kl
 
 V, H = 37, 8
 
@@ -88,7 +89,100 @@ def test_all_masked_gives_zero_not_nan():
     assert per_seq.tolist() == [0.0, 0.0]
 
 
-# ---------------------------------------------------------------- chunked_kl
+# ---------------------------------------------------------------- the divergences, plain
+def plain(kind, t_logits, s_logits, beta=0.5):
+    """The divergence from its textbook formula on full float64 softmaxes."""
+    p, q = t_logits.double().softmax(-1), s_logits.double().softmax(-1)
+
+    def kl(a, b):  # sum a log(a / b), 0 where a == 0
+        return torch.where(a > 0, a * (a / b).log(), 0.0).sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return kl(p, q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+CASES = [
+    ("forward_kl", 0.5),
+    ("reverse_kl", 0.5),
+    ("jsd", 0.5),
+    ("jsd", 0.1),
+    ("jsd", 0.9),
+    ("jsd", 0.0),
+    ("jsd", 1.0),
+]
+
+
+@pytest.mark.parametrize("kind,beta", CASES)
+def test_each_divergence_matches_its_plain_formula_value_and_logit_gradient(kind, beta):
+    t, s = logits(6, V, seed=30), logits(6, V, seed=31)
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)  # a non-uniform upstream gradient
+    s_ref = s.double().requires_grad_()
+    ref = plain(kind, t, s_ref, beta)
+    (ref * w).sum().backward()
+
+    div = DIVERGENCES[kind]
+    z = s.clone().requires_grad_()
+    got = div.value(t.log_softmax(-1), z.log_softmax(-1), beta)
+    (got * w.float()).sum().backward()
+    torch.testing.assert_close(got.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z.grad.double(), s_ref.grad, atol=1e-5, rtol=1e-5)
+    # the closed form the fused path uses equals autograd on the value
+    closed = div.grad(t.log_softmax(-1), s.log_softmax(-1), beta) * w.float()[:, None]
+    torch.testing.assert_close(closed.double(), s_ref.grad, atol=1e-5, rtol=1e-5)
+    assert ref.min() > 1e-3 and s_ref.grad.abs().sum() > 0
+
+
+def test_forward_kl_is_f_kl_div_and_the_default():
+    t, s = logits(5, V, seed=32), logits(5, V, seed=33)
+    got = divergence(s, torch.nn.Identity(), TeacherTarget(t.log_softmax(-1)), 2)
+    torch.testing.assert_close(got, reference_kl(t, s), atol=1e-6, rtol=1e-6)
+
+
+def test_reverse_kl_swaps_the_arguments():
+    t, s = logits(5, V, seed=34), logits(5, V, seed=35, scale=0.5)
+    tl, sl = t.log_softmax(-1), s.log_softmax(-1)
+    rev = DIVERGENCES["reverse_kl"].value(tl, sl)
+    torch.testing.assert_close(rev, reference_kl(s, t), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(rev, DIVERGENCES["forward_kl"].value(tl, sl), atol=1e-3)
+
+
+def test_jsd_ends_are_the_two_kls_and_its_interior_is_bounded():
+    t, s = logits(5, V, seed=36), logits(5, V, seed=37)
+    tl, sl = t.log_softmax(-1), s.log_softmax(-1)
+    jsd = DIVERGENCES["jsd"].value
+    torch.testing.assert_close(jsd(tl, sl, 0.0), reference_kl(t, s), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(jsd(tl, sl, 1.0), reference_kl(s, t), atol=1e-6, rtol=1e-6)
+    # the interior formula tends to 0 at the ends: that is why they are special-cased
+    assert jsd(tl, sl, 1e-4).max() < 1e-2 * reference_kl(t, s).min()
+    half = jsd(tl, sl, 0.5)
+    assert (half > 0).all() and (half <= torch.log(torch.tensor(2.0)) + 1e-6).all()
+    torch.testing.assert_close(jsd(tl, sl, 0.5), jsd(sl, tl, 0.5), atol=1e-6, rtol=1e-6)
+
+
+def test_divergences_are_zero_for_equal_distributions_and_finite_at_zero_mass():
+    t = logits(4, V, seed=38)
+    t[:, :3] = float("-inf")  # p = 0 exactly on three tokens, for teacher and student
+    tl = t.log_softmax(-1)
+    for kind, beta in CASES:
+        got = DIVERGENCES[kind].value(tl, tl, beta)
+        torch.testing.assert_close(got, torch.zeros(4), atol=1e-6, rtol=0)
+        assert torch.isfinite(DIVERGENCES[kind].grad(tl, tl, beta)).all()
+
+
+def test_bad_divergence_name_or_beta_is_a_user_error():
+    h, tgt = torch.zeros(2, V), TeacherTarget(torch.zeros(2, V))
+    with pytest.raises(UserError, match="forward_kl, reverse_kl, jsd"):
+        divergence(h, torch.nn.Identity(), tgt, kind="tvd")
+    with pytest.raises(UserError, match="jsd_beta"):
+        divergence(h, torch.nn.Identity(), tgt, kind="jsd", beta=1.5)
+    assert loss.DIVERGENCE_NAMES == ["forward_kl", "reverse_kl", "jsd"]
+
+
+# ---------------------------------------------------------------- divergence(): hidden target
 @pytest.fixture
 def head():
     torch.manual_seed(0)
@@ -99,117 +193,174 @@ def head():
 
 
 N = 7
+KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)]
 
 
+def run(head, s_h, target, chunk, kind, beta, w):
+    """divergence() and its gradient w.r.t. the student's hidden states."""
+    s = s_h.detach().clone().requires_grad_()
+    got = divergence(s, head, target, chunk, kind, beta)
+    (got * w).sum().backward()
+    return got.detach(), s.grad
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
-def test_chunked_kl_equals_full_logits(head, chunk):
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_divergence_equals_the_plain_full_vocabulary_formula(head, fused, chunk, kind, beta):
+    """Chunked (fused or checkpointed) == the textbook formula on the full logits,
+    values and gradients w.r.t. the student's hidden states, under a non-uniform
+    upstream gradient."""
+    head.weight.requires_grad_(not fused)
+    assert loss.can_fuse(head) == fused
     t_h, s_h = logits(N, H, seed=14, scale=1), logits(N, H, seed=15, scale=1)
+    w = torch.linspace(0.5, 2.0, N)
+    s_ref = s_h.double().requires_grad_()
     with torch.no_grad():
-        full = token_kl(head(t_h), head(s_h))
-    got = chunked_kl(t_h, s_h, head, chunk)
-    assert got.shape == (N,)
-    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
-    assert full.min() > 1e-3  # a real, non-trivial KL
+        t_logits = head(t_h)
+    ref = plain(kind, t_logits, s_ref @ head.weight.detach().double().T, beta)
+    (ref * w.double()).sum().backward()
+
+    got, g = run(head, s_h, TeacherTarget(hidden=t_h), chunk, kind, beta, w)
+    assert got.shape == (N,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g.double(), s_ref.grad, atol=1e-5, rtol=1e-5)
+    assert ref.min() > 1e-3 and g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
-def test_chunked_kl_gradients_equal_the_plain_version(head, chunk):
-    t_h = logits(N, H, seed=16, scale=1)
-    s_plain = logits(N, H, seed=17, scale=1).requires_grad_()
-    s_chunk = s_plain.detach().clone().requires_grad_()
-    weights = torch.linspace(0.5, 2.0, N)  # a non-uniform upstream gradient
-
-    (token_kl(head(t_h).detach(), head(s_plain)) * weights).sum().backward()
-    g_plain_h, g_plain_w = s_plain.grad.clone(), head.weight.grad.clone()
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_fused_path_equals_the_checkpointed_autograd_path(head, kind, beta):
+    t_h, s_h = logits(N, H, seed=24, scale=1), logits(N, H, seed=25, scale=1)
+    w = torch.linspace(2.0, 0.1, N)
+    target = TeacherTarget(hidden=t_h)
+    v1, g1 = run(head, s_h, target, 3, kind, beta, w)  # weight requires grad: checkpointed
+    assert head.weight.grad is not None  # the autograd path trains a trainable head
+    head.weight.requires_grad_(False)
     head.weight.grad = None
+    s = s_h.clone().requires_grad_()
+    got = divergence(s, head, target, 3, kind, beta)
+    assert "Fused" in type(got.grad_fn).__name__
+    (got * w).sum().backward()
+    torch.testing.assert_close(got.detach(), v1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(s.grad, g1, atol=1e-5, rtol=1e-5)
+    assert head.weight.grad is None  # a frozen head stays untouched
 
-    (chunked_kl(t_h, s_chunk, head, chunk) * weights).sum().backward()
-    torch.testing.assert_close(s_chunk.grad, g_plain_h, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(head.weight.grad, g_plain_w, atol=1e-5, rtol=1e-5)
-    assert s_chunk.grad.abs().sum() > 0
 
-
-def test_chunked_kl_teacher_gets_no_gradient(head):
+def test_the_teacher_gets_no_gradient(head):
     t_h = logits(N, H, seed=18, scale=1).requires_grad_()
     s_h = logits(N, H, seed=19, scale=1).requires_grad_()
-    chunked_kl(t_h, s_h, head, 2).sum().backward()
-    assert t_h.grad is None
+    for fused in (False, True):
+        head.weight.requires_grad_(not fused)
+        divergence(s_h, head, TeacherTarget(hidden=t_h), 2, "jsd").sum().backward()
+        assert t_h.grad is None
     assert s_h.grad is not None
 
 
-def test_chunked_kl_with_zero_rows(head):
-    empty = torch.zeros(0, H)
-    s = torch.zeros(0, H, requires_grad=True)
-    got = chunked_kl(empty, s, head, 4)
-    assert got.shape == (0,)
-    assert got.dtype == torch.float32
-    got.sum().backward()  # a training step on an empty batch must not crash
-    assert s.grad is not None and s.grad.shape == (0, H)
-    assert chunked_kl(empty, torch.zeros(0, H), head, 4).shape == (0,)
-
-
-def test_chunked_kl_without_grad_builds_no_graph(head):
+def test_without_grad_builds_no_graph(head):
     s = logits(N, H, seed=20, scale=1).requires_grad_()
-    with torch.no_grad():
-        got = chunked_kl(logits(N, H, seed=21, scale=1), s, head, 3)
-    assert got.grad_fn is None and not got.requires_grad
+    for fused in (False, True):
+        head.weight.requires_grad_(not fused)
+        with torch.no_grad():
+            got = divergence(s, head, TeacherTarget(hidden=logits(N, H, seed=21)), 3, "jsd")
+        assert got.grad_fn is None and not got.requires_grad
 
 
-# ---------------------------------------------------------------- fused_kl
-@pytest.fixture
-def frozen_head(head):
-    head.weight.requires_grad_(False)
-    return head
-
-
-@pytest.mark.parametrize("chunk", [1, 3, N, N + 5])
-def test_fused_kl_equals_kl_div_value_and_gradient(frozen_head, chunk):
-    """The fused path (gradient computed in the forward pass) against F.kl_div on the
-    full logits with autograd, under a non-uniform upstream gradient."""
-    t_h = logits(N, H, seed=22, scale=1)
-    s_ref = logits(N, H, seed=23, scale=1).requires_grad_()
-    s_fused = s_ref.detach().clone().requires_grad_()
-    weights = torch.linspace(0.5, 2.0, N)
-
-    t_logp = frozen_head(t_h).log_softmax(-1)
-    ref = F.kl_div(frozen_head(s_ref).log_softmax(-1), t_logp, log_target=True, reduction="none")
-    (ref.sum(-1) * weights).sum().backward()
-
-    assert loss.can_fuse(frozen_head)
-    got = chunked_kl(t_h, s_fused, frozen_head, chunk)  # takes the fused path
-    assert got.grad_fn is not None and "Fused" in type(got.grad_fn).__name__
-    (got * weights).sum().backward()
-    torch.testing.assert_close(got.detach(), ref.sum(-1).detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s_fused.grad, s_ref.grad, atol=1e-5, rtol=1e-5)
-    assert s_fused.grad.abs().sum() > 0
-    assert frozen_head.weight.grad is None
-
-
-def test_fused_kl_equals_the_checkpointed_path(head):
-    """Same values and hidden-state gradients as the autograd path it replaces."""
-    t_h = logits(N, H, seed=24, scale=1)
-    s1 = logits(N, H, seed=25, scale=1).requires_grad_()
-    s2 = s1.detach().clone().requires_grad_()
-    w = torch.linspace(2.0, 0.1, N)
-    assert not loss.can_fuse(head)  # weight requires grad: checkpointed path
-    (chunked_kl(t_h, s1, head, 3) * w).sum().backward()
-    head.weight.requires_grad_(False)
-    (chunked_kl(t_h, s2, head, 3) * w).sum().backward()
-    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-5, rtol=1e-5)
-
-
-def test_fused_kl_is_not_used_for_a_head_with_bias():
+def test_fused_is_not_used_for_a_head_with_bias():
     lin = torch.nn.Linear(H, V, bias=True).requires_grad_(False)
     assert not loss.can_fuse(lin)
     assert loss.can_fuse(torch.nn.Linear(H, V, bias=False).requires_grad_(False))
 
 
-def test_fused_kl_without_grad_and_with_zero_rows(frozen_head):
-    s = logits(N, H, seed=26, scale=1).requires_grad_()
+def test_row_count_mismatch_is_an_error(head):
+    with pytest.raises(ValueError, match="3 teacher rows for 2"):
+        divergence(torch.zeros(2, H), head, TeacherTarget(hidden=torch.zeros(3, H)))
+
+
+# ---------------------------------------------------------------- target forms
+def topk_target(t_logp, k):
+    top, idx = t_logp.topk(k, -1)
+    tail = t_logp.scatter(1, idx, float("-inf")).logsumexp(-1)
+    return TeacherTarget(top, idx.int(), tail)
+
+
+def old_topk_kl(logp, idx, log_tail, s_logits):
+    """The top-k + tail forward KL as it was before the divergence family (its numbers)."""
+    s = s_logits.float().log_softmax(-1)
+    s_top = s.gather(1, idx.long())
+    p = logp.exp()
+    head = (p * (logp - s_top)).sum(-1)
+    log_q_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, -1))).clamp(min=1e-30))
+    p_tail = log_tail.exp()
+    return head + torch.where(p_tail > 0, p_tail * (log_tail - log_q_tail), 0.0)
+
+
+def test_target_forms_agree_hidden_exact_and_full_topk(head):
+    """Hidden states, the exact log-prob cache (kept on the CPU) and top-k with k = V
+    give the same values and gradients, fused and checkpointed, for every divergence."""
+    t_h, s_h = logits(N, H, seed=40, scale=1), logits(N, H, seed=41, scale=1)
+    w = torch.linspace(0.5, 2.0, N)
     with torch.no_grad():
-        got = chunked_kl(logits(N, H, seed=27, scale=1), s, frozen_head, 3)
-    assert got.grad_fn is None
-    empty = torch.zeros(0, H, requires_grad=True)
-    z = chunked_kl(torch.zeros(0, H), empty, frozen_head, 3)
-    z.sum().backward()
-    assert empty.grad.shape == (0, H)
+        t_logp = head(t_h).log_softmax(-1)
+    forms = [TeacherTarget(hidden=t_h), TeacherTarget(t_logp), topk_target(t_logp, V)]
+    assert [f.kind for f in forms] == ["hidden", "exact", "topk"]
+    assert float(forms[2].log_tail.max()) == float("-inf")
+    for kind, beta in KINDS:
+        for fused in (True, False):
+            head.weight.requires_grad_(not fused)
+            (v0, g0), *rest = [run(head, s_h, f, 3, kind, beta, w) for f in forms]
+            for v, g in rest:
+                torch.testing.assert_close(v, v0, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_keeps_its_numbers_and_is_a_lower_bound_below_full_k():
+    t, s = logits(6, 50, seed=42), logits(6, 50, seed=43)
+    ident = torch.nn.Identity()  # the student's "hidden states" are its logits
+    for k in (50, 10, 1):
+        tgt = topk_target(t.log_softmax(-1), k)
+        got = divergence(s, ident, tgt, 4)
+        torch.testing.assert_close(got, old_topk_kl(tgt.logp, tgt.idx, tgt.log_tail, s))
+    for kind, beta in KINDS:
+        full = plain(kind, t, s, beta).float()
+        approx = {
+            k: divergence(s, ident, topk_target(t.log_softmax(-1), k), 4, kind, beta)
+            for k in (50, 10, 1)
+        }
+        torch.testing.assert_close(approx[50], full, atol=1e-5, rtol=1e-5)  # no tail: exact
+        for k in (10, 1):
+            assert (approx[k] <= full + 1e-5).all() and (approx[k] > 0).all()
+        # keeping more of the distribution comes closer to the full divergence
+        assert (full - approx[10]).sum() < (full - approx[1]).sum()
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_topk_fused_equals_autograd_below_full_k(head, kind, beta):
+    t_h, s_h = logits(N, H, seed=44, scale=1), logits(N, H, seed=45, scale=1)
+    w = torch.linspace(0.5, 2.0, N)
+    with torch.no_grad():
+        target = topk_target(head(t_h).log_softmax(-1), 5)
+    s_ref = s_h.clone().requires_grad_()
+    ref = divergence(s_ref @ head.weight.T, torch.nn.Identity(), target, N, kind, beta)
+    (ref * w).sum().backward()  # plain autograd through the coarse bins, one chunk
+    head.weight.requires_grad_(False)
+    v, g = run(head, s_h, target, 3, kind, beta, w)
+    torch.testing.assert_close(v, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g, s_ref.grad, atol=1e-5, rtol=1e-5)
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_zero_rows_give_zeros_and_a_usable_graph(head, fused):
+    head.weight.requires_grad_(not fused)
+    empty_t = [
+        TeacherTarget(hidden=torch.zeros(0, H)),
+        TeacherTarget(torch.zeros(0, V)),
+        TeacherTarget(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0)),
+    ]
+    for target in empty_t:
+        for kind, beta in KINDS:
+            s = torch.zeros(0, H, requires_grad=True)
+            got = divergence(s, head, target, 4, kind, beta)
+            assert got.shape == (0,) and got.dtype == torch.float32
+            got.sum().backward()  # a training step on an empty batch must not crash
+            assert s.grad is not None and s.grad.shape == (0, H)

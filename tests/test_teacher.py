@@ -28,8 +28,8 @@ from promptbake.chat import encode, format_prompt
 from promptbake.configs import TrainConfig
 from promptbake.data import make_trajectory
 from promptbake.errors import UserError
-from promptbake.forward import base_of, prefix_reuse_hidden, selected_hidden
-from promptbake.loss import cached_kl, token_kl, topk_kl
+from promptbake.forward import adapter_disabled, base_of, prefix_reuse_hidden, selected_hidden
+from promptbake.loss import divergence, token_kl
 from promptbake.objective import backward_kl, batch_kl
 from promptbake.teacher import build_teacher_cache, cache_from_generation, cache_order
 from promptbake.train import add_lora
@@ -148,24 +148,6 @@ def test_exact_cache_gives_the_uncached_loss_and_gradients(tiny_model, chatml_to
     torch.testing.assert_close(lora_grads(m), g_plain, atol=1e-6, rtol=1e-4)
 
 
-def test_topk_kl_is_exact_at_full_k_and_a_lower_bound_below():
-    g = torch.Generator().manual_seed(0)
-    t = torch.randn(6, 50, generator=g) * 3
-    s = torch.randn(6, 50, generator=g) * 3
-    full = token_kl(t, s)
-    lp = t.log_softmax(-1)
-    approx = {}
-    for k in (50, 10, 1):
-        top, idx = lp.topk(k, -1)
-        tail = lp.scatter(1, idx, float("-inf")).logsumexp(-1)
-        approx[k] = topk_kl(top, idx, tail, s)
-    torch.testing.assert_close(approx[50], full, atol=1e-5, rtol=1e-5)  # no tail: exact
-    for k in (10, 1):
-        assert (approx[k] <= full + 1e-5).all() and (approx[k] > 0).all()
-    # keeping more of the distribution comes closer to the full KL
-    assert (full - approx[10]).sum() < (full - approx[1]).sum()
-
-
 def test_topk_cache_gradient_flows(tiny_model, chatml_tok):
     rows = make_rows(chatml_tok)
     m = lora(tiny_model)
@@ -175,13 +157,51 @@ def test_topk_cache_gradient_flows(tiny_model, chatml_tok):
     head = base_of(m).get_output_embeddings()
     b = collate(rows[:4], chatml_tok.pad_token_id)
     s_hidden = selected_hidden(m, b.unprompted)
-    kl = cached_kl(cache.target(range(4)), s_hidden, head, 4)
+    kl = divergence(s_hidden, head, cache.target(range(4)), 4)
     with torch.no_grad():
         t_hidden = selected_hidden(m, b.prompted)
         full = token_kl(head(t_hidden), head(s_hidden))
     assert (kl <= full + 1e-5).all()
     kl.sum().backward()
     assert lora_grads(m).abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_the_divergence_reaches_the_objective(tiny_model, chatml_tok, kind, beta):
+    """batch_kl / backward_kl with another divergence: the plain full-logit formula on
+    the selected rows, the same with the exact cache, the same gradient in slices;
+    evaluate_kl stays forward KL."""
+    rows = make_rows(chatml_tok)
+    pad = chatml_tok.pad_token_id
+    m = lora(tiny_model)
+    cache = build_teacher_cache(m, rows, pad, mode="exact", batch_size=4, log=lambda s: None)
+    pick = [7, 2, 5, 0]
+    b = collate([rows[i] for i in pick], pad)
+    head = base_of(m).get_output_embeddings()
+    with torch.no_grad(), adapter_disabled(m):
+        t = head(selected_hidden(m, b.prompted)).double().softmax(-1)
+    with torch.no_grad():
+        q = head(selected_hidden(m, b.unprompted)).double().softmax(-1)
+    if kind == "reverse_kl":
+        ref = (q * (q / t).log()).sum(-1)
+    else:
+        mix = beta * t + (1 - beta) * q
+        ref = beta * (t * (t / mix).log()).sum(-1) + (1 - beta) * (q * (q / mix).log()).sum(-1)
+
+    kl, _ = batch_kl(m, b, 3, divergence=kind, beta=beta)
+    kl.sum().backward()
+    g = lora_grads(m)
+    m.zero_grad()
+    torch.testing.assert_close(kl.detach().double(), ref, atol=1e-5, rtol=1e-5)
+    fwd, _ = batch_kl(m, b, 3)
+    assert not torch.allclose(kl.detach(), fwd.detach(), rtol=1e-3, atol=0)  # small KLs: close
+    kl_c, _, _ = backward_kl(
+        m, b, 3, teacher=cache.target(pick), parts=2, divergence=kind, beta=beta
+    )
+    torch.testing.assert_close(kl_c, kl.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora_grads(m), g, atol=1e-6, rtol=1e-4)
+    held_out = objective.evaluate_kl(m, [b], 3)
+    assert held_out["kl"] == pytest.approx(float(fwd.mean()), rel=1e-5)
 
 
 def test_cache_order_groups_rows_by_prompt(chatml_tok):

@@ -7,7 +7,7 @@ the model *with* u. The pipeline, one module per stage:
     chat.py      render (system, user) into the model's chat template
     data.py      question sets, the trajectory schema, atomic JSONL writing
     generate.py  sample trajectories from the prompted model
-    loss.py      the KL objective (pure functions)
+    loss.py      the divergences (pure functions)
     train.py     LoRA training loop: setup -> fit -> validate
     evaluate.py  held-out KL, side-by-side answers
     bake.py      generate + train in one process (one model load)

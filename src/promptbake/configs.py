@@ -18,6 +18,7 @@ from typing import Any
 
 from .distributed import world_size
 from .errors import UserError
+from .loss import DIVERGENCE_NAMES, check_divergence
 from .models import DEFAULT_MODEL
 from .sampling import engine_names
 
@@ -247,7 +248,7 @@ class TrainConfig(LoraArgs, ModelArgs):
         "forward_kl",
         "what is minimised: forward_kl KL(teacher || student), reverse_kl "
         "KL(student || teacher), or jsd (generalized Jensen-Shannon, --jsd_beta)",
-        choices=["forward_kl", "reverse_kl", "jsd"],
+        choices=DIVERGENCE_NAMES,
     )
     jsd_beta: float = opt(0.5, "with --divergence jsd: the mixture weight beta, in [0, 1]")
     report_to: str = opt(
@@ -277,7 +278,7 @@ class TrainConfig(LoraArgs, ModelArgs):
             )
         require(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         require(0 <= self.on_policy <= 1, f"--on_policy must be in [0, 1], got {self.on_policy}")
-        require(0 <= self.jsd_beta <= 1, f"--jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        check_divergence(self.divergence, self.jsd_beta)
         require(
             not (self.on_policy > 0 and self.fsdp),
             "--on_policy with --fsdp is not supported: sampling needs the whole model on each "

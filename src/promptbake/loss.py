@@ -1,36 +1,56 @@
-"""The baking objective: full-vocabulary KL(P_teacher || P_student) per generated token.
+"""The baking objective: a divergence between P_teacher and P_student per generated token.
 
 The teacher is the model WITH the prompt (adapter off), the student the model
 WITHOUT the prompt (adapter on). Everything here is a pure function of tensors.
 
-    token_kl(t_logits [N, V], s_logits [N, V])              -> [N]   reference, full logits
-    masked_kl(t_logits [B, T, V], s_logits [B, T, V], m [B, T]) -> mean over m, per-seq sums
-    chunked_kl(t_hidden [N, H], s_hidden [N, H], head, chunk) -> [N]   memory-bounded
-    fused_kl(s_hidden [N, H], weight [V, H], teacher_logp, chunk) -> [N]   the fast path
+    divergence(s_hidden [N, H], head, target, chunk, kind, beta) -> [N]   the one entry
+    DIVERGENCES / DIVERGENCE_NAMES   forward_kl (default), reverse_kl, jsd
+    forward_kl / reverse_kl / jsd(t_logp [N, V], s_logp [N, V], beta) -> [N]  (+ *_grad)
+    check_divergence(kind, beta)     UserError on a bad name or beta
+    TeacherTarget                    the teacher: hidden [N, H] | log-probs [N, V] | top-k
+    coarse_logprobs(target, s_logp)  the (k + 1)-bin view of a top-k target
+    can_fuse(head)                   whether the fused gradient applies
+    token_kl(t_logits [N, V], s_logits [N, V])                 -> [N]   reference
+    kl_from_logprobs(a_logp [N, V], b_logp [N, V])             -> [N]   KL(A || B)
+    masked_kl(t_logits [B, T, V], s_logits [B, T, V], m [B, T]) -> mean over m, per-seq
 
-``chunked_kl`` never materializes the [N x V] float32 logits for teacher and student
-at once: it projects ``chunk`` rows at a time through the LM head and checkpoints each
-chunk, so backward recomputes the chunk instead of keeping it. With Qwen3's 151,936
-entries, 32 x 400 rows are 7.8 GB per float32 copy; a 1024-row chunk is 0.6 GB.
+``divergence`` never materializes [N x V] float32 logits at once: it projects
+``chunk`` rows at a time through the LM head (the teacher's hidden states too, under
+no_grad; a cached target moves to the device one chunk at a time). With Qwen3's
+151,936 entries, 32 x 400 rows are 7.8 GB per float32 copy; a 1024-row chunk is 0.6 GB.
 
-``fused_kl`` is the same loss when the LM head is a frozen bias-free linear layer (the
-usual case: LoRA never touches it). The gradient of KL(p || softmax(s)) w.r.t. the
-student's logits s is simply ``q - p``, so while a chunk's logits exist in the forward
-pass it also computes the gradient w.r.t. the hidden states, ``(q - p) @ W``, and keeps
-only that [N, H] tensor. Backward then just scales it by the upstream gradient: two LM
-head matmuls per chunk instead of the checkpointed path's three, and one softmax instead
-of two (the same trick as fused linear + cross-entropy kernels).
+When the LM head is a frozen bias-free linear layer (the usual case: LoRA never
+touches it) the loss is *fused*: while a chunk's logits exist in the forward pass it
+also computes the gradient w.r.t. the student's logits (closed form per divergence,
+e.g. ``q - p`` for forward KL; autograd on the chunk for the top-k bins) and from it
+the gradient w.r.t. the hidden states, ``grad_logits @ W``, keeping only that [N, H]
+tensor. Backward then just scales it by the upstream gradient: two LM head matmuls
+per chunk instead of three (the same trick as fused linear + cross-entropy kernels).
+Any other head checkpoints each chunk (backward recomputes it).
+
+Top-k targets keep only the teacher's k most likely tokens and the log of the mass
+outside them (the tail). The divergence is then taken between the two coarse
+(k + 1)-bin distributions, the top-k bins plus one tail bin (the student's tail is its
+mass outside the teacher's top-k): exact when the teacher has no tail, otherwise a
+lower bound on the full divergence (data processing; every divergence here is an
+f-divergence).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .errors import UserError
 
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- reference forms
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)) for each row, computed in float32.
 
@@ -41,11 +61,24 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
     return kl_from_logprobs(t, student_logits.float().log_softmax(-1))
 
 
-def kl_from_logprobs(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """sum_v p_v (log p_v - log q_v) from normalized log-probs: [..., V], [..., V] -> [...]."""
-    p = teacher_logp.exp()
-    # p * (t - s), written with xlogy so that entries where p_teacher == 0 give exactly 0
-    return (torch.special.xlogy(p, p) - p * student_logp).sum(-1)
+def kl_from_logprobs(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
+    """KL(A || B) = sum_v a_v (log a_v - log b_v) from normalized log-probs.
+
+    Shapes: [..., V], [..., V] -> [...]. Entries where a_v == 0 give exactly 0 (as
+    xlogy does), also where b_v == 0 too, in value and gradient; a_v > 0 with
+    b_v == 0 gives inf, as it should. Differentiable in both arguments.
+    """
+    a = a_logp.exp()
+    # a - b is nan where both are -inf; `where` drops it, and its gradient, there.
+    # einsum sums the products without a third [..., V] tensor: one copy less per chunk
+    return torch.einsum("...v,...v->...", a, torch.where(a > 0, a_logp - b_logp, 0.0))
+
+
+def _terms(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
+    """a (log a - log b) elementwise, exactly 0 where a == 0."""
+    a = a_logp.exp()
+    # a - b is nan where both are -inf; `where` drops it, and its gradient, there
+    return a * torch.where(a > 0, a_logp - b_logp, 0.0)
 
 
 def masked_kl(
@@ -54,7 +87,7 @@ def masked_kl(
     """Mean KL over positions where `mask` is true, and the per-sequence KL sums.
 
     Shapes: [B, T, V], [B, T, V], [B, T] -> scalar, [B]. An all-false mask gives 0
-    (not NaN). This is the plain full-logit form; training uses `chunked_kl` on the
+    (not NaN). This is the plain full-logit form; training uses `divergence` on the
     selected rows, and tests check the two agree.
     """
     m = mask.bool()
@@ -63,116 +96,124 @@ def masked_kl(
     return per_seq.sum() / m.sum().clamp(min=1), per_seq
 
 
-def _chunk_kl(head: Callable, t_hidden: torch.Tensor, s_hidden: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        t_logits = head(t_hidden)
-    return token_kl(t_logits, head(s_hidden))
+# ---------------------------------------------------------------- the divergences
+# Each takes the teacher's and the student's normalized float32 log-probs t, s
+# [n, V] and beta, and returns [n]; each `*_grad` is d value / d student LOGITS [n, V]
+# (s = log_softmax(logits)), used by the fused path on full distributions.
+def forward_kl(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """KL(P_teacher || P_student), the paper's objective (mode-covering)."""
+    return kl_from_logprobs(t, s)
 
 
-def chunked_kl(
-    teacher_hidden: torch.Tensor,
-    student_hidden: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Per-row KL from final hidden states, projecting through `head` chunk by chunk.
+def forward_kl_grad(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    return s.exp().sub_(t.exp())  # q - p (the rows of p sum to 1); in place: one less copy
 
-    Shapes: [N, H], [N, H] -> [N]. `head` maps [n, H] -> [n, V] (the LM head). Peak
-    memory is O(chunk_size x V) instead of O(N x V): a frozen linear head goes through
-    `fused_kl`, any other head checkpoints each chunk (backward recomputes it).
+
+def reverse_kl(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """KL(P_student || P_teacher) (mode-seeking)."""
+    return kl_from_logprobs(s, t)
+
+
+def reverse_kl_grad(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    terms = _terms(s, t)  # q (log q - log p)
+    return terms - s.exp() * terms.sum(-1, keepdim=True)  # q (log q - log p - KL)
+
+
+def _mixture_logp(t: torch.Tensor, s: torch.Tensor, beta: float) -> torch.Tensor:
+    """log M, M = beta P_teacher + (1 - beta) P_student, for 0 < beta < 1."""
+    return torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+
+
+def jsd(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence (TRL's convention):
+
+        M = beta P_teacher + (1 - beta) P_student
+        JSD_beta = beta KL(P_teacher || M) + (1 - beta) KL(P_student || M)
+
+    beta = 0 is defined as forward KL(P_teacher || P_student) and beta = 1 as reverse
+    KL(P_student || P_teacher). The formula above tends to 0 at both ends (M becomes
+    the other distribution and its weight vanishes), which is why the ends are
+    special-cased; beta = 0.5 is the symmetric JSD (at most log 2).
     """
-    if teacher_hidden.shape[0] == 0:
-        return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
-    if can_fuse(head):
-
-        def teacher_logp(i: int, j: int) -> torch.Tensor:
-            with torch.no_grad():
-                return head(teacher_hidden[i:j]).float().log_softmax(-1)
-
-        return fused_kl(student_hidden, head.weight, teacher_logp, chunk_size)
-    out = []
-    grad = torch.is_grad_enabled() and student_hidden.requires_grad
-    for i in range(0, teacher_hidden.shape[0], chunk_size):
-        t, s = teacher_hidden[i : i + chunk_size], student_hidden[i : i + chunk_size]
-        if grad:
-            out.append(checkpoint(_chunk_kl, head, t, s, use_reentrant=False))
-        else:
-            out.append(_chunk_kl(head, t, s))
-    return torch.cat(out)
+    if beta <= 0.0:
+        return forward_kl(t, s)
+    if beta >= 1.0:
+        return reverse_kl(t, s)
+    m = _mixture_logp(t, s, beta)
+    return beta * kl_from_logprobs(t, m) + (1 - beta) * kl_from_logprobs(s, m)
 
 
-def can_fuse(head) -> bool:
-    """Whether `head` is a frozen, bias-free linear layer, the case `fused_kl` handles
-    (a trained or wrapped head takes the checkpointed autograd path)."""
-    return (
-        type(head) is torch.nn.Linear
-        and head.bias is None
-        and not head.weight.requires_grad
-        and type(head.weight) in (torch.Tensor, torch.nn.Parameter)
-    )
+def jsd_grad(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    if beta <= 0.0:
+        return forward_kl_grad(t, s)
+    if beta >= 1.0:
+        return reverse_kl_grad(t, s)
+    # d JSD / d log q_v = (1 - beta) q_v (log q_v - log m_v); through the softmax:
+    # (1 - beta) (q r - q sum(q r)) with r = log q - log m
+    qr = _terms(s, _mixture_logp(t, s, beta))
+    return (1 - beta) * (qr - s.exp() * qr.sum(-1, keepdim=True))
 
 
-class _FusedKL(torch.autograd.Function):
-    """Per-row KL [N] whose gradient w.r.t. the student's hidden states is computed in
-    the forward pass, chunk by chunk (see the module docstring)."""
+@dataclass(frozen=True)
+class Divergence:
+    """A per-row divergence ``value(t, s, beta) -> [n]`` from normalized log-probs
+    [n, V], and its gradient w.r.t. the student's logits ``grad(t, s, beta) -> [n, V]``."""
 
-    @staticmethod
-    def forward(ctx, s_hidden, weight, teacher_logp, chunk_size):
-        n = s_hidden.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=s_hidden.device)
-        grad = torch.empty_like(s_hidden) if ctx.needs_input_grad[0] else None
-        for i in range(0, n, chunk_size):
-            j = min(i + chunk_size, n)
-            s_logp = (s_hidden[i:j] @ weight.T).float().log_softmax(-1)
-            t_logp = teacher_logp(i, j)
-            out[i:j] = kl_from_logprobs(t_logp, s_logp)
-            if grad is not None:
-                # d KL / d logits = q - p (the rows of p sum to 1)
-                grad[i:j] = (s_logp.exp_().sub_(t_logp.exp())).to(weight.dtype) @ weight
-        ctx.save_for_backward(grad)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype)[:, None], None, None, None
+    value: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    grad: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def fused_kl(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    teacher_logp: Callable[[int, int], torch.Tensor],
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Per-row KL(teacher || softmax(student_hidden @ weight.T)), its gradient
-    precomputed chunk by chunk.
-
-    Shapes: [N, H], [V, H] -> [N]. ``teacher_logp(i, j)`` returns the teacher's
-    normalized float32 log-probs of rows i..j-1, [j - i, V] (computed from the teacher's
-    hidden states, or read from a cache). ``weight`` is a frozen LM head's weight; it
-    gets no gradient. Equals ``token_kl`` on the full logits, value and gradient.
-    """
-    if student_hidden.shape[0] == 0:
-        return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
-    return _FusedKL.apply(student_hidden, weight.detach(), teacher_logp, chunk_size)
+# Adding a divergence: a value, its logit gradient, an entry here (the config's
+# --divergence choices are DIVERGENCE_NAMES).
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": Divergence(forward_kl, forward_kl_grad),
+    "reverse_kl": Divergence(reverse_kl, reverse_kl_grad),
+    "jsd": Divergence(jsd, jsd_grad),
+}
+DIVERGENCE_NAMES: list[str] = list(DIVERGENCES)
 
 
-# ---------------------------------------------------------------- cached teacher targets
+def check_divergence(kind: str, beta: float = 0.5) -> None:
+    """Raise UserError for an unknown divergence name or a beta outside [0, 1]."""
+    if kind not in DIVERGENCES:
+        raise UserError(f"--divergence {kind!r} is not one of: {', '.join(DIVERGENCE_NAMES)}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise UserError(f"--jsd_beta {beta} is outside [0, 1]: 0 is forward KL, 1 reverse KL")
+
+
+# ---------------------------------------------------------------- the teacher target
 @dataclass
 class TeacherTarget:
     """The teacher's distributions at a batch's KL rows, in the batch's row order.
 
-    exact: ``logp`` [n, V] log-probabilities. top-k: ``logp`` [n, k] top-k
+    One of three forms (``kind``):
+    hidden: ``hidden`` [n, H] final hidden states, projected through the student's
+    (frozen) head chunk by chunk under no_grad. exact: ``logp`` [n, V]
+    log-probabilities (a cache; may live on the CPU). topk: ``logp`` [n, k] top-k
     log-probabilities, ``idx`` [n, k] their token ids, ``log_tail`` [n] log of the
     teacher's mass outside them (-inf when there is none).
     """
 
-    logp: torch.Tensor
+    logp: torch.Tensor | None = None
     idx: torch.Tensor | None = None
     log_tail: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.hidden is None) == (self.logp is None):
+            raise ValueError("a TeacherTarget holds either hidden states or log-probs")
+        if (self.idx is None) != (self.log_tail is None):
+            raise ValueError("a top-k TeacherTarget needs both idx and log_tail")
+
+    @property
+    def kind(self) -> str:
+        """ "hidden", "exact" or "topk"."""
+        if self.hidden is not None:
+            return "hidden"
+        return "exact" if self.idx is None else "topk"
 
     def __len__(self) -> int:
-        return self.logp.shape[0]
+        return (self.logp if self.hidden is None else self.hidden).shape[0]
 
     def to(self, device) -> TeacherTarget:
         return TeacherTarget(*(None if t is None else t.to(device) for t in self._parts()))
@@ -181,67 +222,154 @@ class TeacherTarget:
         return TeacherTarget(*(None if t is None else t[start:stop] for t in self._parts()))
 
     def _parts(self) -> tuple:
-        return (self.logp, self.idx, self.log_tail)
+        return (self.logp, self.idx, self.log_tail, self.hidden)
 
 
-def topk_kl(
-    logp: torch.Tensor, idx: torch.Tensor, log_tail: torch.Tensor, student_logits: torch.Tensor
-) -> torch.Tensor:
-    """KL between teacher and student with everything outside the teacher's top-k
-    merged into one "tail" bin (an approximation and a lower bound of the full KL).
+def coarse_logprobs(
+    target: TeacherTarget, student_logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (k + 1)-bin log-probs of teacher and student for a top-k target: the
+    teacher's top-k tokens, then one tail bin for everything else.
 
-    Shapes: [n, k], [n, k], [n], [n, V] -> [n]. Exact when ``log_tail`` is -inf.
+    Shapes: top-k target of n rows, [n, V] -> [n, k + 1], [n, k + 1]. Where the
+    teacher has no tail (log_tail = -inf) the bin is empty on both sides (exact when
+    k = V; with k < V it ignores student mass where the teacher has none).
     """
-    s = student_logits.float().log_softmax(-1)
-    s_top = s.gather(1, idx.long())
-    p = logp.exp()
-    head = (p * (logp - s_top)).sum(-1)
-    # student mass outside the teacher's top-k, in log space; clamped so an (almost)
-    # empty tail gives a finite value and a zero gradient instead of log(0)
+    s_top = student_logp.gather(1, target.idx.long())
+    # the student's mass outside the teacher's top-k, in log space; clamped so an
+    # (almost) empty tail gives a finite value and a zero gradient instead of log(0)
     log_q_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, -1))).clamp(min=1e-30))
-    p_tail = log_tail.exp()
-    tail = torch.where(p_tail > 0, p_tail * (log_tail - log_q_tail), torch.zeros_like(p_tail))
-    return head + tail
+    log_tail = target.log_tail.float()
+    log_q_tail = torch.where(log_tail.exp() > 0, log_q_tail, float("-inf"))
+    t = torch.cat([target.logp.float(), log_tail[:, None]], 1)
+    return t, torch.cat([s_top, log_q_tail[:, None]], 1)
 
 
-def _cached_chunk_kl(head: Callable, s_hidden, logp, idx, log_tail) -> torch.Tensor:
-    # The target may live on the CPU: it moves to the device here, one chunk at a time,
-    # so checkpointing keeps only the CPU views, not every chunk's copy on the device.
-    dev = s_hidden.device
-    logp, idx, log_tail = (None if t is None else t.to(dev) for t in (logp, idx, log_tail))
-    s_logits = head(s_hidden)
-    if idx is None:
-        return token_kl(logp, s_logits)  # log-probs are valid logits: the same maths
-    return topk_kl(logp, idx, log_tail, s_logits)
+def _teacher_logp(target: TeacherTarget, head: Head, device) -> torch.Tensor:
+    """Normalized float32 teacher log-probs [n, V] of a hidden or exact target chunk."""
+    if target.kind == "hidden":
+        with torch.no_grad():
+            return head(target.hidden.to(device)).float().log_softmax(-1)
+    return target.logp.to(device, torch.float32)
 
 
-def cached_kl(
-    target: TeacherTarget,
-    student_hidden: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    chunk_size: int = 1024,
+def _chunk_value(
+    s_logits: torch.Tensor, target: TeacherTarget, head: Head, div: Divergence, beta: float
 ) -> torch.Tensor:
-    """Per-row KL [N] of the student (hidden states [N, H] through `head`) against a
-    cached teacher; chunked like ``loss.chunked_kl`` (fused for an exact cache and a
-    frozen linear head, checkpointed otherwise)."""
+    """The divergence [n] of one chunk: student logits [n, V] against its target rows
+    (still where the caller keeps them: moved to the logits' device here)."""
+    s = s_logits.float().log_softmax(-1)
+    if target.kind == "topk":
+        t, s = coarse_logprobs(target.to(s.device), s)
+    else:
+        t = _teacher_logp(target, head, s.device)
+    return div.value(t, s, beta)
+
+
+def _fused_chunk(
+    s_hidden: torch.Tensor, head: Head, target: TeacherTarget, div: Divergence, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the fused path: the divergence [n] and its gradient w.r.t. the
+    student's hidden states [n, H], from the gradient w.r.t. its logits (the closed
+    form on full distributions, autograd through the top-k bins). The logits are made
+    here and dropped as soon as their log-softmax exists: one [n, V] copy less."""
+    weight = head.weight.detach()
+    if target.kind == "topk":
+        with torch.enable_grad():
+            z = (s_hidden @ weight.T).float().requires_grad_()
+            value = _chunk_value(z, target, head, div, beta)
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        return value.detach(), grad.to(weight.dtype) @ weight
+    s = (s_hidden @ weight.T).float().log_softmax(-1)
+    t = _teacher_logp(target, head, s.device)
+    value = div.value(t, s, beta)
+    return value, div.grad(t, s, beta).to(weight.dtype) @ weight
+
+
+# ---------------------------------------------------------------- the one entry
+def can_fuse(head) -> bool:
+    """Whether `head` is a frozen, bias-free linear layer, the case the fused path
+    handles (a trained or wrapped head takes the checkpointed autograd path)."""
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+        and type(head.weight) in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
+class _Fused(torch.autograd.Function):
+    """Per-row divergence [N] whose gradient w.r.t. the student's hidden states is
+    computed in the forward pass, chunk by chunk (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, head, target, chunk_size, div, beta):
+        n = s_hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=s_hidden.device)
+        grad = torch.empty_like(s_hidden)
+        for i in range(0, n, chunk_size):
+            j = min(i + chunk_size, n)
+            out[i:j], grad[i:j] = _fused_chunk(s_hidden[i:j], head, target.slice(i, j), div, beta)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype)[:, None], None, None, None, None, None
+
+
+def _checkpointed(
+    s_hidden: torch.Tensor,
+    head: Head,
+    target: TeacherTarget,
+    chunk_size: int,
+    div: Divergence,
+    beta: float,
+    grad: bool,
+) -> torch.Tensor:
+    """Chunk by chunk through autograd, each chunk checkpointed when `grad`."""
+    out = []
+    for i in range(0, s_hidden.shape[0], chunk_size):
+        # the target chunk stays where it is (a CPU cache stays on the CPU): checkpoint
+        # keeps only that view, and _chunk_value moves it to the device
+        s, t = s_hidden[i : i + chunk_size], target.slice(i, i + chunk_size)
+        if grad:
+            out.append(checkpoint(_head_value, head, s, t, div, beta, use_reentrant=False))
+        else:
+            out.append(_head_value(head, s, t, div, beta))
+    return torch.cat(out)
+
+
+def _head_value(head: Head, s_hidden, target: TeacherTarget, div: Divergence, beta: float):
+    return _chunk_value(head(s_hidden), target, head, div, beta)
+
+
+def divergence(
+    student_hidden: torch.Tensor,
+    head: Head,
+    target: TeacherTarget,
+    chunk_size: int = 1024,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-row divergence between the teacher and softmax(head(student_hidden)).
+
+    Shapes: student_hidden [N, H], ``head`` maps [n, H] -> [n, V] (the LM head),
+    ``target`` N rows in any of its forms (TeacherTarget) -> [N] float32. ``kind``
+    names an entry of DIVERGENCES (forward_kl = KL(teacher || student), the default;
+    reverse_kl; jsd with ``beta``, see :func:`jsd`). Peak memory is O(chunk_size x V).
+    A frozen bias-free linear head takes the fused path, any other the checkpointed
+    one (same values and gradients); the teacher never gets a gradient. N = 0 gives
+    an empty result still attached to the graph.
+    """
+    check_divergence(kind, beta)
     if len(target) != student_hidden.shape[0]:
-        raise ValueError(f"{len(target)} cached teacher rows for {student_hidden.shape[0]} rows")
+        raise ValueError(f"{len(target)} teacher rows for {student_hidden.shape[0]} student rows")
     if student_hidden.shape[0] == 0:
         return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
-    if target.idx is None and can_fuse(head):
-        dev = student_hidden.device
-
-        def teacher_logp(i: int, j: int) -> torch.Tensor:
-            return target.logp[i:j].to(dev, torch.float32)
-
-        return fused_kl(student_hidden, head.weight, teacher_logp, chunk_size)
+    div, beta = DIVERGENCES[kind], float(beta)
     grad = torch.is_grad_enabled() and student_hidden.requires_grad
-    out = []
-    for i in range(0, student_hidden.shape[0], chunk_size):
-        t = target.slice(i, i + chunk_size)
-        args = (head, student_hidden[i : i + chunk_size], t.logp, t.idx, t.log_tail)
-        if grad:
-            out.append(checkpoint(_cached_chunk_kl, *args, use_reentrant=False))
-        else:
-            out.append(_cached_chunk_kl(*args))
-    return torch.cat(out)
+    if grad and can_fuse(head):
+        return _Fused.apply(student_hidden, head, target, chunk_size, div, beta)
+    return _checkpointed(student_hidden, head, target, chunk_size, div, beta, grad)

@@ -1,12 +1,15 @@
-"""The objective on a batch: the KL of every generated token, its backward, held-out KL.
+"""The objective on a batch: the divergence at every generated token, its backward,
+held-out KL.
 
-    kl, per_seq, parts = backward_kl(model, batch, chunk_size, teacher=target)
+    kl, per_seq, parts = backward_kl(model, batch, chunk_size, teacher=target,
+                                     divergence="jsd", beta=0.5)
 
 :func:`batch_kl` runs the teacher (adapter off, no grad; or reads its cached target)
-and the student (adapter on) and hands their hidden states to loss.py.
+and the student (adapter on) and hands their hidden states to ``loss.divergence``
+(forward KL by default; any name in ``loss.DIVERGENCE_NAMES``).
 :func:`backward_kl` runs the SUMMED loss's backward, in row slices whose gradients add
 up, and on CUDA out-of-memory retries with more slices instead of crashing.
-:func:`evaluate_kl` is the held-out KL, with no graph.
+:func:`evaluate_kl` is the held-out metric, always forward KL, with no graph.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import contextlib
 
 import torch
 
-from . import distributed
+from . import distributed, loss
 from .batches import Batch, split_batch
 from .errors import UserError, warn
 from .forward import adapter_disabled, base_of, hidden_states
-from .loss import TeacherTarget, cached_kl, chunked_kl
+from .loss import TeacherTarget
 
 
 def batch_kl(
@@ -30,29 +33,28 @@ def batch_kl(
     *,
     teacher: TeacherTarget | None = None,
     prefix_reuse: bool = False,
-    divergence: str = "forward_kl",  # pass-through placeholder until loss.py has the family
+    divergence: str = "forward_kl",
     beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(prompted base || unprompted student) [N] and per-sequence sums [B].
+    """Per-token divergence [N] between the prompted base (teacher) and the unprompted
+    student, and per-sequence sums [B]; by default KL(teacher || student).
 
     The teacher is always the model with the adapter disabled, under no_grad. With
     ``student_adapter=False`` the student is the base model too: KL(prompted || base).
     ``teacher``: the batch's cached teacher log-probs (loss.TeacherTarget), so the teacher does
     not run; ``prefix_reuse``: teacher and student run each shared prompt prefix once
     (the prefix all rows share, then each distinct prompt; forward.prefix_reuse_hidden).
+    ``divergence``, ``beta``: which divergence (loss.DIVERGENCES) and the JSD's beta.
     """
 
     if teacher is None:
         with torch.no_grad(), adapter_disabled(model):
-            t_hidden = hidden_states(model, batch.prompted, prefix_reuse)
+            teacher = TeacherTarget(hidden=hidden_states(model, batch.prompted, prefix_reuse))
     ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
     with ctx:
         s_hidden = hidden_states(model, batch.unprompted, prefix_reuse)
     head = base_of(model).get_output_embeddings()
-    if teacher is None:
-        kl = chunked_kl(t_hidden, s_hidden, head, chunk_size)
-    else:
-        kl = cached_kl(teacher, s_hidden, head, chunk_size)
+    kl = loss.divergence(s_hidden, head, teacher, chunk_size, divergence, beta)
     seq_idx = batch.unprompted.pred_mask.nonzero()[:, 0]
     per_seq = torch.zeros(batch.unprompted.pred_mask.shape[0], device=kl.device)
     per_seq = per_seq.index_add(0, seq_idx, kl.detach())
@@ -70,8 +72,9 @@ def backward_kl(
     divergence: str = "forward_kl",
     beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Forward and backward of the batch's SUMMED KL; returns (kl [N] detached,
-    per-sequence sums [B], parts).
+    """Forward and backward of the batch's SUMMED divergence (``divergence``, ``beta``
+    as in :func:`batch_kl`); returns (per-row values [N] detached, per-sequence sums
+    [B], parts).
 
     The rows run in `parts` slices whose gradients add up (the same gradient as one
     pass). On CUDA out-of-memory the step is redone with twice as many slices, instead
@@ -121,7 +124,9 @@ def backward_kl(
 def evaluate_kl(
     model, batches: list[Batch], chunk_size: int = 1024, student_adapter: bool = True
 ) -> dict:
-    """Token-mean KL and mean per-sequence KL sum over batches; builds no graph."""
+    """Token-mean KL(teacher || student) and mean per-sequence KL sum over batches
+    (forward KL whatever the training divergence: one held-out metric for all runs);
+    builds no graph."""
     total, n_tok, seq_sum, n_seq = 0.0, 0, 0.0, 0
     device = next(model.parameters()).device
     for b in batches:

@@ -18,7 +18,7 @@ facts make most of its work redundant:
   distributions at the generated positions are the same in every epoch. With
   ``exact`` (or ``auto``, the default), :func:`build_teacher_cache` computes them once,
   before epoch 1, as float32 log-probabilities [tokens x vocab] on the CPU, and every
-  later step only runs the student: :func:`cached_kl` is ``loss.token_kl`` against the
+  later step only runs the student: ``loss.divergence`` against the
   cached rows, equal to the uncached loss. When that table would exceed
   ``--teacher_cache_max_gb`` (:func:`exact_cache_fits`), the training loop runs the
   teacher every step instead: exact too, only slower. Only ``topk``, asked for by
