@@ -229,9 +229,8 @@ def run_cpu(job: Job, workdir: Path) -> dict:
     from bench.original import generate_original, train_original
     from promptbake.batches import bucket_order
     from promptbake.configs import GenerateConfig, TrainConfig
-    from promptbake.data import read_prompt, read_questions, read_trajectories
+    from promptbake.data import read_prompt, read_questions
     from promptbake.generate import generate_trajectories, select_questions
-    from promptbake.teacher import cache_from_generation
     from promptbake.train import train
 
     res: dict = {"job": dataclasses.asdict(job), "load_before": loadavg()}
@@ -265,14 +264,13 @@ def run_cpu(job: Job, workdir: Path) -> dict:
 
     # ---- generation: ours (mixed-question batches) and the original (one question each)
     train_path = workdir / "train.jsonl"
-    kept: dict = {}  # the teacher's log-probs, kept while sampling (as promptbake bake does)
-    lap = Lap()
+    lap = Lap()  # the teacher's log-probs are kept while sampling (as promptbake bake does)
     g = generate_trajectories(
-        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False, logprobs=kept
+        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False, keep_teacher=True
     )
-    gen_ours = add_rates(lap.done(), g["new_tokens"])
-    gen_ours["new_tokens"] = g["new_tokens"]
-    log(f"ours generated {g['new_tokens']} tokens in {gen_ours['seconds']:.1f} s")
+    gen_ours = add_rates(lap.done(), g.stats["new_tokens"])
+    gen_ours["new_tokens"] = g.stats["new_tokens"]
+    log(f"ours generated {g.stats['new_tokens']} tokens in {gen_ours['seconds']:.1f} s")
     lap = Lap()
     _, go = generate_original(
         model,
@@ -289,9 +287,10 @@ def run_cpu(job: Job, workdir: Path) -> dict:
     gen_orig["new_tokens"] = go["new_tokens"]
     log(f"original generated {go['new_tokens']} tokens in {gen_orig['seconds']:.1f} s")
     val_path = workdir / "val.jsonl"
-    generate_trajectories(model, tok, gen_cfg(val_path), x0, val_q, val_path, progress=False)
-    rows = read_trajectories(train_path)
-    val_rows = read_trajectories(val_path)
+    rows = g.rows
+    val_rows = generate_trajectories(
+        model, tok, gen_cfg(val_path), x0, val_q, val_path, progress=False
+    ).rows
     res["generation"] = {"ours": gen_ours, "original": gen_orig}
 
     # ---- training: every pipeline on the same rows, from the same base weights
@@ -323,7 +322,7 @@ def run_cpu(job: Job, workdir: Path) -> dict:
         if name not in job.variants:
             continue
         flags = dict(flags)
-        cache = cache_from_generation(rows, kept) if flags.pop(KEPT, False) else None
+        cache = g.cache if flags.pop(KEPT, False) else None
         cfg = TrainConfig(
             model_name=job.model,
             data_path=str(train_path),
