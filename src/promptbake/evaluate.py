@@ -127,7 +127,15 @@ def answer(
     ]
     with Condition(system is not None, adapter).context(model):
         return answer_ids(
-            model, tokenizer, prompts, max_new_tokens, batch_size, temperature, seed, progress, engine
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            batch_size,
+            temperature,
+            seed,
+            progress,
+            engine,
         )
 
 

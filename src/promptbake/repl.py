@@ -73,6 +73,7 @@ class ChatState:
     last_question: str | None = None
     # mode -> its conversation so far, as (question, answer) turns
     history: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    last_prompt: str | None = None  # the last conversation sent to the model, rendered
 
 
 def _mode_error(state: ChatState, mode: str) -> str | None:
@@ -117,7 +118,9 @@ def reply(model, tok, cfg: ChatConfig, state: ChatState, question: str, mode: st
         set_adapter_scale(model, state.scale)
     history = state.history.setdefault(mode, [])
     system = state.prompt if cond.prompted else None
-    text = render_conversation(tok, system, history, question, cfg.enable_thinking)
+    text = state.last_prompt = render_conversation(
+        tok, system, history, question, cfg.enable_thinking
+    )
     with cond.context(model):
         answer = answer_ids(
             model,

@@ -58,6 +58,7 @@ __all__ = [
 
 ScoreFn = Callable[[str, dict], float]
 
+
 @dataclass(frozen=True)
 class Scorer:
     """A named scoring function; call it as ``scorer(answer_text, example) -> float``.
