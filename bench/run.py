@@ -466,7 +466,7 @@ def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
         device = torch.device("cuda")
     from bench.original import add_lora_original, generate_original, step_kl
     from promptbake.configs import GenerateConfig, TrainConfig
-    from promptbake.data import read_prompt, read_questions, read_trajectories
+    from promptbake.data import read_prompt, read_questions
     from promptbake.generate import generate_trajectories
     from promptbake.train import train
 
@@ -497,8 +497,8 @@ def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
             cache_implementation="static" if device.type == "cuda" else "dynamic",
             seed=job.seed,
         )
-        g = generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
-        rows = read_trajectories(path)
+        gen = generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
+        g, rows = gen.stats, gen.rows
         res["generation_ours"] = {k: g[k] for k in ("seconds", "new_tokens", "tokens_per_s")}
         _, go = generate_original(
             model,
