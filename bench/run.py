@@ -230,9 +230,8 @@ def run_cpu(job: Job, workdir: Path) -> dict:
     from bench.original import generate_original, train_original
     from promptbake.batches import bucket_order
     from promptbake.configs import GenerateConfig, TrainConfig
-    from promptbake.data import read_prompt, read_questions, read_trajectories
+    from promptbake.data import read_prompt, read_questions
     from promptbake.generate import generate_trajectories, select_questions
-    from promptbake.teacher import cache_from_generation
     from promptbake.train import train
 
     res: dict = {"job": dataclasses.asdict(job), "load_before": loadavg()}
@@ -266,14 +265,13 @@ def run_cpu(job: Job, workdir: Path) -> dict:
 
     # ---- generation: ours (mixed-question batches) and the original (one question each)
     train_path = workdir / "train.jsonl"
-    kept: dict = {}  # the teacher's log-probs, kept while sampling (as promptbake bake does)
-    lap = Lap()
+    lap = Lap()  # the teacher's log-probs are kept while sampling (as promptbake bake does)
     g = generate_trajectories(
-        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False, logprobs=kept
+        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False, keep_teacher=True
     )
-    gen_ours = add_rates(lap.done(), g["new_tokens"])
-    gen_ours["new_tokens"] = g["new_tokens"]
-    log(f"ours generated {g['new_tokens']} tokens in {gen_ours['seconds']:.1f} s")
+    gen_ours = add_rates(lap.done(), g.stats["new_tokens"])
+    gen_ours["new_tokens"] = g.stats["new_tokens"]
+    log(f"ours generated {g.stats['new_tokens']} tokens in {gen_ours['seconds']:.1f} s")
     lap = Lap()
     _, go = generate_original(
         model,
@@ -290,9 +288,10 @@ def run_cpu(job: Job, workdir: Path) -> dict:
     gen_orig["new_tokens"] = go["new_tokens"]
     log(f"original generated {go['new_tokens']} tokens in {gen_orig['seconds']:.1f} s")
     val_path = workdir / "val.jsonl"
-    generate_trajectories(model, tok, gen_cfg(val_path), x0, val_q, val_path, progress=False)
-    rows = read_trajectories(train_path)
-    val_rows = read_trajectories(val_path)
+    rows = g.rows
+    val_rows = generate_trajectories(
+        model, tok, gen_cfg(val_path), x0, val_q, val_path, progress=False
+    ).rows
     res["generation"] = {"ours": gen_ours, "original": gen_orig}
 
     # ---- training: every pipeline on the same rows, from the same base weights
@@ -324,7 +323,7 @@ def run_cpu(job: Job, workdir: Path) -> dict:
         if name not in job.variants:
             continue
         flags = dict(flags)
-        cache = cache_from_generation(rows, kept) if flags.pop(KEPT, False) else None
+        cache = g.cache if flags.pop(KEPT, False) else None
         cfg = TrainConfig(
             model_name=job.model,
             data_path=str(train_path),
@@ -468,7 +467,7 @@ def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
         device = torch.device("cuda")
     from bench.original import add_lora_original, generate_original, step_kl
     from promptbake.configs import GenerateConfig, TrainConfig
-    from promptbake.data import read_prompt, read_questions, read_trajectories
+    from promptbake.data import read_prompt, read_questions
     from promptbake.generate import generate_trajectories
     from promptbake.train import train
 
@@ -499,8 +498,8 @@ def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
             cache_implementation="static" if device.type == "cuda" else "dynamic",
             seed=job.seed,
         )
-        g = generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
-        rows = read_trajectories(path)
+        gen = generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
+        g, rows = gen.stats, gen.rows
         res["generation_ours"] = {k: g[k] for k in ("seconds", "new_tokens", "tokens_per_s")}
         _, go = generate_original(
             model,

@@ -6,9 +6,10 @@ import pytest
 from test_adapters import make_adapter
 from test_compare import DATA, X0
 
+from promptbake import scorers
 from promptbake.cli import main
 from promptbake.errors import UserError
-from promptbake.evals import parse_modes, parse_scales, parse_scorers, plan_runs
+from promptbake.evals import EvalConfig, parse_modes, parse_scales, parse_scorers, plan_runs
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,16 @@ def test_parse_scorers_keeps_commas_inside_a_regex():
     assert names == ["marker:Zorblax", "allcaps", "math", "mc:ABCD", "lang:fr"]
     with pytest.raises(UserError, match="unknown scorer"):
         parse_scorers("regex:x")
+
+
+def test_scorer_kinds_are_read_from_the_registry(monkeypatch):
+    help_text = EvalConfig.__dataclass_fields__["scorer"].metadata["help"]
+    for kind in scorers.scorer_kinds():
+        assert kind in scorers.SCORER_SPECS and kind in help_text
+    # a kind registered in scorers.py is split out of a list with no other change
+    shout = scorers.Scorer("shout", lambda text, ex: float(text.isupper()))
+    monkeypatch.setitem(scorers._REGISTRY, "shout", (lambda arg: shout, "shout"))
+    assert [s.name for s in parse_scorers("marker:a,b,shout")] == ["marker:a,b", "shout"]
 
 
 def test_modes_and_scales():

@@ -304,6 +304,35 @@ def test_interrupted_run_resumes_to_identical_output(chatml_tok, tiny_model, tmp
     assert not (tmp_path / "out.jsonl.partial.key.json").exists()
 
 
+def test_returns_the_written_rows_and_keeps_the_teacher_only_when_complete(
+    chatml_tok, tiny_model, tmp_path, monkeypatch
+):
+    """What training needs comes back from generation: the file's rows in file order and,
+    asked for, the teacher cache; a resumed run's earlier rows have no kept log-probs,
+    so it returns no cache (training then runs its own teacher pass)."""
+    ref = tmp_path / "ref.jsonl"
+    kw = dict(progress=False, keep_teacher=True)
+    gen = generate_trajectories(tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, ref, **kw)
+    file_rows = [json.loads(line) for line in ref.read_text().splitlines()]
+    assert gen.rows == file_rows and gen.stats["trajectories"] == 6
+    n = [sum(r["generated_text_mask"]) for r in file_rows]
+    assert gen.cache.offsets.tolist() == [sum(n[:i]) for i in range(7)]
+    assert gen.cache.logp.shape == (sum(n), tiny_model.config.vocab_size)
+    assert gen.cache.mode == "exact"  # values: test_teacher checks them against a teacher pass
+
+    out = tmp_path / "out.jsonl"
+    interrupt_on_batch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        generate_trajectories(tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, out, **kw)
+    monkeypatch.undo()
+    resumed = generate_trajectories(
+        tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, out, **kw
+    )
+    assert resumed.rows == file_rows  # the 2 rows read back + the 4 new ones, in order
+    assert resumed.stats["trajectories"] == 4
+    assert resumed.cache is None
+
+
 def test_leftover_partial_with_other_args_is_refused(chatml_tok, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     interrupt_on_batch(monkeypatch, 2)

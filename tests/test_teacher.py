@@ -383,22 +383,26 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
         batch_size=4,
         traj_out_file=str(tmp_path / "t.jsonl"),
     )
-    kept: dict = {}
-    out = tmp_path / "t.jsonl"
-    generate_trajectories(
-        tiny_model, chatml_tok, cfg, "Your name is Zorblax.", qs, out, logprobs=kept
-    )
-    rows = read_trajectories(out)
-    assert len(kept) == len(rows) == 9
     m = lora(tiny_model)
+    caches = {}
     for max_gen in (None, 2):
-        got = cache_from_generation(rows, kept, max_gen)
+        out = tmp_path / f"t{max_gen}.jsonl"
+        gen = generate_trajectories(
+            tiny_model, chatml_tok, cfg, "Your name is Zorblax.", qs, out, keep_teacher=True,
+            max_traj_len=max_gen,
+        )  # fmt: skip
+        rows = read_trajectories(out)
+        assert gen.rows == rows and len(rows) == 9  # what was written, in file order
+        got = caches[max_gen] = gen.cache
         ref = build_teacher_cache(
             m, rows, chatml_tok.pad_token_id, batch_size=4, max_gen=max_gen, log=lambda s: None
         )
         assert torch.equal(got.offsets, ref.offsets)
         torch.testing.assert_close(got.logp, ref.logp, atol=1e-4, rtol=0)
     # a row without kept log-probs (e.g. written by an earlier, resumed run): no cache
+    full, o = caches[None], caches[None].offsets
+    kept = {(r["question_index"], r["sample_index"]): full.logp[o[i] : o[i + 1]] for i, r in enumerate(rows)}  # fmt: skip
+    assert cache_from_generation(rows, kept, 2) is not None
     del kept[(rows[4]["question_index"], rows[4]["sample_index"])]
     assert cache_from_generation(rows, kept) is None
 

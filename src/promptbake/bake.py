@@ -24,21 +24,14 @@ from pathlib import Path
 
 from . import distributed
 from .configs import GenerateConfig, LoraArgs, ModelArgs, TrainConfig, opt, require
-from .data import (
-    atomic_write,
-    prompt_text,
-    read_prompt,
-    read_questions,
-    read_trajectories,
-    write_json,
-)
+from .data import atomic_write, prompt_text, read_prompt, read_questions, write_json
 from .errors import UserError
-from .evaluate import answer, heldout_kl, side_by_side
-from .generate import generate_trajectories, select_questions
+from .evaluate import answer_condition, heldout_kl, side_by_side
+from .generate import Generation, generate_trajectories, select_questions
 from .models import load_model
 from .report import write_report
 from .scorers import marker, score_all
-from .teacher import cache_from_generation
+from .teacher import cache_bytes
 from .train import prepare_out_dir, train
 
 
@@ -132,29 +125,102 @@ def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[di
     return questions[n_val:], questions[:n_val]
 
 
+def bake_questions(cfg: BakeConfig) -> tuple[list[dict], list[dict]]:
+    """Stage 0: the (training, validation) questions of a bake: read, seeded shuffle, cut
+    to --num_questions, split by --val_fraction. Pursuit uses the same split every round."""
+    questions = select_questions(read_questions(cfg.question_dataset), cfg.num_questions, cfg.seed)
+    train_q, val_q = split_questions(questions, cfg.val_fraction)
+    if not train_q:
+        raise UserError("no training questions left after the validation split")
+    return train_q, val_q
+
+
 def keep_teacher_logprobs(cfg: BakeConfig, model, n_questions: int) -> bool:
     """Whether generation should keep the teacher's log-probs for training: with an
     exact --teacher_cache, in one process (under torchrun each rank samples a shard),
-    when the largest possible table fits --teacher_cache_max_gb."""
+    when the largest possible table fits --teacher_cache_max_gb (teacher.cache_bytes)."""
     vocab = model.get_output_embeddings().weight.shape[0]
     tokens = n_questions * cfg.num_sequences_per_question * cfg.max_sequence_length
     return (
         cfg.teacher_cache == "exact"
         and distributed.world_size() == 1
-        and tokens * vocab * 4 <= cfg.teacher_cache_max_gb * 1e9
+        and cache_bytes(tokens, vocab, "exact", 0) <= cfg.teacher_cache_max_gb * 1e9
     )
+
+
+def sample_stage(
+    model, tok, cfg: BakeConfig, x0: str, train_q: list[dict], val_q: list[dict]
+) -> dict[str, Generation]:
+    """Stage 1: sample the training and validation trajectories from the prompted model
+    into --out_dir; the training split keeps the teacher's log-probs when they fit."""
+    keep = keep_teacher_logprobs(cfg, model, len(train_q))
+    out = Path(cfg.out_dir)
+    gens = {}
+    for split, qs in (("train", train_q), ("val", val_q)):
+        if qs:
+            path = out / f"trajectories_{split}.jsonl"
+            gens[split] = generate_trajectories(
+                model,
+                tok,
+                cfg.generate_config(str(path)),
+                x0,
+                qs,
+                path,
+                keep_teacher=keep and split == "train",
+                max_traj_len=cfg.train_config().max_traj_len,
+            )
+    return gens
+
+
+def train_stage(cfg: BakeConfig, model, tok, gens: dict[str, Generation], seed: int | None = None):
+    """Stage 2: train the adapter on the rows (and kept teacher cache) generation returned;
+    returns (peft model, epoch metrics). `seed` overrides the training seed (pursuit)."""
+    tcfg = cfg.train_config()
+    if "val" not in gens:
+        tcfg.val_path = None
+    if seed is not None:
+        tcfg.seed = seed
+    val_rows = gens["val"].rows if "val" in gens else None
+    train_gen = gens.pop("train")  # drop our reference: training may free the cache
+    return train(tcfg, model, tok, train_gen.rows, val_rows, teacher_cache=train_gen.cache)
+
+
+def heldout_answers(model, tok, cfg: BakeConfig, x0: str, heldout: list[dict]) -> dict:
+    """Answers to the held-out questions under base, prompted and baked (evaluate.CONDITIONS)."""
+    return {
+        label: answer_condition(model, tok, heldout, name, x0, max_new_tokens=cfg.answer_tokens)
+        for name, label in (
+            ("base", "base (no prompt)"),
+            ("prompted", "prompted"),
+            ("baked", "baked (no prompt)"),
+        )
+    }
+
+
+def report_answers(out: Path, cfg: BakeConfig, summary: dict, cols: dict, heldout) -> None:
+    """answers.md, and the answers and marker rates in the summary."""
+    table = side_by_side(heldout, cols)
+    with atomic_write(out / "answers.md") as f:
+        f.write("```\n" + table + "\n```\n")
+    summary["answers"] = [
+        {"question": q["question"], **{k: v[i] for k, v in cols.items()}}
+        for i, q in enumerate(heldout)
+    ]
+    print(table)
+    if cfg.marker:
+        scorer = marker(cfg.marker)
+        summary["marker"] = {
+            "pattern": cfg.marker,
+            **{k: score_all(v, heldout, scorer) for k, v in cols.items()},
+        }
 
 
 def bake(cfg: BakeConfig) -> dict:
     cfg.validate()
     x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
-    questions = read_questions(cfg.question_dataset)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
+    train_q, val_q = bake_questions(cfg)
     out = prepare_out_dir(cfg.out_dir)
-    questions = select_questions(questions, cfg.num_questions, cfg.seed)
-    train_q, val_q = split_questions(questions, cfg.val_fraction)
-    if not train_q:
-        raise UserError("no training questions left after the validation split")
 
     t_start = time.perf_counter()
     distributed.init(cfg.device)  # under torchrun: before loading, each process takes its GPU
@@ -165,30 +231,11 @@ def bake(cfg: BakeConfig) -> dict:
         f"Sampling {cfg.num_sequences_per_question} answers for {len(train_q)} training and "
         f"{len(val_q)} validation questions from the prompted model"
     )
-    gen_stats = {}
-    # the exact teacher cache comes free with sampling when it fits (keep_teacher_logprobs)
-    logprobs = {} if keep_teacher_logprobs(cfg, model, len(train_q)) else None
-    for split, qs in (("train", train_q), ("val", val_q)):
-        if qs:
-            path = out / f"trajectories_{split}.jsonl"
-            gen_stats[split] = generate_trajectories(
-                model,
-                tok,
-                cfg.generate_config(str(path)),
-                x0,
-                qs,
-                path,
-                logprobs=logprobs if split == "train" else None,
-            )
+    gens = sample_stage(model, tok, cfg, x0, train_q, val_q)
+    gen_stats = {split: g.stats for split, g in gens.items()}
+    val_rows = gens["val"].rows if "val" in gens else None
     t_gen = time.perf_counter()
-    tcfg = cfg.train_config()
-    if not val_q:
-        tcfg.val_path = None
-    train_rows = read_trajectories(tcfg.data_path)
-    val_rows = read_trajectories(tcfg.val_path) if tcfg.val_path else None
-    cache = cache_from_generation(train_rows, logprobs, tcfg.max_traj_len) if logprobs else None
-    logprobs = None
-    model, metrics = train(tcfg, model, tok, train_rows, val_rows, teacher_cache=cache)
+    model, metrics = train_stage(cfg, model, tok, gens)
     t_train = time.perf_counter()
     if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
         return {}
@@ -207,31 +254,7 @@ def bake(cfg: BakeConfig) -> dict:
     if val_rows:
         summary["heldout_kl"] = heldout_kl(model, tok, val_rows, cfg.batch_size, cfg.kl_chunk_size)
     if heldout:
-        cols = {
-            "base (no prompt)": answer(
-                model, tok, heldout, adapter=False, max_new_tokens=cfg.answer_tokens
-            ),
-            "prompted": answer(
-                model, tok, heldout, system=x0, adapter=False, max_new_tokens=cfg.answer_tokens
-            ),
-            "baked (no prompt)": answer(
-                model, tok, heldout, adapter=True, max_new_tokens=cfg.answer_tokens
-            ),
-        }
-        table = side_by_side(heldout, cols)
-        with atomic_write(out / "answers.md") as f:
-            f.write("```\n" + table + "\n```\n")
-        summary["answers"] = [
-            {"question": q["question"], **{k: v[i] for k, v in cols.items()}}
-            for i, q in enumerate(heldout)
-        ]
-        print(table)
-        if cfg.marker:
-            scorer = marker(cfg.marker)
-            summary["marker"] = {
-                "pattern": cfg.marker,
-                **{k: score_all(v, heldout, scorer) for k, v in cols.items()},
-            }
+        report_answers(out, cfg, summary, heldout_answers(model, tok, cfg, x0, heldout), heldout)
     summary["seconds"]["total"] = time.perf_counter() - t_start
     write_json(out / "summary.json", summary)
     write_report(out, cfg, summary)

@@ -5,13 +5,9 @@
         --prompt_override data/pirate_x0.md --path_prefix pirate_
 
 For each trajectory of --data_file (default: the run's validation trajectories) the
-NLL of its generated tokens (sum over tokens of -log p(token | prefix)) under four
-conditions (the seed's compare_models.py):
-
-    base         base model, no prompt         (where we started)
-    prompted     base model, with the prompt   (the target: these samples came from it)
-    baked        adapter on, no prompt         (the baked model: should track "prompted")
-    re-prompted  adapter on, with the prompt   (prompt applied twice, roughly)
+NLL of its generated tokens (sum over tokens of -log p(token | prefix)) under the
+four conditions of evaluate.CONDITIONS (base, prompted, baked, re-prompted; the
+seed's compare_models.py); the samples came from "prompted".
 
 Writes to --out_dir (default <adapter>/compare): <prefix>compare.json (every
 trajectory's NLLs and the summary), <prefix>compare.md (the table) and one scatter
@@ -26,7 +22,6 @@ any template (no token-id surgery tied to one tokenizer).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -35,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import adapter_dir, base_model_name, load_adapter, run_file, set_adapter_scale
-from .batches import Side, make_batches
+from .batches import make_batches
 from .chat import encode, format_prompt
 from .configs import ModelArgs, opt, require
 from .data import (
@@ -51,19 +45,10 @@ from .data import (
     write_json,
 )
 from .errors import UserError
-from .evaluate import heldout_kl
-from .forward import adapter_disabled, base_of, selected_hidden
+from .evaluate import CONDITIONS, heldout_kl, side_nll
 from .models import load_tokenizer
 from .report import format_table
 from .train import check_fingerprint, check_token_ids
-
-# condition -> (which side of the trajectory, adapter on?)
-CONDITIONS: dict[str, tuple[str, bool]] = {
-    "base": ("unprompted", False),
-    "prompted": ("prompted", False),
-    "baked": ("unprompted", True),
-    "re-prompted": ("prompted", True),
-}
 
 
 @dataclass
@@ -96,31 +81,6 @@ class CompareConfig(ModelArgs):
 
 
 # ---------------------------------------------------------------- NLL
-@torch.no_grad()
-def side_nll(model, side: Side, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence NLL sums [B] and generated-token counts [B] of one padded side.
-
-    Only the rows that predict generated tokens go through the LM head (as in training):
-    row p predicts token p + 1, so the targets are the ids shifted left by one.
-    """
-    h = selected_hidden(model, side)
-    targets = side.input_ids[:, 1:][side.pred_mask[:, :-1]]
-    head = base_of(model).get_output_embeddings()
-    nll = torch.cat(
-        [
-            F.cross_entropy(
-                head(h[i : i + chunk_size]).float(), targets[i : i + chunk_size], reduction="none"
-            )
-            for i in range(0, h.shape[0], chunk_size)
-        ]
-        or [h.new_zeros(0, dtype=torch.float32)]
-    )
-    seq = side.pred_mask.nonzero()[:, 0]
-    B = side.pred_mask.shape[0]
-    sums = torch.zeros(B, device=nll.device).index_add(0, seq, nll)
-    return sums.cpu(), side.pred_mask.sum(1).cpu()
-
-
 def trajectory_nll(
     model, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
 ) -> dict[str, dict[str, list]]:
@@ -130,13 +90,11 @@ def trajectory_nll(
     out = {c: {"nll": [], "tokens": []} for c in CONDITIONS}
     for batch in make_batches(rows, batch_size, pad, None):
         batch = batch.to(device)
-        for cond, (side_name, adapter_on) in CONDITIONS.items():
-            side = getattr(batch, side_name)
-            ctx = contextlib.nullcontext() if adapter_on else adapter_disabled(model)
-            with ctx:
-                sums, counts = side_nll(model, side, chunk_size)
-            out[cond]["nll"] += sums.tolist()
-            out[cond]["tokens"] += counts.tolist()
+        for name, cond in CONDITIONS.items():
+            with cond.context(model):
+                sums, counts = side_nll(model, cond.side(batch), chunk_size)
+            out[name]["nll"] += sums.tolist()
+            out[name]["tokens"] += counts.tolist()
     return out
 
 

@@ -5,21 +5,17 @@
     promptbake eval --adapter runs/cot --questions data/math_questions.jsonl \\
         --scorer math --adapter_scale 0,0.5,1,1.5          # a "half-baking" curve
 
-Modes (--modes, comma-separated):
-
-    base         base model, no prompt
-    prompted     base model, with the prompt (the behaviour we baked)
-    baked        adapter on, no prompt
-    re-prompted  adapter on, with the prompt again
+Modes (--modes, comma-separated): the four conditions of evaluate.CONDITIONS,
+base, prompted (the behaviour we baked), baked and re-prompted.
 
 With several --adapter_scale values the two adapter modes are run at each scale
 (rows "baked@0.5", ...); scale 0 is the base model exactly, 1 the baked model.
 The prompt comes from --x0_file / --prompt, else from the adapter's run. Answers are
 greedy unless --temperature > 0 (then --num_samples answers per question).
 
-Scorers (--scorer, comma-separated; see scorers.py): marker:REGEX, lang:CODE, allcaps,
-math, mc, mc:LETTERS. A comma starts a new scorer only when a scorer name follows it,
-so ``marker:a,b`` is one regex and ``marker:Zorblax,allcaps`` two scorers.
+Scorers (--scorer, comma-separated; the kinds registered in scorers.py). A comma
+starts a new scorer only when a scorer kind follows it, so ``marker:a,b`` is one regex
+and ``marker:Zorblax,allcaps`` two scorers.
 
 Writes --out_dir/eval.json (every answer and score) and eval.md, and prints the table.
 """
@@ -34,18 +30,11 @@ from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_a
 from .configs import ModelArgs, opt, require
 from .data import atomic_write, read_questions, write_json
 from .errors import UserError
-from .evaluate import answer
+from .evaluate import CONDITIONS, answer_condition
 from .report import format_table, md_cell
-from .scorers import SCORER_SPECS, Scorer, parse_scorer, score_all
+from .scorers import SCORER_SPECS, Scorer, parse_scorer, score_all, scorer_kinds
 
-MODES = ("base", "prompted", "baked", "re-prompted")
-# mode -> (use the system prompt?, adapter on?)
-MODE_SETTINGS = {
-    "base": (False, False),
-    "prompted": (True, False),
-    "baked": (False, True),
-    "re-prompted": (True, True),
-}
+MODES = tuple(CONDITIONS)
 
 
 @dataclass
@@ -93,7 +82,7 @@ class EvalConfig(ModelArgs):
 
 def parse_scorers(spec: str) -> list[Scorer]:
     """Split a comma-separated scorer list; a comma inside a regex stays (see docstring)."""
-    kinds = "marker|lang|allcaps|math|mc"
+    kinds = "|".join(re.escape(k) for k in scorer_kinds())
     parts = re.split(rf",\s*(?=(?:{kinds})(?::|,|$))", spec.strip())
     return [parse_scorer(p) for p in parts if p.strip()]
 
@@ -113,7 +102,7 @@ def parse_modes(text: str | None, has_adapter: bool) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     require(not bad, f"--modes: unknown {', '.join(bad)}; choose from {', '.join(MODES)}")
-    need = [m for m in modes if MODE_SETTINGS[m][1]]
+    need = [m for m in modes if CONDITIONS[m].adapter]
     require(has_adapter or not need, f"--modes {','.join(need)} need --adapter")
     return modes
 
@@ -122,7 +111,7 @@ def plan_runs(modes: list[str], scales: list[float]) -> list[tuple[str, str, flo
     """(row label, mode, scale): adapter modes once per scale, labelled mode@scale if several."""
     runs = []
     for m in modes:
-        if not MODE_SETTINGS[m][1]:
+        if not CONDITIONS[m].adapter:
             runs.append((m, m, 1.0))
         else:
             runs += [(m if len(scales) == 1 else f"{m}@{s:g}", m, s) for s in scales]
@@ -148,19 +137,19 @@ def run_eval(
     examples = [q for q in questions for _ in range(num_samples)]
     results = {}
     for label, mode, scale in runs:
-        use_prompt, adapter_on = MODE_SETTINGS[mode]
-        if use_prompt and prompt is None:
+        adapter_on = CONDITIONS[mode].adapter
+        if CONDITIONS[mode].prompted and prompt is None:
             raise UserError(
                 f"mode {mode} needs the prompt: pass --x0_file or --prompt (the run records none)"
             )
         if adapter_on:
             set_adapter_scale(model, scale)
-        answers = answer(
+        answers = answer_condition(
             model,
             tokenizer,
             examples,
-            system=prompt if use_prompt else None,
-            adapter=adapter_on,
+            mode,
+            prompt,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             enable_thinking=enable_thinking,
@@ -176,7 +165,7 @@ def run_eval(
         print(
             f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[label]["scores"].items())
         )
-    if any(MODE_SETTINGS[m][1] for _, m, _ in runs):
+    if any(CONDITIONS[m].adapter for _, m, _ in runs):
         set_adapter_scale(model, 1.0)
     return results
 

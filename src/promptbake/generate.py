@@ -30,6 +30,7 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,13 +46,31 @@ from .data import (
     meta_path,
     read_prompt,
     read_questions,
+    read_trajectories,
     write_json,
 )
 from .errors import UserError, warn
 from .models import end_of_turn_ids, load_model, tokenizer_fingerprint
 from .sampling import Sampling, sample
+from .teacher import TeacherCache, cache_from_generation
 
 Prompt = tuple[list[int], list[int]]  # (ids with system prompt, ids without)
+
+
+@dataclass
+class Generation:
+    """What a generation run hands to training, so nothing is re-read or re-joined.
+
+    ``rows``: every trajectory of the written file, in file order (the records
+    data.read_trajectories would return). ``cache``: with ``keep_teacher=True``, the
+    exact teacher cache of ``rows`` (teacher.cache_from_generation); None when any row
+    has no kept log-probs (a resumed run's earlier rows, or several processes), and
+    training then runs its own teacher pass.
+    """
+
+    rows: list[dict]
+    stats: dict
+    cache: TeacherCache | None = None
 
 
 def select_questions(questions: list[dict], n: int, seed: int, shuffle: bool = True) -> list[dict]:
@@ -113,10 +132,10 @@ def _resume_key(cfg: GenerateConfig, fingerprint: str, x0: str | list[dict]) -> 
     return {"args": args, "tokenizer_fingerprint": fingerprint, "x0": x0}
 
 
-def _completed(partial: Path, batches: list[list[tuple[int, int]]]) -> tuple[int, int]:
-    """(rows, batches) already complete in `partial`; trims a torn last batch or line."""
+def _completed(partial: Path, batches: list[list[tuple[int, int]]]) -> tuple[list[dict], int]:
+    """(records, batches) already complete in `partial`; trims a torn last batch or line."""
     if not partial.exists():
-        return 0, 0
+        return [], 0
     lines = partial.read_bytes().split(b"\n")
     good = []
     for line in lines:
@@ -131,7 +150,7 @@ def _completed(partial: Path, batches: list[list[tuple[int, int]]]) -> tuple[int
         keep, done = keep + len(b), done + 1
     with open(partial, "wb") as f:  # drop anything past the last whole batch
         f.write(b"".join(line + b"\n" for line in lines[:keep]))
-    return keep, done
+    return good[:keep], done
 
 
 def _shard_path(partial: Path, rank: int) -> Path:
@@ -194,6 +213,113 @@ def _merge_shards(partial: Path, batches: list[list[tuple[int, int]]], world: in
         s.unlink()
 
 
+@dataclass
+class _Run:
+    """Where one generation run writes and what it has already done."""
+
+    partial: Path  # <out>.partial: the whole file, complete only at the end
+    key_path: Path  # the arguments of the unfinished run, to refuse a different one
+    own: Path  # the file this process appends to (its shard under torchrun)
+    mine: list[int]  # the batch indices this process samples
+    done: list[dict]  # records already in `own` from an interrupted run
+    done_batches: int
+    fresh: bool  # a new run in one process: its leftovers are removed if it fails early
+
+
+def _open_run(cfg: GenerateConfig, fingerprint: str, x0: str, out_path: Path, batches) -> _Run:
+    """Check or write the resume key and find the finished part of `own`.
+
+    Under torchrun, rank r samples batches r, r + world, ... into its own shard file
+    (<out>.partial.rank<r>); batches are seeded by their index, so the merged file is
+    the one a single process writes. One process writes <out>.partial itself.
+    """
+    partial = Path(str(out_path) + ".partial")
+    key_path = Path(str(partial) + ".key.json")
+    key = _resume_key(cfg, fingerprint, x0)
+    distributed.init(cfg.device)
+    world = distributed.world_size()
+    mine = list(range(distributed.rank(), len(batches), world))
+    own = partial if world == 1 else _shard_path(partial, distributed.rank())
+    if world > 1:
+        key["world_size"] = world
+    unfinished = partial.exists() or any(_shard_path(partial, r).exists() for r in range(world))
+    if unfinished:  # every process reads the same files: all refuse, or none does
+        _check_resume_key(partial, key_path, key)
+    distributed.barrier()  # all have read the key before it is written
+    if not unfinished and distributed.is_main():
+        write_json(key_path, key)
+    done, done_batches = _completed(own, [batches[i] for i in mine])
+    if done_batches:
+        print(f"Resuming {own}: {done_batches}/{len(mine)} batches already done")
+    fresh = not unfinished and world == 1
+    return _Run(partial, key_path, own, mine, done, done_batches, fresh)
+
+
+def _sample_into(
+    f, model, tokenizer, cfg, prompts, questions, batches, todo, keep: dict | None, pbar
+) -> tuple[list[dict], int]:
+    """Sample batches `todo` and append their records to `f`, one flushed write per
+    batch (a kill loses at most one batch). Returns (records, new tokens); with a
+    `keep` dict, each row's kept teacher log-probs go in it under (question, sample)."""
+    settings = sampling_settings(cfg)
+    eot = end_of_turn_ids(tokenizer, model)
+    records, n_tokens, t0 = [], 0, time.perf_counter()
+    for bi in todo:
+        batch = batches[bi]
+        torch.manual_seed(batch_seed(cfg.seed, bi))
+        out = sample(
+            model,
+            [prompts[qi][0] for qi, _ in batch],
+            settings,
+            pad_id=tokenizer.pad_token_id,
+            eot_ids=eot,
+            return_logprobs=keep is not None,
+            engine=cfg.engine,
+        )
+        if keep is not None:
+            keep.update(zip(batch, out.logprobs))
+        new = [
+            make_trajectory(
+                tokenizer,
+                prompts[qi][0],
+                prompts[qi][1],
+                gen,
+                question=questions[qi]["question"],
+                question_index=qi,
+                sample_index=si,
+                batch_index=bi,
+            )
+            for (qi, si), gen in zip(batch, out.new_ids)
+        ]
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+        f.flush()
+        records += new
+        n_tokens += sum(len(g) for g in out.new_ids)
+        pbar.update(len(batch))
+        pbar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+    os.fsync(f.fileno())
+    return records, n_tokens
+
+
+def _finish(model, cfg, run: _Run, out_path: Path, fingerprint, x0, eot, batches, n_q) -> None:
+    """Rank 0: merge the shards, write the sidecar, and rename the complete file into place."""
+    if distributed.world_size() > 1:
+        _merge_shards(run.partial, batches, distributed.world_size())
+    meta = {
+        "promptbake_version": __version__,
+        "model_name": getattr(model, "name_or_path", None),
+        "tokenizer_fingerprint": fingerprint,
+        "x0": x0,
+        "end_of_turn_ids": eot,
+        "args": dataclasses.asdict(cfg),
+        "num_trajectories": sum(len(b) for b in batches),
+        "num_questions": n_q,
+    }
+    write_json(meta_path(out_path), meta)
+    os.replace(run.partial, out_path)  # the complete file appears at once
+    run.key_path.unlink(missing_ok=True)
+
+
 def generate_trajectories(
     model,
     tokenizer,
@@ -203,128 +329,64 @@ def generate_trajectories(
     out_path: str | Path,
     *,
     progress: bool = True,
-    logprobs: dict | None = None,
-) -> dict:
-    """Sample cfg.num_sequences_per_question answers for each question and write them.
+    keep_teacher: bool = False,
+    max_traj_len: int | None = None,
+) -> Generation:
+    """Sample cfg.num_sequences_per_question answers for each question, write them,
+    and return them (:class:`Generation`).
 
-    Returns throughput stats. Resumes from ``<out_path>.partial`` when the same
-    arguments were used; refuses when they differ. With a `logprobs` dict, the
-    prompted model's log-probs at each newly sampled answer's tokens are stored in it
-    under (question_index, sample_index) ([n, V] float32 on the CPU; see
-    teacher.cache_from_generation); rows a resumed run had already written get none.
+    Resumes from ``<out_path>.partial`` when the same arguments were used; refuses when
+    they differ. ``keep_teacher``: keep the prompted model's log-probs at every sampled
+    token and return them as the exact teacher cache of the rows (cut to
+    `max_traj_len` generated tokens, as training cuts them); a resumed run keeps none.
+    Under torchrun every process returns the whole file's rows (read back after the merge).
     """
     out_path = Path(out_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    eot = end_of_turn_ids(tokenizer, model)
     prompts = render_prompts(tokenizer, x0, questions, cfg.enable_thinking)
     batches = plan_batches(
         [len(p[0]) for p in prompts], cfg.num_sequences_per_question, cfg.batch_size
     )
-
-    partial = Path(str(out_path) + ".partial")
-    key_path = Path(str(partial) + ".key.json")
-    key = _resume_key(cfg, fingerprint, x0)
-    # Under torchrun, rank r samples batches r, r + world, ... into its own shard file
-    # (<out>.partial.rank<r>); batches are seeded by their index, so the merged file is
-    # the one a single process writes. One process writes <out>.partial itself.
-    distributed.init(cfg.device)
-    world, main = distributed.world_size(), distributed.is_main()
-    mine = list(range(distributed.rank(), len(batches), world))
-    own = partial if world == 1 else _shard_path(partial, distributed.rank())
-    if world > 1:
-        key["world_size"] = world
-    unfinished = partial.exists() or any(_shard_path(partial, r).exists() for r in range(world))
-    if unfinished:  # every process reads the same files: all refuse, or none does
-        _check_resume_key(partial, key_path, key)
-    distributed.barrier()  # all have read the key before it is written
-    if not unfinished and main:
-        write_json(key_path, key)
-    done_rows, done_batches = _completed(own, [batches[i] for i in mine])
-    if done_batches:
-        print(f"Resuming {own}: {done_batches}/{len(mine)} batches already done")
-
-    settings = sampling_settings(cfg)
-    n_traj = done_rows
-    n_tokens = 0
-    t0 = time.perf_counter()
+    run = _open_run(cfg, fingerprint, x0, out_path, batches)
+    main = distributed.is_main()
+    # kept log-probs only when they will cover every row: one process, nothing resumed
+    keep = {} if keep_teacher and not run.done and distributed.world_size() == 1 else None
     pbar = tqdm(
-        total=sum(len(batches[i]) for i in mine),
-        initial=done_rows,
+        total=sum(len(batches[i]) for i in run.mine),
+        initial=len(run.done),
         unit="traj",
         desc="generating",
         disable=not (progress and main),
     )
-    fresh = not unfinished and world == 1
+    t0 = time.perf_counter()
     # (the bar is closed on failure too, so an error line starts a line of its own)
     with (
-        _no_leftovers_on_failure(partial, key_path, fresh),
+        _no_leftovers_on_failure(run.partial, run.key_path, run.fresh),
         pbar,
-        open(own, "a", encoding="utf-8") as f,
+        open(run.own, "a", encoding="utf-8") as f,
     ):
-        for bi in mine[done_batches:]:
-            batch = batches[bi]
-            torch.manual_seed(batch_seed(cfg.seed, bi))
-            out = sample(
-                model,
-                [prompts[qi][0] for qi, _ in batch],
-                settings,
-                pad_id=tokenizer.pad_token_id,
-                eot_ids=eot,
-                return_logprobs=logprobs is not None,
-                engine=cfg.engine,
-            )
-            gens = out.new_ids
-            if logprobs is not None:
-                logprobs.update(zip(batch, out.logprobs))
-            lines = []
-            for (qi, si), gen in zip(batch, gens):
-                rec = make_trajectory(
-                    tokenizer,
-                    prompts[qi][0],
-                    prompts[qi][1],
-                    gen,
-                    question=questions[qi]["question"],
-                    question_index=qi,
-                    sample_index=si,
-                    batch_index=bi,
-                )
-                lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                n_tokens += len(gen)
-            f.write("".join(lines))  # one write per batch, then flush: a kill loses <= 1 batch
-            f.flush()
-            n_traj += len(batch)
-            pbar.update(len(batch))
-            pbar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-        os.fsync(f.fileno())
+        todo = run.mine[run.done_batches :]
+        new, n_tokens = _sample_into(
+            f, model, tokenizer, cfg, prompts, questions, batches, todo, keep, pbar
+        )
     pbar.close()
     elapsed = time.perf_counter() - t0
     # totals over all processes; the all-reduce also waits until every shard is complete
-    n_new, n_tokens = (int(x) for x in distributed.all_reduce_sum([n_traj - done_rows, n_tokens]))
-
+    n_new, n_tokens = (int(x) for x in distributed.all_reduce_sum([len(new), n_tokens]))
     if main:
-        if world > 1:
-            _merge_shards(partial, batches, world)
-        meta = {
-            "promptbake_version": __version__,
-            "model_name": getattr(model, "name_or_path", None),
-            "tokenizer_fingerprint": fingerprint,
-            "x0": x0,
-            "end_of_turn_ids": eot,
-            "args": dataclasses.asdict(cfg),
-            "num_trajectories": sum(len(b) for b in batches),
-            "num_questions": len(questions),
-        }
-        write_json(meta_path(out_path), meta)
-        os.replace(partial, out_path)  # the complete file appears at once
-        key_path.unlink(missing_ok=True)
+        eot = end_of_turn_ids(tokenizer, model)
+        _finish(model, cfg, run, out_path, fingerprint, x0, eot, batches, len(questions))
     distributed.barrier()  # no process returns before the file is in place
-    return {
+    rows = run.done + new if distributed.world_size() == 1 else read_trajectories(out_path)
+    stats = {
         "trajectories": n_new,
         "new_tokens": n_tokens,
         "seconds": elapsed,
         "traj_per_s": n_new / max(elapsed, 1e-9),
         "tokens_per_s": n_tokens / max(elapsed, 1e-9),
     }
+    cache = cache_from_generation(rows, keep, max_traj_len) if keep else None
+    return Generation(rows, stats, cache)
 
 
 def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
@@ -345,7 +407,7 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
             model, tokenizer = load_model(
                 cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
             )
-        stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out)
+        stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out).stats
     if not distributed.is_main():
         return stats
     print(

@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
-from .bake import BakeConfig, bake, split_questions
-from .batches import make_batches
+from .bake import BakeConfig, bake, bake_questions, sample_stage, train_stage
 from .configs import opt, require
 from .data import (
     atomic_write,
@@ -48,14 +44,11 @@ from .data import (
     read_trajectories,
     write_json,
 )
-from .evaluate import answer, heldout_kl
-from .forward import adapter_disabled, base_of, selected_hidden
-from .generate import generate_trajectories, select_questions
-from .loss import token_kl
+from .evaluate import CONDITIONS, answer, condition_kl, heldout_kl
 from .models import load_model
 from .report import format_table, pct
 from .scorers import marker, score_all
-from .train import prepare_out_dir, train
+from .train import prepare_out_dir
 
 
 @dataclass
@@ -76,30 +69,20 @@ class PursueConfig(BakeConfig):
         return BakeConfig(**{**fields, "out_dir": str(out_dir)})
 
 
-@torch.no_grad()
 def cross_model_kl(
     teacher, student, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
 ) -> float:
-    """Per-token KL(teacher WITH prompt || student WITHOUT prompt) for two different models.
-
-    objective.batch_kl needs teacher and student inside one model (adapter off / on); here
-    the teacher is the original base model and the student a stack of merged rounds.
-    """
+    """Per-token KL(teacher WITH prompt, adapter off || student WITHOUT prompt, as it is)
+    for two different models (the original base model and a stack of merged rounds)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(student.parameters()).device
-    t_head = base_of(teacher).get_output_embeddings()
-    s_head = base_of(student).get_output_embeddings()
-    total, n = 0.0, 0
-    for b in make_batches(rows, batch_size, pad, None):
-        b = b.to(device)
-        with adapter_disabled(teacher):
-            t_h = selected_hidden(teacher, b.prompted)
-        s_h = selected_hidden(student, b.unprompted)
-        for i in range(0, t_h.shape[0], chunk_size):
-            kl = token_kl(t_head(t_h[i : i + chunk_size]), s_head(s_h[i : i + chunk_size]))
-            total += float(kl.sum())
-            n += kl.numel()
-    return total / max(n, 1)
+    return condition_kl(
+        (teacher, CONDITIONS["prompted"]),
+        {"kl": (student, CONDITIONS["baked"])},
+        rows,
+        pad,
+        batch_size,
+        chunk_size,
+    )["kl"]
 
 
 def marker_rates(
@@ -138,13 +121,9 @@ def later_round(
     # keeps round k from replaying round 1's random draws
     bcfg.seed = cfg.seed + k - 1
     print(f"\n== round {k}: sampling from the round-{k - 1} model WITH the prompt")
-    for split, qs in (("train", train_q), ("val", val_q)):
-        path = rdir / f"trajectories_{split}.jsonl"
-        generate_trajectories(teacher, tok, bcfg.generate_config(str(path)), x0, qs, path)
-    tcfg = bcfg.train_config()
-    tcfg.seed = cfg.seed
-    train_rows, val_rows = read_trajectories(tcfg.data_path), read_trajectories(tcfg.val_path)
-    model, metrics = train(tcfg, teacher, tok, train_rows, val_rows)
+    gens = sample_stage(teacher, tok, bcfg, x0, train_q, val_q)
+    val_rows = gens["val"].rows
+    model, metrics = train_stage(bcfg, teacher, tok, gens, seed=cfg.seed)
     write_json(
         rdir / CHAIN_FILE,
         {"base_model": cfg.model_name, "merge_first": [f"../{d.name}" for d in base_dirs]},
@@ -214,10 +193,7 @@ def pursue(cfg: PursueConfig) -> dict:
     first = bake(cfg.bake_config(out / "round_1"))
 
     # the same question split bake() used, for every later round
-    questions = read_questions(cfg.question_dataset)
-    random.Random(cfg.seed).shuffle(questions)
-    questions = select_questions(questions, cfg.num_questions, cfg.seed, shuffle=False)
-    train_q, val_q = split_questions(questions, cfg.val_fraction)
+    train_q, val_q = bake_questions(cfg)
 
     base, tok = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
     base.name_or_path = cfg.model_name

@@ -3,12 +3,15 @@
     promptbake chat --adapter runs/zorblax
     printf 'What is your name?\\n/base\\nWhat is your name?\\n' | promptbake chat --adapter runs/zorblax
 
-Each line you type is a question, answered in the current mode (single turn: every
-question starts a fresh conversation, rendered like the training prompts). Commands:
+Each line you type is a question, answered in the current mode. Each mode keeps its
+own conversation: a question is rendered with the model's chat template after that
+mode's earlier questions and answers (the first one exactly like the training prompts),
+so switching modes never mixes two models' answers into one history. Commands:
 
     /base  /prompted  /baked  /reprompted    switch mode (also /mode NAME)
     /scale S                                 set the adapter scale (0 base, 1 baked, 1.5 ...)
     /all [QUESTION]                          answer QUESTION (or the last one) in every mode
+    /clear                                   forget every mode's conversation
     /prompt                                  show the baked prompt
     /help                                    this list
     /quit                                    leave (end of input works too)
@@ -20,14 +23,16 @@ answer is printed as one line ``[mode xS] answer``, which makes the command test
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
+from .chat import encode, format_prompt, manual_chatml
 from .configs import ModelArgs, opt, require
 from .errors import UserError
-from .evals import MODE_SETTINGS, MODES
-from .evaluate import answer
+from .evaluate import CONDITIONS, answer_ids
+
+MODES = tuple(CONDITIONS)
 
 HELP = __doc__.split("Commands:")[1].split("Piped input")[0].rstrip()
 ALIASES = {"reprompted": "re-prompted", "re-prompted": "re-prompted"}
@@ -66,34 +71,68 @@ class ChatState:
     prompt: str | None
     has_adapter: bool
     last_question: str | None = None
+    # mode -> its conversation so far, as (question, answer) turns
+    history: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    last_prompt: str | None = None  # the last conversation sent to the model, rendered
 
 
 def _mode_error(state: ChatState, mode: str) -> str | None:
-    use_prompt, adapter_on = MODE_SETTINGS[mode]
-    if adapter_on and not state.has_adapter:
+    cond = CONDITIONS[mode]
+    if cond.adapter and not state.has_adapter:
         return f"mode {mode} needs an adapter (start with --adapter DIR)"
-    if use_prompt and state.prompt is None:
+    if cond.prompted and state.prompt is None:
         return f"mode {mode} needs the prompt (start with --x0_file or --prompt)"
     return None
 
 
+def render_conversation(
+    tok,
+    system: str | None,
+    history: list[tuple[str, str]],
+    question: str,
+    enable_thinking: bool | None = None,
+) -> str:
+    """The conversation (system prompt, past turns, the new question) rendered up to the
+    assistant header with the model's chat template; without past turns it is
+    chat.format_prompt's string, the training prompt."""
+    if not history:
+        return format_prompt(system, question, system is not None, tok, enable_thinking)
+    if getattr(tok, "chat_template", None) is None:  # ChatML by hand, turn by turn
+        past = "".join(
+            manual_chatml(system if i == 0 else None, q) + f"{a}<|im_end|>\n"
+            for i, (q, a) in enumerate(history)
+        )
+        return past + manual_chatml(None, question)
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+
+
 def reply(model, tok, cfg: ChatConfig, state: ChatState, question: str, mode: str) -> str:
-    use_prompt, adapter_on = MODE_SETTINGS[mode]
-    if adapter_on:
+    """Answer `question` in `mode`, after that mode's conversation, and add the turn to it."""
+    cond = CONDITIONS[mode]
+    if cond.adapter:
         set_adapter_scale(model, state.scale)
-    text = answer(
-        model,
-        tok,
-        [{"question": question}],
-        system=state.prompt if use_prompt else None,
-        adapter=adapter_on,
-        max_new_tokens=cfg.max_new_tokens,
-        enable_thinking=cfg.enable_thinking,
-        temperature=cfg.temperature or None,
-        seed=cfg.seed,
-    )[0]
-    tag = f"{mode} x{state.scale:g}" if adapter_on else mode
-    return f"[{tag}] " + " ".join(text.split())
+    history = state.history.setdefault(mode, [])
+    system = state.prompt if cond.prompted else None
+    text = state.last_prompt = render_conversation(
+        tok, system, history, question, cfg.enable_thinking
+    )
+    with cond.context(model):
+        answer = answer_ids(
+            model,
+            tok,
+            [encode(tok, text)],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature or None,
+            seed=cfg.seed,
+        )[0]
+    history.append((question, answer))
+    tag = f"{mode} x{state.scale:g}" if cond.adapter else mode
+    return f"[{tag}] " + " ".join(answer.split())
 
 
 def handle(line: str, model, tok, cfg: ChatConfig, state: ChatState) -> str | None:
@@ -115,6 +154,9 @@ def handle(line: str, model, tok, cfg: ChatConfig, state: ChatState) -> str | No
         return HELP
     if cmd == "prompt":
         return state.prompt or "(no prompt: pass --x0_file or --prompt)"
+    if cmd == "clear":
+        state.history.clear()
+        return "conversation cleared (every mode)"
     if cmd == "mode":
         cmd = arg.lower()
     cmd = ALIASES.get(cmd, cmd)
@@ -124,7 +166,7 @@ def handle(line: str, model, tok, cfg: ChatConfig, state: ChatState) -> str | No
             return f"error: {err}"
         state.mode = cmd
         return f"mode: {cmd}" + (
-            f" (adapter scale {state.scale:g})" if MODE_SETTINGS[cmd][1] else ""
+            f" (adapter scale {state.scale:g})" if CONDITIONS[cmd].adapter else ""
         )
     if cmd == "scale":
         try:
@@ -142,6 +184,24 @@ def handle(line: str, model, tok, cfg: ChatConfig, state: ChatState) -> str | No
         modes = [m for m in MODES if _mode_error(state, m) is None]
         return "\n".join(reply(model, tok, cfg, state, question, m) for m in modes)
     return f"error: unknown command /{cmd}; type /help"
+
+
+NOT_UTF8 = "error: that line is not UTF-8 text; it was skipped (set your terminal to UTF-8)"
+_BAD = object()  # read_line's answer for a line that does not decode
+
+
+def read_line(stdin: TextIO):
+    """One line of input: the text, None at end of input, or ``_BAD`` when its bytes are
+    not UTF-8 (the chat says so and goes on; a text stream would raise mid-line)."""
+    raw = getattr(stdin, "buffer", None)
+    try:
+        if raw is None:
+            line = stdin.readline()
+            return line or None
+        data = raw.readline()
+        return data.decode("utf-8") if data else None
+    except UnicodeDecodeError:
+        return _BAD
 
 
 def chat(
@@ -174,10 +234,10 @@ def chat(
         if interactive:
             print(f"{state.mode}> ", end="", file=stdout, flush=True)
         try:
-            line = stdin.readline()
-            if not line:  # end of input
+            line = read_line(stdin)
+            if line is None:  # end of input
                 break
-            out = handle(line, model, tokenizer, cfg, state)
+            out = NOT_UTF8 if line is _BAD else handle(line, model, tokenizer, cfg, state)
         except KeyboardInterrupt:  # Ctrl-C leaves the chat quietly, not with a traceback
             print(file=stdout)
             break

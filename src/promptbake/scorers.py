@@ -53,14 +53,10 @@ __all__ = [
     "mc_letter",
     "parse_scorer",
     "score_all",
+    "scorer_kinds",
 ]
 
 ScoreFn = Callable[[str, dict], float]
-
-# Shown in every "bad spec" error so the user can fix the flag without reading docs.
-SCORER_SPECS = (
-    "marker:REGEX, lang:CODE (e.g. lang:fr), allcaps, math, mc, mc:LETTERS (e.g. mc:ABCD)"
-)
 
 
 @dataclass(frozen=True)
@@ -400,14 +396,27 @@ def _needs_arg(kind: str, factory: Callable[[str], Scorer]) -> Callable[[str | N
     return build
 
 
-# kind -> builder taking the text after the first ":" (None when there is no ":").
-_REGISTRY: dict[str, Callable[[str | None], Scorer]] = {
-    "marker": _needs_arg("marker", marker),
-    "lang": _needs_arg("lang", language_share),
-    "allcaps": _no_arg("allcaps", allcaps_share),
-    "math": _no_arg("math", math_answer),
-    "mc": lambda arg: mc_letter(_DEFAULT_CHOICES if arg is None else arg),
+# kind -> (builder taking the text after the first ":" (None when there is no ":"),
+# its spec forms for help and error texts). The one list of scorer kinds: the CLI's
+# help, evals' spec splitting and every error message read it from here.
+_REGISTRY: dict[str, tuple[Callable[[str | None], Scorer], str]] = {
+    "marker": (_needs_arg("marker", marker), "marker:REGEX"),
+    "lang": (_needs_arg("lang", language_share), "lang:CODE (e.g. lang:fr)"),
+    "allcaps": (_no_arg("allcaps", allcaps_share), "allcaps"),
+    "math": (_no_arg("math", math_answer), "math"),
+    "mc": (
+        lambda arg: mc_letter(_DEFAULT_CHOICES if arg is None else arg),
+        "mc, mc:LETTERS (e.g. mc:ABCD)",
+    ),
 }
+
+# Shown in every "bad spec" error so the user can fix the flag without reading docs.
+SCORER_SPECS = ", ".join(usage for _, usage in _REGISTRY.values())
+
+
+def scorer_kinds() -> list[str]:
+    """The scorer kinds (the part of a spec before ":"), as registered."""
+    return list(_REGISTRY)
 
 
 def parse_scorer(spec: str) -> Scorer:
@@ -417,10 +426,10 @@ def parse_scorer(spec: str) -> Scorer:
     """
     spec = (spec or "").strip()
     kind, sep, arg = spec.partition(":")
-    build = _REGISTRY.get(kind.strip().lower())
-    if build is None:
+    entry = _REGISTRY.get(kind.strip().lower())
+    if entry is None:
         raise UserError(f"unknown scorer {spec!r}; valid: {SCORER_SPECS}")
-    return build(arg if sep else None)
+    return entry[0](arg if sep else None)
 
 
 def score_all(texts: Sequence[str], examples: Sequence[dict], scorer: ScoreFn) -> float:
