@@ -129,7 +129,7 @@ def test_patience_is_validated():
     for bad in (-0.1, 1.5):
         with pytest.raises(UserError, match=r"--on_policy must be in \[0, 1\]"):
             TrainConfig(data_path="d", out_dir="o", on_policy=bad).validate()
-    with pytest.raises(UserError, match=r"--jsd_beta must be in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"--jsd_beta 2.0 is outside \[0, 1\]"):
         TrainConfig(data_path="d", out_dir="o", jsd_beta=2.0).validate()
 
 
