@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from .adapters import adapter_dir, load_adapter, run_file, set_adapter_scale
 from .batches import Side, make_batches
 from .chat import encode, format_prompt
-from .configs import ModelArgs, opt, require
+from .configs import CompareConfig
 from .data import (
     atomic_write,
     generated_ids,
@@ -63,35 +62,6 @@ CONDITIONS: dict[str, tuple[str, bool]] = {
     "baked": ("unprompted", True),
     "re-prompted": ("prompted", True),
 }
-
-
-@dataclass
-class CompareConfig(ModelArgs):
-    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
-    data_file: str | None = opt(
-        None, "trajectory JSONL to score; default: the run's validation trajectories"
-    )
-    prompt_override: str | None = opt(
-        None, "file with another system prompt to score the 'with prompt' conditions under"
-    )
-    out_dir: str | None = opt(None, "where to write the table and plots; default <adapter>/compare")
-    path_prefix: str = opt("", "prefix for the output file names, e.g. pirate_")
-    batch_size: int = opt(8, "trajectories per forward pass")
-    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
-    kl_chunk_size: int = opt(1024, "token rows per LM-head chunk (bounds memory)")
-    plot: bool = opt(True, "write the scatter plots")
-    model_name: str | None = opt(
-        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
-    )
-
-    def validate(self) -> None:
-        require(self.adapter is not None, "--adapter is required (the adapter directory)")
-        require(self.batch_size > 0, "--batch_size must be positive")
-        require(self.kl_chunk_size > 0, "--kl_chunk_size must be positive")
-        require(
-            "/" not in self.path_prefix and "\\" not in self.path_prefix,
-            "--path_prefix is a file-name prefix; it cannot contain a path separator",
-        )
 
 
 # ---------------------------------------------------------------- NLL

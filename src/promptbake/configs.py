@@ -1,5 +1,12 @@
-"""Stage configs: one dataclass per stage is the single source of truth for defaults,
-``--help`` text and validation, for the seed scripts and the ``promptbake`` CLI alike.
+"""Every command's config: one dataclass per command is the single source of truth for
+its defaults, ``--help`` text and validation, for the seed scripts and the ``promptbake``
+CLI alike.
+
+The rule: every command's config dataclass lives here, in this module, and its module
+imports it (GenerateConfig -> generate.py, TrainConfig -> train.py, BakeConfig -> bake.py,
+PursueConfig -> pursue.py, CompareConfig -> compare.py, EvalConfig -> evals.py,
+ChatConfig -> repl.py, MergeConfig -> adapters.py). A field added here is a flag of its
+command (and of every command built from it) with no other edit.
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, GenerateConfig)
@@ -14,12 +21,15 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .distributed import world_size
 from .errors import UserError
+from .evaluate import MODES
 from .models import DEFAULT_MODEL
 from .sampling import engine_names
+from .scorers import SCORER_SPECS
 
 
 def opt(default: Any, help: str, *aliases: str, choices: list | None = None) -> Any:
@@ -241,3 +251,215 @@ class TrainConfig(LoraArgs, ModelArgs):
                 "--nproc_per_node N (N >= 2), or drop --fsdp to train in one process",
             )
         self.validate_lora()
+
+
+# ---------------------------------------------------------------- bake, pursuit
+@dataclass
+class BakeConfig(LoraArgs, ModelArgs):
+    x0_file: str | None = opt(None, "file holding the prompt to bake (or use --prompt)")
+    prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
+    question_dataset: str = opt(
+        "data/questions.jsonl", "JSONL question set(s) to sample answers for; comma-separated"
+    )
+    out_dir: str = opt("runs/bake", "run directory: trajectories, adapter, logs, report")
+    heldout: str | None = opt(
+        None, "held-out JSONL questions: answered by base, prompted and baked model at the end"
+    )
+    marker: str | None = opt(
+        None, "regex counted in the held-out answers, e.g. Zorblax (case-insensitive)"
+    )
+    num_questions: int = opt(64, "questions to sample answers for (after a seeded shuffle)")
+    num_sequences_per_question: int = opt(4, "answers sampled per question")
+    val_fraction: float = opt(0.1, "share of the questions held out for validation KL")
+    max_sequence_length: int = opt(64, "maximum NEW tokens per sampled answer")
+    min_sequence_length: int = opt(1, "minimum NEW tokens per sampled answer")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float | None = opt(None, "nucleus sampling; default: the model's generation config")
+    top_k: int | None = opt(None, "top-k sampling; default: the model's generation config")
+    gen_batch_size: int = opt(32, "sequences generated at once")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    num_epochs: int = opt(4, "training epochs")
+    batch_size: int = opt(8, "trajectories per optimizer step")
+    learning_rate: float = opt(1e-3, "AdamW learning rate")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    save_every: int = opt(0, "also save epoch_N/ every N epochs (0: never)")
+    kl_chunk_size: int = opt(512, "token rows per KL chunk")
+    teacher_cache: str = opt(
+        "exact",
+        "teacher log-probs computed once and reused every epoch: exact (same loss), topk "
+        "(approximate, less memory) or off",
+        choices=["off", "exact", "topk"],
+    )
+    teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
+    prefix_reuse: bool = opt(
+        True, "teacher and student run each shared prompt prefix once per batch (exact)"
+    )
+    answer_tokens: int = opt(48, "new tokens per held-out answer")
+    r: int = opt(8, "LoRA rank", "-r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")
+
+    def validate(self) -> None:
+        require(bool(self.x0_file) != bool(self.prompt), "give exactly one of --x0_file, --prompt")
+        require(0 <= self.val_fraction < 1, "--val_fraction must be in [0, 1)")
+        require(self.answer_tokens > 0, "--answer_tokens must be positive")
+        self.generate_config("x").validate()
+        self.train_config().validate()
+
+    def generate_config(self, out_file: str) -> GenerateConfig:
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(GenerateConfig)
+            if hasattr(self, f.name)
+        }
+        shared.update(
+            x0_file=self.x0_file or "<--prompt>",
+            traj_out_file=out_file,
+            batch_size=self.gen_batch_size,
+            shuffle=False,
+        )
+        return GenerateConfig(**shared)
+
+    def train_config(self) -> TrainConfig:
+        out = Path(self.out_dir)
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if hasattr(self, f.name)
+        }
+        shared.update(
+            data_path=str(out / "trajectories_train.jsonl"),
+            val_path=str(out / "trajectories_val.jsonl"),
+        )
+        return TrainConfig(**shared)
+
+
+@dataclass
+class PursueConfig(BakeConfig):
+    rounds: int = opt(2, "rounds: round 1 is a normal bake, each later one bakes on top of it")
+    out_dir: str = opt("runs/pursuit", "directory for round_1/ ... round_K/ and pursuit.md")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        require(
+            self.val_fraction > 0,
+            "--val_fraction must be > 0: pursuit measures each round on validation trajectories",
+        )
+
+    def bake_config(self, out_dir: Path) -> BakeConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BakeConfig)}
+        return BakeConfig(**{**fields, "out_dir": str(out_dir)})
+
+
+# ---------------------------------------------------------------- compare, eval, chat
+@dataclass
+class CompareConfig(ModelArgs):
+    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
+    data_file: str | None = opt(
+        None, "trajectory JSONL to score; default: the run's validation trajectories"
+    )
+    prompt_override: str | None = opt(
+        None, "file with another system prompt to score the 'with prompt' conditions under"
+    )
+    out_dir: str | None = opt(None, "where to write the table and plots; default <adapter>/compare")
+    path_prefix: str = opt("", "prefix for the output file names, e.g. pirate_")
+    batch_size: int = opt(8, "trajectories per forward pass")
+    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
+    kl_chunk_size: int = opt(1024, "token rows per LM-head chunk (bounds memory)")
+    plot: bool = opt(True, "write the scatter plots")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.adapter is not None, "--adapter is required (the adapter directory)")
+        require(self.batch_size > 0, "--batch_size must be positive")
+        require(self.kl_chunk_size > 0, "--kl_chunk_size must be positive")
+        require(
+            "/" not in self.path_prefix and "\\" not in self.path_prefix,
+            "--path_prefix is a file-name prefix; it cannot contain a path separator",
+        )
+
+
+@dataclass
+class EvalConfig(ModelArgs):
+    adapter: str | None = opt(
+        None, "adapter directory; without it only the base and prompted modes run"
+    )
+    questions: str | None = opt(None, "JSONL question set(s) to answer; comma-separated")
+    scorer: str | None = opt(None, f"scorer spec(s), comma-separated: {SCORER_SPECS}")
+    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
+    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
+    modes: str | None = opt(
+        None, "comma-separated modes; default base,prompted,baked,re-prompted (no adapter: 2)"
+    )
+    adapter_scale: str = opt("1", "LoRA scale(s) for the adapter modes, comma-separated")
+    num_questions: int | None = opt(None, "answer only the first N questions")
+    max_new_tokens: int = opt(64, "new tokens per answer")
+    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
+    num_samples: int = opt(1, "answers per question (only with --temperature > 0)")
+    batch_size: int = opt(16, "questions answered at once")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    out_dir: str | None = opt(None, "where eval.json and eval.md go; default <adapter>/eval")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.questions is not None, "--questions is required (a JSONL question set)")
+        require(bool(self.scorer), f"--scorer is required; one or more of: {SCORER_SPECS}")
+        require(
+            self.adapter is not None or self.model_name is not None,
+            "give --adapter (a baked run) or --model_name (base and prompted modes only)",
+        )
+        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
+        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
+        require(self.batch_size > 0, "--batch_size must be positive")
+        require(self.temperature >= 0, "--temperature must be >= 0")
+        require(self.num_samples > 0, "--num_samples must be positive")
+        require(
+            self.num_samples == 1 or self.temperature > 0,
+            "--num_samples > 1 needs --temperature > 0 (greedy answers are all the same)",
+        )
+        require(self.num_questions is None or self.num_questions > 0, "--num_questions must be > 0")
+
+
+@dataclass
+class ChatConfig(ModelArgs):
+    adapter: str | None = opt(None, "adapter directory; without it only base and prompted work")
+    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
+    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
+    mode: str | None = opt(
+        None, "starting mode; default baked (base without --adapter)", choices=list(MODES)
+    )
+    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
+    max_new_tokens: int = opt(128, "new tokens per answer")
+    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(
+            self.adapter is not None or self.model_name is not None,
+            "give --adapter (a baked run) or --model_name",
+        )
+        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
+        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
+        require(self.temperature >= 0, "--temperature must be >= 0")
+
+
+# ---------------------------------------------------------------- merge
+@dataclass
+class MergeConfig(ModelArgs):
+    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
+    out: str | None = opt(None, "directory for the merged model (weights + tokenizer)")
+    adapter_scale: float = opt(1.0, "merge the LoRA update at this scale (0 base, 1 baked)")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.adapter is not None, "--adapter is required (the adapter directory)")
+        require(self.out is not None, "--out is required (where the merged model goes)")

@@ -25,6 +25,15 @@ from .models import end_of_turn_ids
 from .objective import evaluate_kl
 from .sampling import Sampling, sample
 
+MODES = ("base", "prompted", "baked", "re-prompted")
+# mode -> (use the system prompt?, adapter on?)
+MODE_SETTINGS = {
+    "base": (False, False),
+    "prompted": (True, False),
+    "baked": (False, True),
+    "re-prompted": (True, True),
+}
+
 
 @torch.no_grad()
 def answer(

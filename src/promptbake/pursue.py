@@ -28,18 +28,16 @@ round_k/ for k > 1 holds promptbake_chain.json listing rounds 1..k-1, so
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
-from .bake import BakeConfig, bake, split_questions
+from .bake import bake, split_questions
 from .batches import make_batches
-from .configs import opt, require
+from .configs import PursueConfig
 from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
 from .evaluate import answer, heldout_kl
 from .forward import adapter_disabled, base_of, selected_hidden
@@ -49,24 +47,6 @@ from .models import load_model
 from .report import format_table, pct
 from .scorers import marker, score_all
 from .train import prepare_out_dir, train
-
-
-@dataclass
-class PursueConfig(BakeConfig):
-    rounds: int = opt(2, "rounds: round 1 is a normal bake, each later one bakes on top of it")
-    out_dir: str = opt("runs/pursuit", "directory for round_1/ ... round_K/ and pursuit.md")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
-        require(
-            self.val_fraction > 0,
-            "--val_fraction must be > 0: pursuit measures each round on validation trajectories",
-        )
-
-    def bake_config(self, out_dir: Path) -> BakeConfig:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BakeConfig)}
-        return BakeConfig(**{**fields, "out_dir": str(out_dir)})
 
 
 @torch.no_grad()
