@@ -8,7 +8,7 @@ Writes under --out_dir: trajectories_{train,val}.jsonl (+ .meta.json), the adapt
 and training logs (see train.py), and, with --heldout, answers.md (base / prompted /
 baked side by side), report.md and summary.json.
 
-Why the defaults differ from train_loop.py: the seed keeps lora_alpha=1 with r=32,
+Why the defaults (configs.BAKE_DEFAULTS) differ from train_loop.py: the seed keeps lora_alpha=1 with r=32,
 which scales the LoRA update by 1/32, so at lr 1e-4 it learns very slowly. Here the
 update scale is alpha/r = 2 (r=8, alpha=16) with lr 1e-3, which bakes a persona into
 SmolLM2-135M in a few epochs on CPU; train_loop.py keeps the seed's values so old

@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .distributed import world_size
 from .errors import UserError
@@ -35,6 +35,30 @@ from .scorers import SCORER_SPECS
 def opt(default: Any, help: str, *aliases: str, choices: list | None = None) -> Any:
     """A dataclass field carrying its CLI help, extra flag spellings and choices."""
     return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+
+
+def with_defaults(defaults: dict[str, Any]):
+    """Class decorator (above ``@dataclass``): the class with new defaults for fields it
+    inherits; their type, help and flag spellings stay the stage's, so a field added to a
+    stage later reaches every config built from it unchanged."""
+
+    def wrap(cls: type) -> type:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(defaults) - set(fields))
+        assert not unknown, f"{cls.__name__} has no fields {unknown}"
+        changed = [
+            (name, fields[name].type, field(default=value, metadata=fields[name].metadata))
+            for name, value in defaults.items()
+        ]
+        namespace = {"__module__": cls.__module__, "__doc__": cls.__doc__}
+        return dataclasses.make_dataclass(cls.__name__, changed, bases=(cls,), namespace=namespace)
+
+    return wrap
+
+
+def field_values(cfg: Any, cls: type) -> dict[str, Any]:
+    """The values of `cls`'s fields in `cfg`, an instance of `cls` or of a config built from it."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
 
 
 def parse_bool(text: str) -> bool:
@@ -59,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     shared = {f.name for f in dataclasses.fields(ModelArgs)}
     # the stage's own flags first, the shared model flags last: what --help shows first
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
+        if f.name in cls.SET_BY_COMMAND:
+            continue
         tp = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"default": f.default, "dest": f.name}
         help_ = f.metadata.get("help", "")
@@ -87,6 +113,9 @@ def require(cond: bool, msg: str) -> None:
 # ---------------------------------------------------------------- shared by all stages
 @dataclass
 class ModelArgs:
+    # fields the command fills in itself: not flags, not config-file keys (BakeConfig)
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = ()
+
     model_name: str = opt(
         DEFAULT_MODEL,
         "model to use: a Hugging Face hub id, a local model directory, a .gguf file, or "
@@ -254,49 +283,50 @@ class TrainConfig(LoraArgs, ModelArgs):
 
 
 # ---------------------------------------------------------------- bake, pursuit
+# Bake's own defaults for the stage fields it inherits (the stages keep the seed's values):
+# the seed's lora_alpha=1 with r=32 scales the LoRA update by 1/32, which learns very
+# slowly at lr 1e-4; alpha/r = 2 (r=8, alpha=16) at lr 1e-3 bakes a persona into
+# SmolLM2-135M in a few epochs on CPU (bake.py's docstring).
+BAKE_DEFAULTS: dict[str, Any] = {
+    "question_dataset": "data/questions.jsonl",
+    "out_dir": "runs/bake",
+    "num_questions": 64,
+    "num_sequences_per_question": 4,
+    "max_sequence_length": 64,
+    "num_epochs": 4,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "save_every": 0,
+    "teacher_cache": "exact",
+    "r": 8,
+    "lora_alpha": 16.0,
+}
+
+
+@with_defaults(BAKE_DEFAULTS)
 @dataclass
-class BakeConfig(LoraArgs, ModelArgs):
-    x0_file: str | None = opt(None, "file holding the prompt to bake (or use --prompt)")
-    prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
-    question_dataset: str = opt(
-        "data/questions.jsonl", "JSONL question set(s) to sample answers for; comma-separated"
+class BakeConfig(TrainConfig, GenerateConfig):
+    """Every GenerateConfig and TrainConfig field (inherited), bake's own few, and
+    BAKE_DEFAULTS. `batch_size` is training's; generation's is --gen_batch_size."""
+
+    # the files bake writes and reads itself, and its fixed question order
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = (
+        "traj_out_file",
+        "shuffle",
+        "data_path",
+        "val_path",
     )
-    out_dir: str = opt("runs/bake", "run directory: trajectories, adapter, logs, report")
+
+    prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
     heldout: str | None = opt(
         None, "held-out JSONL questions: answered by base, prompted and baked model at the end"
     )
     marker: str | None = opt(
         None, "regex counted in the held-out answers, e.g. Zorblax (case-insensitive)"
     )
-    num_questions: int = opt(64, "questions to sample answers for (after a seeded shuffle)")
-    num_sequences_per_question: int = opt(4, "answers sampled per question")
     val_fraction: float = opt(0.1, "share of the questions held out for validation KL")
-    max_sequence_length: int = opt(64, "maximum NEW tokens per sampled answer")
-    min_sequence_length: int = opt(1, "minimum NEW tokens per sampled answer")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float | None = opt(None, "nucleus sampling; default: the model's generation config")
-    top_k: int | None = opt(None, "top-k sampling; default: the model's generation config")
     gen_batch_size: int = opt(32, "sequences generated at once")
-    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
-    num_epochs: int = opt(4, "training epochs")
-    batch_size: int = opt(8, "trajectories per optimizer step")
-    learning_rate: float = opt(1e-3, "AdamW learning rate")
-    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
-    save_every: int = opt(0, "also save epoch_N/ every N epochs (0: never)")
-    kl_chunk_size: int = opt(512, "token rows per KL chunk")
-    teacher_cache: str = opt(
-        "exact",
-        "teacher log-probs computed once and reused every epoch: exact (same loss), topk "
-        "(approximate, less memory) or off",
-        choices=["off", "exact", "topk"],
-    )
-    teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
-    prefix_reuse: bool = opt(
-        True, "teacher and student run each shared prompt prefix once per batch (exact)"
-    )
     answer_tokens: int = opt(48, "new tokens per held-out answer")
-    r: int = opt(8, "LoRA rank", "-r")
-    lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")
 
     def validate(self) -> None:
         require(bool(self.x0_file) != bool(self.prompt), "give exactly one of --x0_file, --prompt")
@@ -306,31 +336,25 @@ class BakeConfig(LoraArgs, ModelArgs):
         self.train_config().validate()
 
     def generate_config(self, out_file: str) -> GenerateConfig:
-        shared = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(GenerateConfig)
-            if hasattr(self, f.name)
-        }
-        shared.update(
-            x0_file=self.x0_file or "<--prompt>",
-            traj_out_file=out_file,
-            batch_size=self.gen_batch_size,
-            shuffle=False,
+        return GenerateConfig(
+            **{
+                **field_values(self, GenerateConfig),
+                "x0_file": self.x0_file or "<--prompt>",
+                "traj_out_file": out_file,
+                "batch_size": self.gen_batch_size,
+                "shuffle": False,
+            }
         )
-        return GenerateConfig(**shared)
 
     def train_config(self) -> TrainConfig:
         out = Path(self.out_dir)
-        shared = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(TrainConfig)
-            if hasattr(self, f.name)
-        }
-        shared.update(
-            data_path=str(out / "trajectories_train.jsonl"),
-            val_path=str(out / "trajectories_val.jsonl"),
+        return TrainConfig(
+            **{
+                **field_values(self, TrainConfig),
+                "data_path": str(out / "trajectories_train.jsonl"),
+                "val_path": str(out / "trajectories_val.jsonl"),
+            }
         )
-        return TrainConfig(**shared)
 
 
 @dataclass
