@@ -5,21 +5,19 @@ CLI alike.
 The rule: every command's config dataclass lives here, in this module, and its module
 imports it (GenerateConfig -> generate.py, TrainConfig -> train.py, BakeConfig -> bake.py,
 PursueConfig -> pursue.py, CompareConfig -> compare.py, EvalConfig -> evals.py,
-ChatConfig -> repl.py, MergeConfig -> adapters.py). A field added here is a flag of its
+ChatConfig -> repl.py, MergeConfig -> adapters.py, DataConfig -> fetch.py). A field added here is a flag of its
 command (and of every command built from it) with no other edit.
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, GenerateConfig)
-    cfg = from_namespace(GenerateConfig, parser.parse_args())
+    cfg = GenerateConfig(x0_file="x0.md", question_dataset="q.jsonl", traj_out_file="t.jsonl")
     cfg.validate()
+
+flags.py turns a config into command-line flags (and reads --config files); cli.py lists
+the commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,14 +25,19 @@ from typing import Any, ClassVar
 from .distributed import world_size
 from .errors import UserError
 from .evaluate import MODES
+from .fetch import DATASET_NAMES
 from .models import DEFAULT_MODEL
 from .sampling import engine_names
 from .scorers import SCORER_SPECS
 
 
-def opt(default: Any, help: str, *aliases: str, choices: list | None = None) -> Any:
-    """A dataclass field carrying its CLI help, extra flag spellings and choices."""
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+def opt(
+    default: Any, help: str, *aliases: str, choices: list | None = None, positional: bool = False
+) -> Any:
+    """A dataclass field carrying its CLI help, extra flag spellings and choices; a
+    `positional` one is an argument without a flag (`promptbake data squad`)."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "positional": positional}
+    return field(default=default, metadata=meta)
 
 
 def with_defaults(defaults: dict[str, Any]):
@@ -59,50 +62,6 @@ def with_defaults(defaults: dict[str, Any]):
 def field_values(cfg: Any, cls: type) -> dict[str, Any]:
     """The values of `cls`'s fields in `cfg`, an instance of `cls` or of a config built from it."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
-
-
-def parse_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _base_type(tp: Any) -> Any:
-    """int | None -> int, etc."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    shared = {f.name for f in dataclasses.fields(ModelArgs)}
-    # the stage's own flags first, the shared model flags last: what --help shows first
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
-        if f.name in cls.SET_BY_COMMAND:
-            continue
-        tp = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": f.default, "dest": f.name}
-        help_ = f.metadata.get("help", "")
-        if tp is bool:
-            kwargs.update(type=parse_bool, metavar="{true,false}")
-        else:
-            kwargs["type"] = tp
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if f.default is not None and f.default != "":
-            help_ += f" (default: {f.default})"
-        flags = [f"--{f.name}", *f.metadata.get("aliases", ())]
-        parser.add_argument(*flags, help=help_, **kwargs)
-
-
-def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
 def require(cond: bool, msg: str) -> None:
@@ -487,3 +446,19 @@ class MergeConfig(ModelArgs):
     def validate(self) -> None:
         require(self.adapter is not None, "--adapter is required (the adapter directory)")
         require(self.out is not None, "--out is required (where the merged model goes)")
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = ()
+
+    name: str | None = opt(
+        None, "public question set to fetch", choices=list(DATASET_NAMES), positional=True
+    )
+    out_dir: str = opt("data", "where to write <name>_{train,validation}.jsonl")
+    max_rows: int | None = opt(None, "keep at most this many rows per split")
+
+    def validate(self) -> None:
+        require(self.name is not None, f"name the question set: one of {', '.join(DATASET_NAMES)}")
+        require(self.max_rows is None or self.max_rows > 0, "--max_rows must be positive")
