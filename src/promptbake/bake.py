@@ -24,6 +24,7 @@ from .configs import BakeConfig
 from .data import atomic_write, read_prompt, read_questions, read_trajectories, write_json
 from .errors import UserError
 from .evaluate import answer, heldout_kl, side_by_side
+from .flags import flag_values
 from .generate import generate_trajectories, select_questions
 from .models import load_model
 from .report import write_report
@@ -100,6 +101,8 @@ def bake(cfg: BakeConfig) -> dict:
     t_train = time.perf_counter()
     if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
         return {}
+    # the run's args.json is the bake's (train wrote its stage's): `bake --config` repeats it
+    write_json(out / "args.json", flag_values(cfg))
 
     summary = {
         "prompt": x0,

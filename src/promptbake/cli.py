@@ -10,6 +10,7 @@
     promptbake chat --help         talk to base / prompted / baked in the terminal
     promptbake merge --help        write a merged full model for serving engines
 
+Every command takes ``--config FILE`` (YAML or JSON, keys = flag names; see flags.py).
 Problems the user can fix print one line (``error: ...``) and exit with status 2.
 """
 
@@ -21,7 +22,7 @@ import sys
 
 from . import configs
 from .errors import UserError
-from .flags import add_arguments, from_namespace
+from .flags import add_arguments, add_config_flag, config_values, from_namespace, read_config_file
 
 # name, help, config class (configs.py), "module:function" run with the config; the
 # command's module is imported only when it runs, so --help stays quick
@@ -48,20 +49,43 @@ COMMANDS: tuple[tuple[str, str, type, str], ...] = (
 BY_NAME = {c[0]: c for c in COMMANDS}
 
 
-def build_parser(prog: str = "promptbake", only: str | None = None) -> argparse.ArgumentParser:
-    """The full CLI, or (``only``) one subcommand's flags as a standalone script."""
+def build_parsers(
+    prog: str = "promptbake", only: str | None = None
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The full CLI, or (``only``) one subcommand's flags as a standalone script; and
+    {command name: the parser of its flags}."""
     if only is not None:
         _, help_, cls, _ = BY_NAME[only]
         p = argparse.ArgumentParser(prog=prog, description=help_)
         add_arguments(p, cls)
-        return p
+        add_config_flag(p)
+        return p, {only: p}
     p = argparse.ArgumentParser(
         prog=prog, description="Prompt Baking: turn a prompt into LoRA weights."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {}
     for name, help_, cls, _ in COMMANDS:
-        add_arguments(sub.add_parser(name, help=help_, description=help_), cls)
-    return p
+        parsers[name] = sub.add_parser(name, help=help_, description=help_)
+        add_arguments(parsers[name], cls)
+        add_config_flag(parsers[name])
+    return p, parsers
+
+
+def build_parser(prog: str = "promptbake", only: str | None = None) -> argparse.ArgumentParser:
+    return build_parsers(prog, only)[0]
+
+
+def parse_args(argv: list[str] | None, prog: str, only: str | None) -> argparse.Namespace:
+    """Flags, over the values of the --config file if one is given."""
+    parser, parsers = build_parsers(prog, only)
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    name = only or args.command
+    values = config_values(BY_NAME[name][2], read_config_file(args.config), args.config)
+    parsers[name].set_defaults(**values)  # the file's values become the defaults...
+    return parser.parse_args(argv)  # ...which the flags given override
 
 
 def run(name: str, args: argparse.Namespace) -> None:
@@ -74,10 +98,9 @@ def run(name: str, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "promptbake", only: str | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    args = build_parser(prog, only).parse_args(argv)
-    name = only or args.command
     try:
-        run(name, args)
+        args = parse_args(argv, prog, only)
+        run(only or args.command, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
