@@ -169,7 +169,7 @@ def load(job: Job):
     """(model, tokenizer, lap) for promptbake's loader (cached float weights)."""
     lap = Lap()
     if job.model == "tiny":
-        from promptbake import tiny
+        from tests import tiny
 
         tok = tiny.chatml_tokenizer("tiny")
         tok.padding_side = "left"
@@ -474,7 +474,7 @@ def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
     res: dict = {"job": dataclasses.asdict(job)}
     t0 = time.perf_counter()
     if model is None:
-        from promptbake import tiny
+        from tests import tiny
 
         tok = tiny.chatml_tokenizer("qwen")
         tok.padding_side = "left"

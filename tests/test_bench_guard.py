@@ -156,7 +156,8 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
 def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys):
     """Decoding with a static cache (prompts padded to 64) gives the dynamic cache's greedy
     answers, and a CUDA out-of-memory splits the batch instead of crashing."""
-    from promptbake import tiny
+    import tiny
+
     from promptbake.engine_hf import sample_batch
 
     model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
