@@ -200,9 +200,10 @@ def original_load(job: Job) -> dict:
 
 def heldout(model, tok, val_rows: list[dict], chunk: int, adapter: bool = True) -> float:
     from promptbake.batches import make_batches
+    from promptbake.models import pad_id
     from promptbake.objective import evaluate_kl
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     return evaluate_kl(model, make_batches(val_rows, 8, pad, None), chunk, adapter)["kl"]
 
 

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from .configs import MergeConfig
+from .data import check_out_dir
 from .errors import UserError
 from .models import load_model
 
@@ -175,8 +176,7 @@ def merged_copy(model):
 # ---------------------------------------------------------------- promptbake merge
 def _check_out(out: Path) -> None:
     """Refuse to replace a directory that is not (or was not) a merged model."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory path")
+    check_out_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise UserError(f"--out {out} exists and is not a model directory; choose another path")
 

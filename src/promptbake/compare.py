@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from .chat import encode, format_prompt
 from .configs import CompareConfig
 from .data import (
     atomic_write,
+    check_out_dir,
     generated_ids,
     make_trajectory,
     read_meta,
@@ -52,7 +52,8 @@ from .data import (
 from .errors import UserError
 from .evaluate import heldout_kl
 from .forward import adapter_disabled, base_of, selected_hidden
-from .report import format_table
+from .models import pad_id
+from .report import format_table, save_figure
 from .train import check_fingerprint
 
 # condition -> (which side of the trajectory, adapter on?)
@@ -94,7 +95,7 @@ def trajectory_nll(
     model, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
 ) -> dict[str, dict[str, list]]:
     """{condition: {"nll": [per trajectory], "tokens": [...]}} for the four conditions."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     out = {c: {"nll": [], "tokens": []} for c in CONDITIONS}
     for batch in make_batches(rows, batch_size, pad, None):
@@ -212,10 +213,7 @@ def plot_pairs(scores: dict[str, dict[str, list]], out: Path, prefix: str) -> li
         ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         path = out / f"{prefix}nll_{a}_vs_{b}.png"
-        tmp = path.with_name("." + path.name + ".tmp")
-        fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
 
@@ -245,8 +243,7 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
         read_prompt(cfg.prompt_override, "--prompt_override") if cfg.prompt_override else None
     )
     out = Path(cfg.out_dir) if cfg.out_dir else adapter / "compare"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out_dir {out} is a file; give a directory path")
+    check_out_dir(out)
     if model is None:
         model, tokenizer, _ = load_adapter(
             adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
 from .configs import EvalConfig, require
-from .data import atomic_write, read_questions, write_json
+from .data import atomic_write, check_out_dir, read_questions, write_json
 from .errors import UserError
 from .evaluate import MODE_SETTINGS, MODES, answer
 from .report import format_table, md_cell
@@ -190,8 +190,7 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         questions = questions[: cfg.num_questions]
     prompt = resolve_prompt(cfg.x0_file, cfg.prompt, cfg.adapter)
     out = Path(cfg.out_dir) if cfg.out_dir else (adapter / "eval" if adapter else Path("eval"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out_dir {out} is a file; give a directory path")
+    check_out_dir(out)
     if model is None:
         model, tokenizer = load_model_and_adapter(adapter, cfg)
     runs = plan_runs(modes, scales)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .batches import make_batches
 from .chat import encode, format_prompt
 from .forward import adapter_disabled
-from .models import end_of_turn_ids
+from .models import end_of_turn_ids, pad_id
 from .objective import evaluate_kl
 from .sampling import Sampling, sample
 
@@ -86,7 +86,7 @@ def heldout_kl(
     model, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
 ) -> dict:
     """KL(prompted || base) and KL(prompted || baked) per token on trajectories, and fidelity."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     batches = make_batches(rows, batch_size, pad, None)
     base = evaluate_kl(model, batches, chunk_size, student_adapter=False)["kl"]
     baked = evaluate_kl(model, batches, chunk_size, student_adapter=True)["kl"]

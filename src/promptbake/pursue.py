@@ -43,7 +43,7 @@ from .evaluate import answer, heldout_kl
 from .forward import adapter_disabled, base_of, selected_hidden
 from .generate import generate_trajectories, select_questions
 from .loss import token_kl
-from .models import load_model
+from .models import load_model, pad_id
 from .report import format_table, pct
 from .scorers import marker, score_all
 from .train import prepare_out_dir, train
@@ -58,7 +58,7 @@ def cross_model_kl(
     objective.batch_kl needs teacher and student inside one model (adapter off / on); here
     the teacher is the original base model and the student a stack of merged rounds.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(student.parameters()).device
     t_head = base_of(teacher).get_output_embeddings()
     s_head = base_of(student).get_output_embeddings()

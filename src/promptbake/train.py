@@ -52,11 +52,12 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from .batches import bucket_order, collate, make_batches
 from .configs import LoraArgs, TrainConfig
-from .data import read_meta, read_trajectories, write_json, write_jsonl
+from .data import check_out_dir, read_meta, read_trajectories, write_json, write_jsonl
 from .errors import UserError, warn
 from .forward import base_of
-from .models import load_model, load_tokenizer, tokenizer_fingerprint
+from .models import load_model, load_tokenizer, pad_id, tokenizer_fingerprint
 from .objective import backward_kl, evaluate_kl
+from .report import save_figure
 from .teacher import TeacherCache, build_teacher_cache
 
 
@@ -102,13 +103,6 @@ def check_fingerprint(path: str, tokenizer) -> None:
             f"{path} was generated with another tokenizer (model {meta.get('model_name')!r}); "
             "train with that model's --model_name or regenerate the data"
         )
-
-
-def check_out_dir(out_dir: str) -> Path:
-    p = Path(out_dir)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"--out_dir {out_dir} is a file; give a directory path")
-    return p
 
 
 def check_token_ids(rows: list[dict], model) -> None:
@@ -176,10 +170,7 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def non_finite_message(value: float, epoch: int, bi: int, n_batches: int, saved: int, out) -> str:
@@ -264,7 +255,7 @@ def train(
     )
     log(f"{len(train_rows)} training and {len(val_rows or [])} validation trajectories")
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     world = distributed.world_size()
     if world > 1:
         log(f"data parallel on {world} processes: each step splits {cfg.batch_size} rows")
