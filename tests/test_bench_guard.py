@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench`
 
-from bench import run as bench_run  # noqa: E402
+from bench import jobs as bench_jobs  # noqa: E402
+from bench import tables as bench_tables  # noqa: E402
 from bench.original import add_lora_original, generate_original, step_kl  # noqa: E402
 from promptbake.batches import collate  # noqa: E402
 from promptbake.chat import encode, format_prompt  # noqa: E402
@@ -108,14 +109,14 @@ def test_original_generation_is_one_question_per_batch(tiny_model, chatml_tok):
 def test_gpu_job_skips_with_a_message_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the job would run")
-    res = bench_run.run_gpu(bench_run.GpuJob())
+    res = bench_jobs.run_gpu(bench_jobs.GpuJob())
     assert "no CUDA device" in res["skipped"]
-    assert "GPU job: skipped" in bench_run.table({"machine": "m", "gpu": res})
+    assert "GPU job: skipped" in bench_tables.table({"machine": "m", "gpu": res})
 
 
 def test_harness_runs_end_to_end_on_a_tiny_model(tmp_path):
-    job = dataclasses.replace(bench_run.QUICK, variants=["plain", "+cache_exact", "ours"])
-    res = bench_run.run_cpu(job, tmp_path)
+    job = dataclasses.replace(bench_jobs.QUICK, variants=["plain", "+cache_exact", "ours"])
+    res = bench_jobs.run_cpu(job, tmp_path)
     t = res["training"]
     assert set(t) == {"original", "plain", "+cache_exact", "ours"}
     # the same maths and the same batches: the original and plain train identically
@@ -125,14 +126,14 @@ def test_harness_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert t["plain"]["kl_tokens"] == t["original"]["kl_tokens"] > 0
     r = res["ratios"]
     assert r["generated_tokens_per_s"] > 0 and r["end_to_end_speedup"] > 0
-    text = bench_run.table({"machine": "tiny", "cpu": res})
+    text = bench_tables.table({"machine": "tiny", "cpu": res})
     assert "| end-to-end bake (s) |" in text and "| ours |" in text
 
 
 def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
     """The GPU job's own code (ours vs the original's subset, ratios, table) on the CPU."""
     chatml_tok.padding_side = "left"
-    job = bench_run.GpuJob(
+    job = bench_jobs.GpuJob(
         n_questions=3,
         n_seq=2,
         max_new_tokens=5,
@@ -142,7 +143,7 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
         original_questions=1,
         original_train_steps=2,
     )
-    res = bench_run.run_gpu(job, tiny_model, chatml_tok, torch.device("cpu"))
+    res = bench_jobs.run_gpu(job, tiny_model, chatml_tok, torch.device("cpu"))
     assert res["generation_ours"]["new_tokens"] >= 3 * 2 * 2  # min_new_tokens honoured
     assert res["train_original_subset"]["tokens_per_s"] > 0
     assert res["end_to_end_ours_s"] > 0 and set(res["ratios"]) == {
@@ -150,13 +151,14 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
         "training_tokens_per_s",
         "end_to_end_speedup",
     }
-    assert "GPU job (random Qwen3-1.7B" in bench_run.table({"machine": "m", "gpu": res})
+    assert "GPU job (random Qwen3-1.7B" in bench_tables.table({"machine": "m", "gpu": res})
 
 
 def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys):
     """Decoding with a static cache (prompts padded to 64) gives the dynamic cache's greedy
     answers, and a CUDA out-of-memory splits the batch instead of crashing."""
-    from promptbake import tiny
+    import tiny
+
     from promptbake.engine_hf import sample_batch
 
     model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)

@@ -192,7 +192,8 @@ def test_generation_bakes_the_conversation_prefix(qwen3_tok, tmp_path):
     the messages as JSON."""
     import json
 
-    from promptbake import tiny
+    import tiny
+
     from promptbake.configs import GenerateConfig
     from promptbake.data import read_meta, read_trajectories
     from promptbake.generate import generate_trajectories

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
-from promptbake import tiny
 from promptbake.cli import main
 from promptbake.configs import GenerateConfig
 from promptbake.generate import generate_trajectories

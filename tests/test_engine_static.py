@@ -7,9 +7,10 @@ references, on the tiny random Qwen3 (eager decode step: the CPU runs the code C
 import json
 
 import pytest
+import tiny
 import torch
 
-from promptbake import engine_static, tiny
+from promptbake import engine_static
 from promptbake.batches import collate
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import GenerateConfig

@@ -13,9 +13,10 @@ import os
 import stat
 
 import pytest
+import tiny
 import torch
 
-from promptbake import __version__, engine_hf, generate, tiny
+from promptbake import __version__, engine_hf, generate
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import GenerateConfig
 from promptbake.data import TRAJECTORY_KEYS, generated_ids, read_meta

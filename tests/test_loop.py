@@ -13,10 +13,11 @@ import json
 import sys
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
-from promptbake import checkpoint, objective, onpolicy, tiny, train
+from promptbake import checkpoint, objective, onpolicy, train
 from promptbake.batches import collate
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import TrainConfig

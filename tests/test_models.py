@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import transformers
 
-from promptbake import models, tiny
+from promptbake import models
 from promptbake.errors import UserError
 from promptbake.models import (
     end_of_turn_ids,

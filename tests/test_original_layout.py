@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
-from promptbake import tiny
 from promptbake.chat import format_prompt
 from promptbake.cli import main
 from promptbake.data import make_trajectory, read_trajectories

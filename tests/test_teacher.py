@@ -408,8 +408,9 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
 
 
 def test_packing_is_chosen_only_where_it_saves_flops(tiny_model, chatml_tok, monkeypatch):
+    from tiny import qwen3_1_7b_config
+
     from promptbake import batches, forward
-    from promptbake.tiny import qwen3_1_7b_config
 
     qwen = qwen3_1_7b_config()
     # short answers (the CPU demo): packing wins; the seed's Example 1 (10 x 400 tokens,

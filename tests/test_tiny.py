@@ -1,4 +1,4 @@
-"""Tests for promptbake.tiny: offline ChatML tokenizers and tiny random Qwen3 models."""
+"""Tests for tests/tiny.py: offline ChatML tokenizers and tiny random Qwen3 models."""
 
 import hashlib
 import os
@@ -6,13 +6,13 @@ import random
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 import regex
+import tiny
 import torch
 import transformers
-
-from promptbake import tiny
 
 SYSTEM = "You are a helpful assistant."
 USER = "What is 2+2?"
@@ -180,13 +180,17 @@ def test_tiny_vocab_is_deterministic_across_calls(chatml_tok):
 def test_tiny_vocab_is_deterministic_across_processes(chatml_tok):
     # The Rust trainer uses hash maps; make sure a different hash seed yields the same vocabulary.
     code = (
-        "import hashlib; from promptbake import tiny; "
+        "import hashlib, sys; sys.path.insert(0, sys.argv[1]); import tiny; "
         "print(hashlib.sha256(tiny.chatml_tokenizer().backend_tokenizer.to_str().encode())"
         ".hexdigest())"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", RAYON_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     here = hashlib.sha256(chatml_tok.backend_tokenizer.to_str().encode()).hexdigest()
     assert out.stdout.strip() == here

@@ -14,12 +14,13 @@ import math
 import re
 
 import pytest
+import tiny
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from promptbake import objective, tiny, train
+from promptbake import objective, train
 from promptbake.batches import collate
 from promptbake.chat import encode, format_prompt
 from promptbake.cli import main

@@ -29,10 +29,10 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import ModelArgs, opt, require
+from .configs import MergeConfig
+from .data import check_out_dir
 from .errors import UserError
 from .models import load_model
 
@@ -177,24 +177,9 @@ def merged_copy(model):
 
 
 # ---------------------------------------------------------------- promptbake merge
-@dataclass
-class MergeConfig(ModelArgs):
-    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
-    out: str | None = opt(None, "directory for the merged model (weights + tokenizer)")
-    adapter_scale: float = opt(1.0, "merge the LoRA update at this scale (0 base, 1 baked)")
-    model_name: str | None = opt(
-        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
-    )
-
-    def validate(self) -> None:
-        require(self.adapter is not None, "--adapter is required (the adapter directory)")
-        require(self.out is not None, "--out is required (where the merged model goes)")
-
-
 def _check_out(out: Path) -> None:
     """Refuse to replace a directory that is not (or was not) a merged model."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory path")
+    check_out_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise UserError(f"--out {out} exists and is not a model directory; choose another path")
 

@@ -8,7 +8,7 @@ Writes under --out_dir: trajectories_{train,val}.jsonl (+ .meta.json), the adapt
 and training logs (see train.py), and, with --heldout, answers.md (base / prompted /
 baked side by side), report.md and summary.json.
 
-Why the defaults differ from train_loop.py: the seed keeps lora_alpha=1 with r=32,
+Why the defaults (configs.BAKE_DEFAULTS) differ from train_loop.py: the seed keeps lora_alpha=1 with r=32,
 which scales the LoRA update by 1/32, so at lr 1e-4 it learns very slowly. Here the
 update scale is alpha/r = 2 (r=8, alpha=16) with lr 1e-3, which bakes a persona into
 SmolLM2-135M in a few epochs on CPU; train_loop.py keeps the seed's values so old
@@ -17,104 +17,21 @@ commands reproduce.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
-from .configs import GenerateConfig, LoraArgs, ModelArgs, TrainConfig, opt, require
+from .configs import BakeConfig
 from .data import atomic_write, prompt_text, read_prompt, read_questions, write_json
 from .errors import UserError
 from .evaluate import answer_condition, heldout_kl, side_by_side
+from .flags import flag_values
 from .generate import Generation, generate_trajectories, select_questions
 from .models import load_model
 from .report import write_report
 from .scorers import marker, score_all
 from .teacher import cache_bytes
 from .train import prepare_out_dir, train
-
-
-@dataclass
-class BakeConfig(LoraArgs, ModelArgs):
-    x0_file: str | None = opt(None, "file holding the prompt to bake (or use --prompt)")
-    prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
-    question_dataset: str = opt(
-        "data/questions.jsonl", "JSONL question set(s) to sample answers for; comma-separated"
-    )
-    out_dir: str = opt("runs/bake", "run directory: trajectories, adapter, logs, report")
-    heldout: str | None = opt(
-        None, "held-out JSONL questions: answered by base, prompted and baked model at the end"
-    )
-    marker: str | None = opt(
-        None, "regex counted in the held-out answers, e.g. Zorblax (case-insensitive)"
-    )
-    num_questions: int = opt(64, "questions to sample answers for (after a seeded shuffle)")
-    num_sequences_per_question: int = opt(4, "answers sampled per question")
-    val_fraction: float = opt(0.1, "share of the questions held out for validation KL")
-    max_sequence_length: int = opt(64, "maximum NEW tokens per sampled answer")
-    min_sequence_length: int = opt(1, "minimum NEW tokens per sampled answer")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float | None = opt(None, "nucleus sampling; default: the model's generation config")
-    top_k: int | None = opt(None, "top-k sampling; default: the model's generation config")
-    gen_batch_size: int = opt(32, "sequences generated at once")
-    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
-    num_epochs: int = opt(4, "training epochs")
-    batch_size: int = opt(8, "trajectories per optimizer step")
-    learning_rate: float = opt(1e-3, "AdamW learning rate")
-    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
-    save_every: int = opt(0, "also save epoch_N/ every N epochs (0: never)")
-    kl_chunk_size: int = opt(512, "token rows per KL chunk")
-    teacher_cache: str = opt(
-        "exact",
-        "teacher log-probs computed once and reused every epoch: exact (same loss), topk "
-        "(approximate, less memory) or off",
-        choices=["off", "exact", "topk"],
-    )
-    teacher_cache_max_gb: float = opt(4.0, "largest exact teacher cache, in GB of CPU memory")
-    prefix_reuse: bool = opt(
-        True, "teacher and student run each shared prompt prefix once per batch (exact)"
-    )
-    answer_tokens: int = opt(48, "new tokens per held-out answer")
-    r: int = opt(8, "LoRA rank", "-r")
-    lora_alpha: float = opt(16.0, "LoRA alpha (update scale alpha/r = 2)")
-
-    def validate(self) -> None:
-        require(
-            (self.x0_file is None) != (self.prompt is None),
-            "give exactly one of --x0_file, --prompt",
-        )
-        require(0 <= self.val_fraction < 1, "--val_fraction must be in [0, 1)")
-        require(self.answer_tokens > 0, "--answer_tokens must be positive")
-        self.generate_config("x").validate()
-        self.train_config().validate()
-
-    def generate_config(self, out_file: str) -> GenerateConfig:
-        shared = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(GenerateConfig)
-            if hasattr(self, f.name)
-        }
-        shared.update(
-            x0_file=self.x0_file or "<--prompt>",
-            traj_out_file=out_file,
-            batch_size=self.gen_batch_size,
-            shuffle=False,
-        )
-        return GenerateConfig(**shared)
-
-    def train_config(self) -> TrainConfig:
-        out = Path(self.out_dir)
-        shared = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(TrainConfig)
-            if hasattr(self, f.name)
-        }
-        shared.update(
-            data_path=str(out / "trajectories_train.jsonl"),
-            val_path=str(out / "trajectories_val.jsonl"),
-        )
-        return TrainConfig(**shared)
 
 
 def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -239,6 +156,8 @@ def bake(cfg: BakeConfig) -> dict:
     t_train = time.perf_counter()
     if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
         return {}
+    # the run's args.json is the bake's (train wrote its stage's): `bake --config` repeats it
+    write_json(out / "args.json", flag_values(cfg))
 
     summary = {
         "prompt": x0,

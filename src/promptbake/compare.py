@@ -25,8 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,9 +32,10 @@ import torch
 from .adapters import adapter_dir, base_model_name, load_adapter, run_file, set_adapter_scale
 from .batches import make_batches
 from .chat import encode, format_prompt
-from .configs import ModelArgs, opt, require
+from .configs import CompareConfig
 from .data import (
     atomic_write,
+    check_out_dir,
     generated_ids,
     make_trajectory,
     read_meta,
@@ -46,38 +45,9 @@ from .data import (
 )
 from .errors import UserError
 from .evaluate import CONDITIONS, heldout_kl, side_nll
-from .models import load_tokenizer
-from .report import format_table
+from .models import load_tokenizer, pad_id
+from .report import format_table, save_figure
 from .train import check_fingerprint, check_token_ids
-
-
-@dataclass
-class CompareConfig(ModelArgs):
-    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
-    data_file: str | None = opt(
-        None, "trajectory JSONL to score; default: the run's validation trajectories"
-    )
-    prompt_override: str | None = opt(
-        None, "file with another system prompt to score the 'with prompt' conditions under"
-    )
-    out_dir: str | None = opt(None, "where to write the table and plots; default <adapter>/compare")
-    path_prefix: str = opt("", "prefix for the output file names, e.g. pirate_")
-    batch_size: int = opt(8, "trajectories per forward pass")
-    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
-    kl_chunk_size: int = opt(1024, "token rows per LM-head chunk (bounds memory)")
-    plot: bool = opt(True, "write the scatter plots")
-    model_name: str | None = opt(
-        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
-    )
-
-    def validate(self) -> None:
-        require(self.adapter is not None, "--adapter is required (the adapter directory)")
-        require(self.batch_size > 0, "--batch_size must be positive")
-        require(self.kl_chunk_size > 0, "--kl_chunk_size must be positive")
-        require(
-            "/" not in self.path_prefix and "\\" not in self.path_prefix,
-            "--path_prefix is a file-name prefix; it cannot contain a path separator",
-        )
 
 
 # ---------------------------------------------------------------- NLL
@@ -85,7 +55,7 @@ def trajectory_nll(
     model, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
 ) -> dict[str, dict[str, list]]:
     """{condition: {"nll": [per trajectory], "tokens": [...]}} for the four conditions."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     out = {c: {"nll": [], "tokens": []} for c in CONDITIONS}
     for batch in make_batches(rows, batch_size, pad, None):
@@ -201,10 +171,7 @@ def plot_pairs(scores: dict[str, dict[str, list]], out: Path, prefix: str) -> li
         ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         path = out / f"{prefix}nll_{a}_vs_{b}.png"
-        tmp = path.with_name("." + path.name + ".tmp")
-        fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
 
@@ -236,8 +203,7 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
         read_prompt(cfg.prompt_override, "--prompt_override") if cfg.prompt_override else None
     )
     out = Path(cfg.out_dir) if cfg.out_dir else adapter / "compare"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out_dir {out} is a file; give a directory path")
+    check_out_dir(out)
     if model is None:
         model, tokenizer, _ = load_adapter(
             adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code

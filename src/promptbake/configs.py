@@ -1,73 +1,79 @@
-"""Stage configs: one dataclass per stage is the single source of truth for defaults,
-``--help`` text and validation, for the seed scripts and the ``promptbake`` CLI alike.
+"""Every command's config: one dataclass per command is the single source of truth for
+its defaults, ``--help`` text and validation, for the seed scripts and the ``promptbake``
+CLI alike.
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, GenerateConfig)
-    cfg = from_namespace(GenerateConfig, parser.parse_args())
+The rule: every command's config dataclass lives here, in this module, and its module
+imports it (GenerateConfig -> generate.py, TrainConfig -> train.py, BakeConfig -> bake.py,
+PursueConfig -> pursue.py, CompareConfig -> compare.py, EvalConfig -> evals.py,
+ChatConfig -> repl.py, MergeConfig -> adapters.py, DataConfig -> fetch.py). A field added here is a flag of its
+command (and of every command built from it) with no other edit.
+
+    cfg = GenerateConfig(x0_file="x0.md", question_dataset="q.jsonl", traj_out_file="t.jsonl")
     cfg.validate()
+
+flags.py turns a config into command-line flags (and reads --config files); cli.py lists
+the commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from .distributed import world_size
 from .errors import UserError
+from .evaluate import MODES
+from .fetch import DATASET_NAMES
 from .loss import DIVERGENCE_NAMES, check_divergence
 from .models import DEFAULT_MODEL
 from .sampling import engine_names
+from .scorers import SCORER_SPECS
 
 
-def opt(default: Any, help: str, *aliases: str, choices: list | None = None) -> Any:
-    """A dataclass field carrying its CLI help, extra flag spellings and choices."""
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+def opt(
+    default: Any, help: str, *aliases: str, choices: list | None = None, positional: bool = False
+) -> Any:
+    """A dataclass field carrying its CLI help, extra flag spellings and choices; a
+    `positional` one is an argument without a flag (`promptbake data squad`)."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "positional": positional}
+    return field(default=default, metadata=meta)
 
 
-def parse_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def with_defaults(defaults: dict[str, Any]):
+    """Class decorator (above ``@dataclass``): the class with new defaults for fields it
+    inherits; their type, help and flag spellings stay the stage's, so a field added to a
+    stage later reaches every config built from it unchanged."""
+
+    def wrap(cls: type) -> type:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(defaults) - set(fields))
+        assert not unknown, f"{cls.__name__} has no fields {unknown}"
+        changed = [
+            (name, fields[name].type, field(default=value, metadata=fields[name].metadata))
+            for name, value in defaults.items()
+        ]
+        namespace = {"__module__": cls.__module__, "__doc__": cls.__doc__}
+        return dataclasses.make_dataclass(cls.__name__, changed, bases=(cls,), namespace=namespace)
+
+    return wrap
 
 
-def _base_type(tp: Any) -> Any:
-    """int | None -> int, etc."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+def field_values(cfg: Any, cls: type) -> dict[str, Any]:
+    """The values of `cls`'s fields in `cfg`, an instance of `cls` or of a config built from it."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    shared = {f.name for f in dataclasses.fields(ModelArgs)}
-    # the stage's own flags first, the shared model flags last: what --help shows first
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
-        tp = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": f.default, "dest": f.name}
-        help_ = f.metadata.get("help", "")
-        if tp is bool:
-            kwargs.update(type=parse_bool, metavar="{true,false}")
-        else:
-            kwargs["type"] = tp
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if f.default is not None and f.default != "":
-            help_ += f" (default: {f.default})"
-        flags = [f"--{f.name}", *f.metadata.get("aliases", ())]
-        parser.add_argument(*flags, help=help_, **kwargs)
-
-
-def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+def check_regex(pattern: str | None, flag: str) -> None:
+    """A regex flag is checked before any work starts, not after a whole bake."""
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def require(cond: bool, msg: str) -> None:
@@ -78,6 +84,9 @@ def require(cond: bool, msg: str) -> None:
 # ---------------------------------------------------------------- shared by all stages
 @dataclass
 class ModelArgs:
+    # fields the command fills in itself: not flags, not config-file keys (BakeConfig)
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = ()
+
     model_name: str = opt(
         DEFAULT_MODEL,
         "model to use: a Hugging Face hub id, a local model directory, a .gguf file, or "
@@ -285,3 +294,230 @@ class TrainConfig(LoraArgs, ModelArgs):
             "process; drop one of them",
         )
         self.validate_lora()
+
+
+# ---------------------------------------------------------------- bake, pursuit
+# Bake's own defaults for the stage fields it inherits (the stages keep the seed's values):
+# the seed's lora_alpha=1 with r=32 scales the LoRA update by 1/32, which learns very
+# slowly at lr 1e-4; alpha/r = 2 (r=8, alpha=16) at lr 1e-3 bakes a persona into
+# SmolLM2-135M in a few epochs on CPU (bake.py's docstring).
+BAKE_DEFAULTS: dict[str, Any] = {
+    "question_dataset": "data/questions.jsonl",
+    "out_dir": "runs/bake",
+    "num_questions": 64,
+    "num_sequences_per_question": 4,
+    "max_sequence_length": 64,
+    "num_epochs": 4,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "save_every": 0,
+    "teacher_cache": "exact",
+    "r": 8,
+    "lora_alpha": 16.0,
+}
+
+
+@with_defaults(BAKE_DEFAULTS)
+@dataclass
+class BakeConfig(TrainConfig, GenerateConfig):
+    """Every GenerateConfig and TrainConfig field (inherited), bake's own few, and
+    BAKE_DEFAULTS. `batch_size` is training's; generation's is --gen_batch_size."""
+
+    # the files bake writes and reads itself, and its fixed question order
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = (
+        "traj_out_file",
+        "shuffle",
+        "data_path",
+        "val_path",
+    )
+
+    prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
+    heldout: str | None = opt(
+        None, "held-out JSONL questions: answered by base, prompted and baked model at the end"
+    )
+    marker: str | None = opt(
+        None, "regex counted in the held-out answers, e.g. Zorblax (case-insensitive)"
+    )
+    val_fraction: float = opt(0.1, "share of the questions held out for validation KL")
+    gen_batch_size: int = opt(32, "sequences generated at once")
+    answer_tokens: int = opt(48, "new tokens per held-out answer")
+
+    def validate(self) -> None:
+        require(
+            (self.x0_file is None) != (self.prompt is None),
+            "give exactly one of --x0_file, --prompt",
+        )
+        require(0 <= self.val_fraction < 1, "--val_fraction must be in [0, 1)")
+        check_regex(self.marker, "--marker")
+        require(self.answer_tokens > 0, "--answer_tokens must be positive")
+        self.generate_config("x").validate()
+        self.train_config().validate()
+
+    def generate_config(self, out_file: str) -> GenerateConfig:
+        return GenerateConfig(
+            **{
+                **field_values(self, GenerateConfig),
+                "x0_file": self.x0_file or "<--prompt>",
+                "traj_out_file": out_file,
+                "batch_size": self.gen_batch_size,
+                "shuffle": False,
+            }
+        )
+
+    def train_config(self) -> TrainConfig:
+        out = Path(self.out_dir)
+        return TrainConfig(
+            **{
+                **field_values(self, TrainConfig),
+                "data_path": str(out / "trajectories_train.jsonl"),
+                "val_path": str(out / "trajectories_val.jsonl"),
+            }
+        )
+
+
+@dataclass
+class PursueConfig(BakeConfig):
+    rounds: int = opt(2, "rounds: round 1 is a normal bake, each later one bakes on top of it")
+    out_dir: str = opt("runs/pursuit", "directory for round_1/ ... round_K/ and pursuit.md")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        require(
+            self.val_fraction > 0,
+            "--val_fraction must be > 0: pursuit measures each round on validation trajectories",
+        )
+
+    def bake_config(self, out_dir: Path) -> BakeConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BakeConfig)}
+        return BakeConfig(**{**fields, "out_dir": str(out_dir)})
+
+
+# ---------------------------------------------------------------- compare, eval, chat
+@dataclass
+class CompareConfig(ModelArgs):
+    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
+    data_file: str | None = opt(
+        None, "trajectory JSONL to score; default: the run's validation trajectories"
+    )
+    prompt_override: str | None = opt(
+        None, "file with another system prompt to score the 'with prompt' conditions under"
+    )
+    out_dir: str | None = opt(None, "where to write the table and plots; default <adapter>/compare")
+    path_prefix: str = opt("", "prefix for the output file names, e.g. pirate_")
+    batch_size: int = opt(8, "trajectories per forward pass")
+    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
+    kl_chunk_size: int = opt(1024, "token rows per LM-head chunk (bounds memory)")
+    plot: bool = opt(True, "write the scatter plots")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.adapter is not None, "--adapter is required (the adapter directory)")
+        require(self.batch_size > 0, "--batch_size must be positive")
+        require(self.kl_chunk_size > 0, "--kl_chunk_size must be positive")
+        require(
+            "/" not in self.path_prefix and "\\" not in self.path_prefix,
+            "--path_prefix is a file-name prefix; it cannot contain a path separator",
+        )
+
+
+@dataclass
+class EvalConfig(ModelArgs):
+    adapter: str | None = opt(
+        None, "adapter directory; without it only the base and prompted modes run"
+    )
+    questions: str | None = opt(None, "JSONL question set(s) to answer; comma-separated")
+    scorer: str | None = opt(None, f"scorer spec(s), comma-separated: {SCORER_SPECS}")
+    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
+    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
+    modes: str | None = opt(
+        None, "comma-separated modes; default base,prompted,baked,re-prompted (no adapter: 2)"
+    )
+    adapter_scale: str = opt("1", "LoRA scale(s) for the adapter modes, comma-separated")
+    num_questions: int | None = opt(None, "answer only the first N questions")
+    max_new_tokens: int = opt(64, "new tokens per answer")
+    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
+    num_samples: int = opt(1, "answers per question (only with --temperature > 0)")
+    batch_size: int = opt(16, "questions answered at once")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    out_dir: str | None = opt(None, "where eval.json and eval.md go; default <adapter>/eval")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.questions is not None, "--questions is required (a JSONL question set)")
+        require(bool(self.scorer), f"--scorer is required; one or more of: {SCORER_SPECS}")
+        require(
+            self.adapter is not None or self.model_name is not None,
+            "give --adapter (a baked run) or --model_name (base and prompted modes only)",
+        )
+        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
+        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
+        require(self.batch_size > 0, "--batch_size must be positive")
+        require(self.temperature >= 0, "--temperature must be >= 0")
+        require(self.num_samples > 0, "--num_samples must be positive")
+        require(
+            self.num_samples == 1 or self.temperature > 0,
+            "--num_samples > 1 needs --temperature > 0 (greedy answers are all the same)",
+        )
+        require(self.num_questions is None or self.num_questions > 0, "--num_questions must be > 0")
+
+
+@dataclass
+class ChatConfig(ModelArgs):
+    adapter: str | None = opt(None, "adapter directory; without it only base and prompted work")
+    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
+    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
+    mode: str | None = opt(
+        None, "starting mode; default baked (base without --adapter)", choices=list(MODES)
+    )
+    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
+    max_new_tokens: int = opt(128, "new tokens per answer")
+    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
+    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(
+            self.adapter is not None or self.model_name is not None,
+            "give --adapter (a baked run) or --model_name",
+        )
+        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
+        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
+        require(self.temperature >= 0, "--temperature must be >= 0")
+
+
+# ---------------------------------------------------------------- merge
+@dataclass
+class MergeConfig(ModelArgs):
+    adapter: str | None = opt(None, "adapter directory (a bake/train --out_dir or its epoch_N/)")
+    out: str | None = opt(None, "directory for the merged model (weights + tokenizer)")
+    adapter_scale: float = opt(1.0, "merge the LoRA update at this scale (0 base, 1 baked)")
+    model_name: str | None = opt(
+        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
+    )
+
+    def validate(self) -> None:
+        require(self.adapter is not None, "--adapter is required (the adapter directory)")
+        require(self.out is not None, "--out is required (where the merged model goes)")
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    SET_BY_COMMAND: ClassVar[tuple[str, ...]] = ()
+
+    name: str | None = opt(
+        None, "public question set to fetch", choices=list(DATASET_NAMES), positional=True
+    )
+    out_dir: str = opt("data", "where to write <name>_{train,validation}.jsonl")
+    max_rows: int | None = opt(None, "keep at most this many rows per split")
+
+    def validate(self) -> None:
+        require(self.name is not None, f"name the question set: one of {', '.join(DATASET_NAMES)}")
+        require(self.max_rows is None or self.max_rows > 0, "--max_rows must be positive")

@@ -93,6 +93,15 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
         raise
 
 
+def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:
+    """`path` as a Path, refused (before any work) when a file is in the way of the
+    output directory."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file; give a directory path")
+    return p
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=str)

@@ -23,61 +23,15 @@ Writes --out_dir/eval.json (every answer and score) and eval.md, and prints the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
-from .configs import ModelArgs, opt, require
-from .data import atomic_write, read_questions, write_json
+from .configs import EvalConfig, require
+from .data import atomic_write, check_out_dir, read_questions, write_json
 from .errors import UserError
-from .evaluate import CONDITIONS, answer_condition
+from .evaluate import CONDITIONS, MODES, answer_condition
 from .report import format_table, md_cell
-from .scorers import SCORER_SPECS, Scorer, parse_scorer, score_all, scorer_kinds
-
-MODES = tuple(CONDITIONS)
-
-
-@dataclass
-class EvalConfig(ModelArgs):
-    adapter: str | None = opt(
-        None, "adapter directory; without it only the base and prompted modes run"
-    )
-    questions: str | None = opt(None, "JSONL question set(s) to answer; comma-separated")
-    scorer: str | None = opt(None, f"scorer spec(s), comma-separated: {SCORER_SPECS}")
-    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
-    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
-    modes: str | None = opt(
-        None, "comma-separated modes; default base,prompted,baked,re-prompted (no adapter: 2)"
-    )
-    adapter_scale: str = opt("1", "LoRA scale(s) for the adapter modes, comma-separated")
-    num_questions: int | None = opt(None, "answer only the first N questions")
-    max_new_tokens: int = opt(64, "new tokens per answer")
-    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
-    num_samples: int = opt(1, "answers per question (only with --temperature > 0)")
-    batch_size: int = opt(16, "questions answered at once")
-    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
-    out_dir: str | None = opt(None, "where eval.json and eval.md go; default <adapter>/eval")
-    model_name: str | None = opt(
-        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
-    )
-
-    def validate(self) -> None:
-        require(self.questions is not None, "--questions is required (a JSONL question set)")
-        require(bool(self.scorer), f"--scorer is required; one or more of: {SCORER_SPECS}")
-        require(
-            self.adapter is not None or self.model_name is not None,
-            "give --adapter (a baked run) or --model_name (base and prompted modes only)",
-        )
-        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
-        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
-        require(self.batch_size > 0, "--batch_size must be positive")
-        require(self.temperature >= 0, "--temperature must be >= 0")
-        require(self.num_samples > 0, "--num_samples must be positive")
-        require(
-            self.num_samples == 1 or self.temperature > 0,
-            "--num_samples > 1 needs --temperature > 0 (greedy answers are all the same)",
-        )
-        require(self.num_questions is None or self.num_questions > 0, "--num_questions must be > 0")
+from .scorers import Scorer, parse_scorer, score_all, scorer_kinds
 
 
 def parse_scorers(spec: str) -> list[Scorer]:
@@ -232,8 +186,7 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         questions = questions[: cfg.num_questions]
     prompt = resolve_prompt(cfg.x0_file, cfg.prompt, cfg.adapter)
     out = Path(cfg.out_dir) if cfg.out_dir else (adapter / "eval" if adapter else Path("eval"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out_dir {out} is a file; give a directory path")
+    check_out_dir(out)
     if model is None:
         model, tokenizer = load_model_and_adapter(adapter, cfg)
     runs = plan_runs(modes, scales)

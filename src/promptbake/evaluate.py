@@ -38,7 +38,7 @@ from .batches import Batch, Side, make_batches
 from .chat import encode, format_prompt
 from .forward import adapter_disabled, base_of, selected_hidden
 from .loss import kl_from_logprobs
-from .models import end_of_turn_ids
+from .models import end_of_turn_ids, pad_id
 from .sampling import Sampling, sample
 
 
@@ -64,6 +64,7 @@ CONDITIONS: dict[str, Condition] = {
     "baked": Condition(prompted=False, adapter=True),
     "re-prompted": Condition(prompted=True, adapter=True),
 }
+MODES = tuple(CONDITIONS)  # the --modes / chat mode names, in table order
 
 
 # ---------------------------------------------------------------- answers
@@ -225,7 +226,7 @@ def heldout_kl(
     model, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
 ) -> dict:
     """KL(prompted || base) and KL(prompted || baked) per token on trajectories, and fidelity."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     kl = condition_kl(
         (model, CONDITIONS["prompted"]),
         {"kl_base": (model, CONDITIONS["base"]), "kl_baked": (model, CONDITIONS["baked"])},

@@ -41,7 +41,7 @@ from typing import Any
 
 from promptbake.errors import UserError
 
-__all__ = ["DATASET_NAMES", "fetch_dataset"]
+__all__ = ["DATASET_NAMES", "fetch_command", "fetch_dataset"]
 
 
 @dataclass(frozen=True)
@@ -198,3 +198,10 @@ def fetch_dataset(
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
         paths.append(path)
     return paths
+
+
+def fetch_command(cfg) -> None:
+    """`promptbake data NAME`: fetch_dataset with a DataConfig (configs.py)."""
+    cfg.validate()
+    for path in fetch_dataset(cfg.name, cfg.out_dir, max_rows=cfg.max_rows):
+        print(f"wrote {path}")

@@ -213,6 +213,12 @@ def load_model(
     return model, tok
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions: the tokenizer's pad id, else 0. Padded positions
+    are masked out of attention and loss, so any valid id will do."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:
     """Token ids that end an assistant turn: eos, the generation config's eos list, <|im_end|>."""
     ids: set[int] = set()

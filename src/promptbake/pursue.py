@@ -28,14 +28,12 @@ round_k/ for k > 1 holds promptbake_chain.json listing rounds 1..k-1, so
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
-from .bake import BakeConfig, bake, bake_questions, sample_stage, train_stage
-from .configs import opt, require
+from .bake import bake, bake_questions, sample_stage, train_stage
+from .configs import PursueConfig
 from .data import (
     atomic_write,
     prompt_text,
@@ -45,28 +43,10 @@ from .data import (
     write_json,
 )
 from .evaluate import CONDITIONS, answer, condition_kl, heldout_kl
-from .models import load_model
+from .models import load_model, pad_id
 from .report import format_table, pct
 from .scorers import marker, score_all
 from .train import prepare_out_dir
-
-
-@dataclass
-class PursueConfig(BakeConfig):
-    rounds: int = opt(2, "rounds: round 1 is a normal bake, each later one bakes on top of it")
-    out_dir: str = opt("runs/pursuit", "directory for round_1/ ... round_K/ and pursuit.md")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
-        require(
-            self.val_fraction > 0,
-            "--val_fraction must be > 0: pursuit measures each round on validation trajectories",
-        )
-
-    def bake_config(self, out_dir: Path) -> BakeConfig:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BakeConfig)}
-        return BakeConfig(**{**fields, "out_dir": str(out_dir)})
 
 
 def cross_model_kl(
@@ -74,7 +54,7 @@ def cross_model_kl(
 ) -> float:
     """Per-token KL(teacher WITH prompt, adapter off || student WITHOUT prompt, as it is)
     for two different models (the original base model and a stack of merged rounds)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return condition_kl(
         (teacher, CONDITIONS["prompted"]),
         {"kl": (student, CONDITIONS["baked"])},

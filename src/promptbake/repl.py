@@ -28,40 +28,12 @@ from typing import TextIO
 
 from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
 from .chat import encode, format_prompt, manual_chatml
-from .configs import ModelArgs, opt, require
+from .configs import ChatConfig
 from .errors import UserError
-from .evaluate import CONDITIONS, answer_ids
-
-MODES = tuple(CONDITIONS)
+from .evaluate import CONDITIONS, MODES, answer_ids
 
 HELP = __doc__.split("Commands:")[1].split("Piped input")[0].rstrip()
 ALIASES = {"reprompted": "re-prompted", "re-prompted": "re-prompted"}
-
-
-@dataclass
-class ChatConfig(ModelArgs):
-    adapter: str | None = opt(None, "adapter directory; without it only base and prompted work")
-    x0_file: str | None = opt(None, "file with the prompt; default: the adapter run's prompt")
-    prompt: str | None = opt(None, "the prompt as text (instead of --x0_file)")
-    mode: str | None = opt(
-        None, "starting mode; default baked (base without --adapter)", choices=list(MODES)
-    )
-    adapter_scale: float = opt(1.0, "LoRA scale: 0 base, 1 baked, >1 amplified")
-    max_new_tokens: int = opt(128, "new tokens per answer")
-    temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
-    enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
-    model_name: str | None = opt(
-        None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
-    )
-
-    def validate(self) -> None:
-        require(
-            self.adapter is not None or self.model_name is not None,
-            "give --adapter (a baked run) or --model_name",
-        )
-        require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
-        require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
-        require(self.temperature >= 0, "--temperature must be >= 0")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,17 @@ def plot_fidelity(kl: dict, path: Path) -> None:
     ax.set_ylabel("held-out KL(prompted || model)\nper token (nats)")
     ax.set_title(f"bake fidelity: {100 * kl['fidelity']:.0f}% of the gap closed", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG through data.atomic_write (never a half-written
+    image), then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- report.md

@@ -15,6 +15,10 @@ Prompt Baking targets ``Qwen/Qwen3-1.7B``, but tests (and CI) must never touch t
 * :func:`save_tiny_model` -- writes a tiny model + tokenizer to a directory that plain
   ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load offline, so code
   paths that take a model path can be tested end to end.
+
+Test fixtures, not part of the installed package: tests import it as ``tiny`` (pytest puts
+tests/ on sys.path), the benchmark as ``tests.tiny`` (``python -m bench.run`` from the repo
+root).
 """
 
 from __future__ import annotations

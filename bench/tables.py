@@ -1,0 +1,175 @@
+"""The benchmark's tables: Markdown and console text from the results of bench/jobs.py,
+and the results section of bench/README.md rebuilt from bench/results/*.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "bench" / "README.md"
+
+
+def fmt(x, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(results: dict) -> str:
+    """Markdown for one machine's results."""
+    lines = [f"### {results['machine']}", ""]
+    if "date" in results:
+        lines.append(
+            f"{results['date']}, torch {results['torch']}, {results['threads']} threads, "
+            f"{results['cpus']} CPUs; load average (1, 5, 15 min) before / after the CPU job: "
+            f"{results.get('cpu', {}).get('load_before')} / "
+            f"{results.get('cpu', {}).get('load_after')}"
+        )
+    cpu = results.get("cpu")
+    if cpu:
+        j = cpu["job"]
+        lines += [
+            "",
+            f"CPU job: {j['model']}, {j['n_train_q']} questions x {j['n_seq']} samples x "
+            f"<= {j['max_new_tokens']} tokens, {j['epochs']} epochs, batch {j['batch_size']}, "
+            f"held-out: {j['n_val_q']} questions x {j['n_seq']}.",
+            "",
+            "Wall-clock seconds; the last column is the same ratio in process CPU time.",
+            "",
+            "| | original | ours | ratio | ratio (CPU time) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        g, t, e, r = cpu["generation"], cpu["training"], cpu["end_to_end"], cpu["ratios"]
+        rc, ew, ld = r["cpu_time"], e["seconds"], cpu["load"]
+        ours = t.get("ours", t["plain"])
+        lines += [
+            f"| generated tokens/s | {fmt(g['original']['tokens_per_s'])} | "
+            f"{fmt(g['ours']['tokens_per_s'])} | {fmt(r['generated_tokens_per_s'], 2)}x | "
+            f"{fmt(rc['generated_tokens_per_s'], 2)}x |",
+            f"| training tokens/s | {fmt(t['original']['tokens_per_s'])} | "
+            f"{fmt(ours['tokens_per_s'])} | {fmt(r['training_tokens_per_s'], 2)}x | "
+            f"{fmt(rc['training_tokens_per_s'], 2)}x |",
+            f"| model loads (s) | 2 x {fmt(ld['original']['seconds'])} | "
+            f"{fmt(ld['ours']['seconds'])} | | |",
+            f"| end-to-end bake (s) | {fmt(ew['original'])} | {fmt(ew['ours'])} | "
+            f"{fmt(r['end_to_end_speedup'], 2)}x | {fmt(rc['end_to_end_speedup'], 2)}x |",
+            f"| end-to-end without loads (s) | {fmt(ew['original_no_load'])} | "
+            f"{fmt(ew['ours_no_load'])} | {fmt(r['end_to_end_speedup_no_load'], 2)}x | "
+            f"{fmt(rc['end_to_end_speedup_no_load'], 2)}x |",
+            f"| held-out KL/token (base model: {fmt(cpu['heldout_kl_base'], 4)}) | "
+            f"{fmt(t['original']['heldout_kl'], 4)} | {fmt(ours['heldout_kl'], 4)} | | |",
+        ]
+        mem = results.get("memory")
+        if mem:
+            d = mem["default_chunk"]
+            lines.append(
+                f"| loss-step peak memory, V=151,936 (MB) | {fmt(d['naive_bytes'] / 1e6, 0)} | "
+                f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% | |"
+            )
+        lines += [
+            "",
+            "Training ablation (same trajectories, same epochs, same initial weights):",
+            "",
+            "| variant | what | train s | CPU s | KL tokens/s | vs original | vs original "
+            "(CPU time) | held-out KL |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        o = t["original"]
+        for name, v in t.items():
+            lines.append(
+                f"| {name} | {v['description']} | {fmt(v['seconds'])} | "
+                f"{fmt(v['cpu_seconds'])} | {fmt(v['tokens_per_s'])} | "
+                f"{fmt(v['tokens_per_s'] / o['tokens_per_s'], 2)}x | "
+                f"{fmt(v['tokens_per_cpu_s'] / o['tokens_per_cpu_s'], 2)}x | "
+                f"{fmt(v['heldout_kl'], 4)} |"
+            )
+        p = cpu.get("padding_share")
+        if p:
+            lines += [
+                "",
+                f"Padding share of training batches: shuffled {100 * p['shuffled']:.0f}%, "
+                f"length-bucketed {100 * p['bucketed']:.0f}%.",
+            ]
+    mem = results.get("memory")
+    if mem:
+        lines += ["", "Loss-step peak memory (bench/memory.py, float32, V=151,936):", ""]
+        lines += ["| shape (B x T, N, chunk) | naive MB | chunked MB | ratio |"]
+        lines += ["|---|---:|---:|---:|"]
+        for k in ("default_chunk", "double_chunk", "half_chunk"):
+            if k in mem:
+                d = mem[k]
+                lines.append(
+                    f"| {d['batch']} x {d['prompt'] + d['gen']}, {d['batch'] * d['gen']}, "
+                    f"{d['chunk']} | {fmt(d['naive_bytes'] / 1e6, 0)} | "
+                    f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% |"
+                )
+    gpu = results.get("gpu")
+    if gpu:
+        lines.append("")
+        if "skipped" in gpu:
+            lines.append(f"GPU job: {gpu['skipped']}.")
+        else:
+            r = gpu["ratios"]
+            roof = gpu.get("roofline", {})
+            lines += [
+                "GPU job (random Qwen3-1.7B, bf16, 100 x 25 x 300):",
+                "",
+                f"- generation {fmt(gpu['generation_ours']['tokens_per_s'], 0)} tokens/s "
+                f"({fmt(100 * roof.get('fraction', float('nan')), 0)}% of the HBM roofline), "
+                f"{fmt(r['generated_tokens_per_s'], 2)}x the original",
+                f"- training {fmt(r['training_tokens_per_s'], 2)}x the original",
+                f"- generate + 1 epoch: {fmt(gpu['end_to_end_ours_s'], 0)} s "
+                f"({fmt(r['end_to_end_speedup'], 2)}x the original, estimated from a subset)",
+            ]
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    """Rebuild the results section of bench/README.md from bench/results/*.json."""
+    if not README.is_file():
+        return
+    text = README.read_text(encoding="utf-8")
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return
+    parts = []
+    for f in sorted(RESULTS.glob("*.json")):
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            parts.append(table(json.loads(f.read_text(encoding="utf-8"))))
+    body = "\n\n".join(parts) or "(no results yet: run `make bench`)"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    README.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+
+
+def summary(results: dict) -> str:
+    """The ratios, one line each, for the console."""
+    out = []
+    cpu = results.get("cpu")
+    if cpu:
+        r, c = cpu["ratios"], cpu["ratios"]["cpu_time"]
+        out += [
+            "CPU job, ours vs the original (wall clock; in CPU time):",
+            f"  generated tokens/s    {r['generated_tokens_per_s']:.2f}x; "
+            f"{c['generated_tokens_per_s']:.2f}x",
+            f"  training tokens/s     {r['training_tokens_per_s']:.2f}x; "
+            f"{c['training_tokens_per_s']:.2f}x",
+            f"  end-to-end bake time  {r['end_to_end_speedup']:.2f}x faster; "
+            f"{c['end_to_end_speedup']:.2f}x ({r['end_to_end_speedup_no_load']:.2f}x; "
+            f"{c['end_to_end_speedup_no_load']:.2f}x without model loads)",
+            f"  held-out KL/token     ours - original = {r['heldout_kl_ours_minus_original']:+.4f}",
+        ]
+    mem = results.get("memory")
+    if mem:
+        out.append(f"loss-step peak memory at V=151,936: chunked/naive = {100 * mem['ratio']:.1f}%")
+    gpu = results.get("gpu")
+    if gpu:
+        out.append(
+            "GPU job: " + (gpu["skipped"] if "skipped" in gpu else json.dumps(gpu["ratios"]))
+        )
+    return "\n".join(out)
