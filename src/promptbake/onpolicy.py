@@ -27,7 +27,7 @@ from . import distributed
 from .data import make_trajectory, read_prompt, read_questions
 from .errors import UserError
 from .generate import render_prompts, select_questions
-from .models import end_of_turn_ids
+from .models import end_of_turn_ids, pad_id
 from .sampling import Sampling, sample
 
 # the generation stage's defaults (configs.GenerateConfig), for a sidecar without them
@@ -156,7 +156,7 @@ def student_rows(
                 model,
                 [student.prompts[q][1] for q in questions],
                 student.settings,
-                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                pad_id=pad_id(tokenizer),
                 eot_ids=student.eot_ids,
                 engine=student.engine,
             )

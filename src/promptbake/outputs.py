@@ -19,16 +19,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .data import check_out_dir
 from .errors import UserError
+from .report import save_figure
 
 REPORT_TO = ["none", "tensorboard"]
-
-
-def check_out_dir(out_dir: str) -> Path:
-    p = Path(out_dir)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"--out_dir {out_dir} is a file; give a directory path")
-    return p
 
 
 def prepare_out_dir(out_dir: str) -> Path:
@@ -87,10 +82,7 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def check_report_to(report_to: str) -> None:

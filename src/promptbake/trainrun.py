@@ -27,6 +27,7 @@ from .configs import LoraArgs, TrainConfig
 from .data import write_json, write_jsonl
 from .errors import UserError
 from .forward import base_of
+from .models import pad_id
 from .outputs import RunLog, Tracker, prepare_out_dir
 from .teacher import TeacherCache, build_teacher_cache, exact_cache_fits
 
@@ -140,7 +141,7 @@ def setup(cfg, model, tokenizer, train_rows, val_rows, echo, student) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(warmup_factor, warmup_steps=cfg.warmup_steps)
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     run = Run(
         cfg, model, tokenizer, train_rows, val_rows or [], out,
         RunLog(out / "train_loop.log", echo, enabled=main), opt, sched, pad,
