@@ -18,7 +18,7 @@ from typing import Any
 
 from .distributed import world_size
 from .errors import UserError
-from .models import DEFAULT_MODEL
+from .models import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, check_model_options
 from .sampling import engine_names
 
 
@@ -88,6 +88,22 @@ class ModelArgs:
     )
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
     seed: int = opt(42, "random seed: same seed and arguments give the same output on CPU")
+    attn_implementation: str | None = opt(
+        None,
+        "attention kernel (default: transformers' own choice); flash_attention_2 needs the "
+        "flash-attn package and a GPU",
+        choices=ATTN_IMPLEMENTATIONS,
+    )
+    load_in_8bit: bool = opt(
+        False, "quantize the base weights to int8 on load (bitsandbytes); LoRA trains on top"
+    )
+    load_in_4bit: bool = opt(
+        False, "quantize the base weights to 4-bit NF4 on load (bitsandbytes, QLoRA)"
+    )
+
+    def __post_init__(self) -> None:
+        # at construction, so every command refuses a bad combination before any work
+        check_model_options(self.attn_implementation, self.load_in_8bit, self.load_in_4bit)
 
 
 # ---------------------------------------------------------------- generation

@@ -148,9 +148,11 @@ def save_adapter(model, out_dir: Path, lora: dict | None = None) -> None:
 
     `lora`: the weights to write (checkpoint.trainable_state), when the model's own
     are FSDP shards."""
+    from .adapters import save_peft
+
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-adapter-"))
     try:
-        model.save_pretrained(tmp, state_dict=lora)
+        save_peft(model, tmp, lora)  # no Hub request, the user's file modes
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
     finally:
