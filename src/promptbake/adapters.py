@@ -86,7 +86,7 @@ def check_weights(p: Path, what: str = "--adapter") -> None:
             f.keys()
     except Exception as e:  # SafetensorError: truncated or not a safetensors file
         raise UserError(
-            f"{what} {weights} is damaged ({e}); copy it again or retrain (train --resume true)"
+            f"{what} {weights} is damaged ({e}); copy it again or train it again"
         ) from None
 
 

@@ -287,9 +287,24 @@ def load_model(
         raise UserError(f"could not load {name} with these options: {_first_line(e)}") from e
     if quant is None:
         model.to(dev)
+    else:
+        keep_4bit_trainable(model)
     model.eval()
     model.name_or_path = name
     return model, tok
+
+
+def keep_4bit_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit forward in eval mode without gradients (the
+    teacher pass, validation) repacks the weight; afterwards the layer passes no gradient
+    to its input (bitsandbytes 0.50), so LoRA layers below it silently stop learning.
+    The unpacked path is exact and differentiable; it only skips an inference speed-up.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _first_line(err: Exception) -> str:
