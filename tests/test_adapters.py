@@ -6,6 +6,11 @@ run) is shared by the other evaluation tests: training is not the point there.
 
 import copy
 import json
+import os
+import shutil
+import socket
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +107,7 @@ def test_base_model_name_sources(tmp_path, adapter, tiny_model_dir):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = None
     (ep / "adapter_config.json").write_text(json.dumps(cfg))
+    shutil.copy(adapter / "adapter_model.safetensors", ep)
     with pytest.raises(UserError, match="--model_name"):
         base_model_name(ep)
     (run / "args.json").write_text(json.dumps({"model_name": "smollm2-135m"}))
@@ -121,3 +127,124 @@ def test_scale_without_adapter(tiny_model):
     set_adapter_scale(tiny_model, 1.0)  # a no-op
     with pytest.raises(UserError, match="needs an adapter"):
         set_adapter_scale(tiny_model, 0.5)
+
+
+# ---------------------------------------------------------------- saving: offline, modes
+@pytest.fixture
+def hub_blocked(monkeypatch):
+    """Every network path raises and is recorded; the offline switches are off, so a
+    library that would ask the Hub really tries (and the list shows it)."""
+    import huggingface_hub
+    import peft.utils.other
+    import peft.utils.save_and_load
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network blocked by the test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for mod in (huggingface_hub, peft.utils.other, peft.utils.save_and_load):
+        for fn in ("file_exists", "hf_hub_download", "model_info"):
+            if hasattr(mod, fn):
+                monkeypatch.setattr(mod, fn, refuse)
+    return attempts
+
+
+def test_saving_with_the_bundled_alias_asks_no_hub(tiny_model_dir, tmp_path, hub_blocked):
+    """The bundled alias is recorded as the model's name; peft used to ask the Hub about it."""
+    from peft import PeftModel
+
+    from promptbake.models import resolve_model_path
+
+    model, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    model.name_or_path = "smollm2-135m"  # what load_model("smollm2-135m") records
+    peft = add_lora(model, LoraArgs(r=4, lora_alpha=8.0, target_modules=TARGETS))
+    out = tmp_path / "run"
+    out.mkdir()
+    save_adapter(peft, out)
+    assert hub_blocked == []
+    config = json.loads((out / "adapter_config.json").read_text())
+    local = str(Path(resolve_model_path("smollm2-135m")[0]).resolve())
+    assert config["base_model_name_or_path"] == local  # a directory here, not a Hub id
+    assert (Path(local) / "config.json").is_file()
+    assert base_model_name(out) == "smollm2-135m"  # our record keeps the user's name
+    assert peft.peft_config["default"].base_model_name_or_path == "smollm2-135m"  # restored
+
+    base, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    assert hub_blocked == []
+    torch.testing.assert_close(logits(loaded, IDS), logits(peft.eval(), IDS))
+
+
+def test_saving_with_a_hub_id_asks_no_hub(tiny_model_dir, tmp_path, hub_blocked):
+    model, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    model.name_or_path = "Qwen/Qwen3-1.7B"
+    peft = add_lora(model, LoraArgs(r=4, lora_alpha=8.0, target_modules=TARGETS))
+    save_adapter(peft, tmp_path)
+    assert hub_blocked == []
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "Qwen/Qwen3-1.7B"  # a Hub id stays one
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_adapters_and_checkpoints_follow_the_umask(tiny_model_dir, tmp_path, umask):
+    from promptbake import checkpoint
+
+    model, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    peft = add_lora(model, LoraArgs(r=4, lora_alpha=8.0, target_modules=TARGETS))
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    old = os.umask(umask)
+    try:
+        save_adapter(peft, tmp_path)
+        ck = checkpoint.save_checkpoint(
+            tmp_path, model=peft, optimizer=opt, scheduler=sched, epoch=1, best=1.0,
+            metrics=[], args={},
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    files = [tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"]
+    files += [p for p in ck.iterdir()]
+    assert ck / "adapter_model.safetensors" in files and ck / "state.pt" in files
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+    assert stat.S_IMODE(ck.stat().st_mode) == 0o777 & ~umask
+
+
+# ---------------------------------------------------------------- pursuit chains
+def _chain_run(tiny_model_dir, root):
+    """A two-round pursuit layout: round_2 merges round_1 first."""
+    make_adapter(tiny_model_dir, root / "round_1", seed=1)
+    make_adapter(tiny_model_dir, root / "round_2", seed=2)
+    return root / "round_2"
+
+
+def test_chain_merges_its_own_rounds_and_names_them(tiny_model_dir, tmp_path, capsys):
+    r2 = _chain_run(tiny_model_dir, tmp_path / "pursuit")
+    (r2 / "promptbake_chain.json").write_text(json.dumps({"merge_first": ["../round_1"]}))
+    base, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    got = logits(attach_adapter(copy.deepcopy(base), r2).eval(), IDS)
+    err = capsys.readouterr().err
+    assert "round_1" in err and "merging" in err
+    r1 = attach_adapter(copy.deepcopy(base), tmp_path / "pursuit" / "round_1").merge_and_unload()
+    (r2 / "promptbake_chain.json").unlink()
+    want = logits(attach_adapter(r1, r2).eval(), IDS)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("entry", ["ABS", "../../elsewhere/round_1", ".", "../round_2"])
+def test_chain_entries_outside_the_run_are_refused(tiny_model_dir, tmp_path, entry):
+    r2 = _chain_run(tiny_model_dir, tmp_path / "pursuit")
+    make_adapter(tiny_model_dir, tmp_path / "elsewhere" / "round_1", seed=3)
+    if entry == "ABS":
+        entry = str(tmp_path / "pursuit" / "round_1")  # inside, but absolute: still refused
+    (r2 / "promptbake_chain.json").write_text(json.dumps({"merge_first": [entry]}))
+    base, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    with pytest.raises(UserError, match="outside this pursuit run"):
+        attach_adapter(base, r2)

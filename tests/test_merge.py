@@ -1,6 +1,8 @@
 """`promptbake merge`: a merged full model that plain from_pretrained loads, tokenizer included."""
 
 import copy
+import os
+import stat
 
 import pytest
 import torch
@@ -58,3 +60,31 @@ def test_merge_refuses_to_overwrite_a_non_model_directory(adapter, tmp_path, cap
     assert main(["merge", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_a_directory_it_did_not_write_even_with_config_json(adapter, tmp_path):
+    """A project folder holding a config.json (any model, or none) used to be wiped."""
+    out = tmp_path / "project"
+    out.mkdir()
+    files = {"config.json": '{"mine": true}', "notes.md": "keep", "model.safetensors": "x"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 2
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temp leftovers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_merged_files_follow_the_umask_and_carry_the_marker(adapter, tmp_path, umask):
+    out = tmp_path / "merged"
+    old = os.umask(umask)
+    try:
+        assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert (out / ".promptbake-merged").is_file()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = list(out.iterdir())
+    assert any(f.name.endswith(".safetensors") for f in files)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

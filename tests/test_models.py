@@ -283,3 +283,68 @@ def test_bundled_model_loads_from_the_cache(smollm):
     assert (Path(path) / "model.safetensors").is_file()
     assert model.name_or_path == "smollm2-135m"
     assert tok.convert_ids_to_tokens(end_of_turn_ids(tok, model)) == ["<|im_end|>"]
+
+
+# ---------------------------------------------------------------- attention kernel, quantization
+def test_attn_implementation_reaches_the_model(tiny_model_dir):
+    """Each kernel that runs on the CPU is used, and computes the same logits as eager."""
+    ids = torch.tensor([[5, 17, 99, 230, 7, 64]])
+    got = {}
+    for impl in ("eager", "sdpa", "flex_attention"):
+        model, _ = load_model(str(tiny_model_dir), "cpu", "float32", attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        with torch.no_grad():
+            got[impl] = model(input_ids=ids).logits
+    for impl in ("sdpa", "flex_attention"):
+        torch.testing.assert_close(got[impl], got["eager"], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def peaky_model_dir(tmp_path_factory):
+    """A tiny Qwen3 with peakier outputs than the default (a KL that training can cut)."""
+    d = tmp_path_factory.mktemp("peaky")
+    return tiny.save_tiny_model(d, kind="tiny", seed=0, initializer_range=0.2)
+
+
+@pytest.mark.parametrize(
+    ("flag", "layer"), [("load_in_4bit", "Linear4bit"), ("load_in_8bit", "Linear8bitLt")]
+)
+def test_qlora_trains_on_the_quantized_base_with_the_quantized_teacher(
+    peaky_model_dir, tmp_path, flag, layer
+):
+    """bitsandbytes' CPU backend: LoRA on int8/NF4 base weights; two steps cut the KL, and
+    the teacher (adapter off) is exactly the quantized base model."""
+    pytest.importorskip("bitsandbytes")
+    from test_train import records
+
+    from promptbake.batches import collate
+    from promptbake.configs import TrainConfig
+    from promptbake.objective import evaluate_kl
+    from promptbake.train import train
+
+    model, tok = load_model(str(peaky_model_dir), "cpu", "float32", **{flag: True})
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
+    ids = torch.tensor([[5, 17, 99, 230, 7]])
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    full, _ = load_model(str(peaky_model_dir), "cpu", "float32")
+    with torch.no_grad():
+        quant_error = (full(input_ids=ids).logits - base_logits).abs().max()
+    assert quant_error > 1e-4  # the weights really are quantized
+
+    rows = records(tok, n_gen=(6, 6, 6)) * 2
+    cfg = TrainConfig(
+        model_name=str(peaky_model_dir), data_path="unused.jsonl", out_dir=str(tmp_path / "run"),
+        num_epochs=2, batch_size=6, learning_rate=2e-2, r=8, lora_alpha=16, save_every=0,
+        plot=False, device="cpu", **{flag: True},
+    )  # fmt: skip
+    peft, metrics = train(cfg, model, tok, rows, echo=False)
+    kls = [m["train_kl"] for m in metrics]
+    assert len(kls) == 2 and kls[1] < 0.8 * kls[0]  # one step per epoch: the loss falls
+    batches = [collate(rows, tok.pad_token_id)]
+    before = evaluate_kl(peft, batches, student_adapter=False)["kl"]
+    after = evaluate_kl(peft, batches)["kl"]
+    assert before == pytest.approx(kls[0], rel=2e-2) and after < 0.8 * before
+    with torch.no_grad(), peft.disable_adapter():
+        torch.testing.assert_close(peft(input_ids=ids).logits, base_logits)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

@@ -6,10 +6,15 @@
 
     promptbake merge --adapter runs/zorblax --out merged/zorblax
 
-The base model is found from the adapter itself: ``base_model_name_or_path`` in its
+The base model is found from the adapter itself: the name the user gave, kept in
+``promptbake_adapter.json`` by :func:`save_peft`, else ``base_model_name_or_path`` in its
 adapter_config.json (what peft records), else ``model_name`` in the run's args.json
 (the adapter directory or, for ``epoch_N/`` checkpoints, its parent); ``--model_name``
-overrides both.
+overrides them all. Saving never asks the Hub anything: for a bundled alias or a .gguf
+file, adapter_config.json names the local directory the weights came from.
+
+Only ``adapter_model.safetensors`` is loaded; a pickled ``adapter_model.bin`` is
+refused (unpickling runs code), and so is a truncated file, before any model loads.
 
 Adapter scale: peft computes each LoRA layer as ``W x + scaling * B A x`` with
 ``scaling = alpha / r``. ``set_adapter_scale(model, s)`` sets ``scaling = s * alpha / r``
@@ -18,8 +23,12 @@ s = 1 is the baked model and s > 1 amplifies the update. Merging honours the sca
 
 Prompt-pursuit rounds (pursue.py) train adapter k on top of the merged adapters
 1..k-1; such a directory holds ``promptbake_chain.json`` naming those earlier adapters,
-and ``load_adapter``/``attach_adapter`` merge them first, so ``--adapter out/round_2``
-works like any other adapter.
+and ``load_adapter``/``attach_adapter`` merge them first (naming each one), so
+``--adapter out/round_2`` works like any other adapter. Only relative paths inside the
+pursuit's own output directory are followed.
+
+``promptbake merge --out DIR`` replaces DIR only when this tool wrote it (it holds
+``.promptbake-merged``); any other non-empty directory is refused, left untouched.
 """
 
 from __future__ import annotations
@@ -28,15 +37,19 @@ import copy
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from .configs import MergeConfig
-from .data import check_out_dir
+from .data import apply_umask, check_out_dir, write_json
 from .errors import UserError
-from .models import load_model
+from .models import load_model, model_options, resolve_model_path
 
 CHAIN_FILE = "promptbake_chain.json"
+ADAPTER_FILE = "promptbake_adapter.json"  # our record: {"base_model": the name the user gave}
+MERGED_MARKER = ".promptbake-merged"
+WEIGHTS = "adapter_model.safetensors"
 
 
 # ---------------------------------------------------------------- finding things
@@ -50,7 +63,30 @@ def adapter_dir(path: str | Path, what: str = "--adapter") -> Path:
         if sorted(p.glob("epoch_*/adapter_config.json")):
             hint = " (it has epoch_N/ checkpoints: pass one of those)"
         raise UserError(f"{what} {path}: no adapter_config.json, not a LoRA adapter{hint}")
+    check_weights(p, what)
     return p
+
+
+def check_weights(p: Path, what: str = "--adapter") -> None:
+    """The adapter's weights must be a complete safetensors file (cheap: reads the header)."""
+    from safetensors import safe_open
+
+    weights = p / WEIGHTS
+    if not weights.is_file():
+        if (p / "adapter_model.bin").is_file():
+            raise UserError(
+                f"{what} {p}: holds only adapter_model.bin, a pickle, which promptbake does not "
+                "load (unpickling can run code); re-save the adapter as safetensors with peft "
+                "(save_pretrained(dir, safe_serialization=True)) from a source you trust"
+            )
+        raise UserError(f"{what} {p}: no {WEIGHTS} (an incomplete adapter directory)")
+    try:
+        with safe_open(weights, "pt") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file
+        raise UserError(
+            f"{what} {weights} is damaged ({e}); copy it again or train it again"
+        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -78,9 +114,9 @@ def base_model_name(adapter: str | Path, override: str | None = None) -> str:
     if override:
         return override
     p = adapter_dir(adapter)
-    chain = p / CHAIN_FILE
-    if chain.is_file() and _read_json(chain).get("base_model"):
-        return _read_json(chain)["base_model"]
+    for record in (p / CHAIN_FILE, p / ADAPTER_FILE):
+        if record.is_file() and _read_json(record).get("base_model"):
+            return _read_json(record)["base_model"]
     name = _read_json(p / "adapter_config.json").get("base_model_name_or_path")
     if name:
         return name
@@ -123,18 +159,95 @@ def resolve_prompt(
     return run_prompt(adapter) if adapter else None
 
 
+# ---------------------------------------------------------------- saving
+def save_peft(model, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained(out_dir)`` with no Hub request and the user's file modes.
+
+    peft asks the Hub whether a repository named like the base model exists (to decide
+    whether to save embedding layers; we never train them, so we say no). A bundled
+    alias or .gguf name is no Hub id: adapter_config.json gets the local directory the
+    weights were loaded from, and ADAPTER_FILE keeps the name the user gave.
+    """
+    out_dir = Path(out_dir)
+    configs = getattr(model, "peft_config", None)
+    if not configs:  # a plain model (never a LoRA run in practice)
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        apply_umask(out_dir)
+        return
+    base = model.get_base_model()
+    given = {k: c.base_model_name_or_path for k, c in configs.items()}
+    name = next(iter(given.values())) or getattr(base, "name_or_path", None) or None
+    try:
+        for c in configs.values():
+            c.base_model_name_or_path = _local_name(name)
+        model.save_pretrained(out_dir, state_dict=state_dict, save_embedding_layers=False)
+    finally:
+        for k, c in configs.items():
+            c.base_model_name_or_path = given[k]
+    if name:
+        write_json(out_dir / ADAPTER_FILE, {"base_model": name})
+    apply_umask(out_dir)
+
+
+def _local_name(name: str | None) -> str | None:
+    """Where `name`'s weights are on this machine (absolute), or `name` for a Hub id."""
+    if not name:
+        return name
+    try:
+        path, kind = resolve_model_path(name)
+    except UserError:  # not loadable by name here (a test model's label): keep it as is
+        return name
+    return name if kind == "hub" else str(Path(path).resolve())
+
+
 # ---------------------------------------------------------------- loading
+def chain_entries(p: Path) -> list[Path]:
+    """The adapters a pursuit round merges first: relative paths inside its own output
+    directory (the round directory's parent), checked, in order."""
+    chain = p / CHAIN_FILE
+    if not chain.is_file():
+        return []
+    root = p.resolve().parent
+    dirs = []
+    for entry in _read_json(chain).get("merge_first", []):
+        d = (p / str(entry)).resolve()
+        if Path(str(entry)).is_absolute() or not d.is_relative_to(root) or d == p.resolve():
+            raise UserError(
+                f"{chain}: merge_first entry {entry!r} is outside this pursuit run ({root}); "
+                "only relative paths to its other rounds are followed; fix or delete the file"
+            )
+        dirs.append(adapter_dir(d, f"{chain} entry"))
+    return dirs
+
+
 def attach_adapter(model, adapter: str | Path):
     """Wrap a loaded base model in the adapter (merging a pursuit chain's earlier rounds)."""
     from peft import PeftModel
 
     p = adapter_dir(adapter)
-    chain = p / CHAIN_FILE
-    if chain.is_file():
-        for earlier in _read_json(chain).get("merge_first", []):
-            d = adapter_dir(p / earlier, f"{chain} entry")
-            model = PeftModel.from_pretrained(model, d).merge_and_unload()
-    return PeftModel.from_pretrained(model, p)
+    for d in chain_entries(p):
+        print(f"merging earlier pursuit round {d} first ({p / CHAIN_FILE})", file=sys.stderr)
+        model = _from_pretrained(PeftModel, model, d).merge_and_unload()
+    return _from_pretrained(PeftModel, model, p)
+
+
+def _from_pretrained(peft_cls, model, p: Path):
+    """PeftModel.from_pretrained, with a foreign adapter as one line naming both models."""
+    try:
+        return peft_cls.from_pretrained(model, p)
+    except (RuntimeError, ValueError) as e:
+        text = str(e)
+        if "size mismatch" not in text and "not found in the base model" not in text:
+            raise
+        try:
+            recorded = base_model_name(p)
+        except UserError:
+            recorded = "another model"
+        loaded = getattr(model, "name_or_path", None) or "this model"
+        raise UserError(
+            f"--adapter {p} was trained on {recorded}, not on {loaded}: its LoRA weights do not "
+            "fit this model's layers; pass the adapter's own base with --model_name (or drop it)"
+        ) from None
 
 
 def load_adapter(
@@ -143,10 +256,13 @@ def load_adapter(
     device: str | None = "auto",
     dtype: str | None = "auto",
     trust_remote_code: bool = False,
+    **options,
 ):
-    """(peft model in eval mode, tokenizer, base model name) for an adapter directory."""
+    """(peft model in eval mode, tokenizer, base model name) for an adapter directory.
+
+    `options`: load_model's attn_implementation / load_in_8bit / load_in_4bit."""
     name = base_model_name(adapter, model_name)
-    model, tok = load_model(name, device, dtype, trust_remote_code)
+    model, tok = load_model(name, device, dtype, trust_remote_code, **options)
     return attach_adapter(model, adapter).eval(), tok, name
 
 
@@ -178,10 +294,13 @@ def merged_copy(model):
 
 # ---------------------------------------------------------------- promptbake merge
 def _check_out(out: Path) -> None:
-    """Refuse to replace a directory that is not (or was not) a merged model."""
+    """Refuse to replace a directory unless `merge` wrote it (it holds MERGED_MARKER)."""
     check_out_dir(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"--out {out} exists and is not a model directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MERGED_MARKER).is_file():
+        raise UserError(
+            f"--out {out} exists and is not a model directory written by promptbake merge "
+            f"(no {MERGED_MARKER}); it is left untouched: choose another path"
+        )
 
 
 def merge(cfg: MergeConfig) -> Path:
@@ -190,7 +309,12 @@ def merge(cfg: MergeConfig) -> Path:
     out = Path(cfg.out).expanduser()
     _check_out(out)
     model, tok, name = load_adapter(
-        cfg.adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+        cfg.adapter,
+        cfg.model_name,
+        cfg.device,
+        cfg.dtype,
+        cfg.trust_remote_code,
+        **model_options(cfg),
     )
     set_adapter_scale(model, cfg.adapter_scale)
     merged = model.merge_and_unload()
@@ -200,6 +324,8 @@ def merge(cfg: MergeConfig) -> Path:
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        (tmp / MERGED_MARKER).write_text(f"written by promptbake merge from {cfg.adapter}\n")
+        apply_umask(tmp)
         if out.exists():  # swap: move the old model aside, rename the new one in
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "model")
@@ -217,9 +343,10 @@ def merge(cfg: MergeConfig) -> Path:
 def load_model_and_adapter(adapter: Path | None, cfg) -> tuple:
     """(model, tokenizer) for the eval-style commands: the adapter on its base model when
     one is given, else the plain model; `cfg` carries the ModelArgs flags."""
+    options = model_options(cfg)
     if adapter is None:
-        return load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        return load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **options)
     model, tokenizer, _ = load_adapter(
-        adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+        adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **options
     )
     return model, tokenizer

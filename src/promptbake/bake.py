@@ -27,7 +27,7 @@ from .errors import UserError
 from .evaluate import answer_condition, heldout_kl, side_by_side
 from .flags import flag_values
 from .generate import Generation, generate_trajectories, select_questions
-from .models import load_model
+from .models import load_model, model_options
 from .report import write_report
 from .scorers import marker, score_all
 from .teacher import cache_bytes
@@ -141,7 +141,9 @@ def bake(cfg: BakeConfig) -> dict:
 
     t_start = time.perf_counter()
     distributed.init(cfg.device)  # under torchrun: before loading, each process takes its GPU
-    model, tok = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    model, tok = load_model(
+        cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **model_options(cfg)
+    )
     model.name_or_path = cfg.model_name
     t_loaded = time.perf_counter()
     print(

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from . import distributed
+from .adapters import save_peft
+from .data import apply_umask
 from .errors import UserError
 
 FORMAT = 1
@@ -133,7 +135,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{DIR_NAME}-"))
     try:
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp, state_dict=lora)
+            save_peft(model, tmp, lora)  # no Hub request
         state = {
             "format": FORMAT,
             "epoch": epoch,
@@ -150,6 +152,7 @@ def save_checkpoint(
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp)  # mkdtemp made it 0700: the modes of any folder the user makes
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

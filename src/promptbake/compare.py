@@ -45,7 +45,7 @@ from .data import (
 )
 from .errors import UserError
 from .evaluate import CONDITIONS, heldout_kl, side_nll
-from .models import load_tokenizer, pad_id
+from .models import load_tokenizer, model_options, pad_id
 from .report import format_table, save_figure
 from .train import check_fingerprint, check_token_ids
 
@@ -206,7 +206,12 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     check_out_dir(out)
     if model is None:
         model, tokenizer, _ = load_adapter(
-            adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+            adapter,
+            cfg.model_name,
+            cfg.device,
+            cfg.dtype,
+            cfg.trust_remote_code,
+            **model_options(cfg),
         )
     check_fingerprint(data_file, tokenizer)
     check_token_ids(rows, model)

@@ -28,7 +28,7 @@ from .errors import UserError
 from .evaluate import MODES
 from .fetch import DATASET_NAMES
 from .loss import DIVERGENCE_NAMES, check_divergence
-from .models import DEFAULT_MODEL
+from .models import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, check_model_options, resolve_device
 from .sampling import engine_names
 from .scorers import SCORER_SPECS
 
@@ -98,6 +98,22 @@ class ModelArgs:
     )
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
     seed: int = opt(42, "random seed: same seed and arguments give the same output on CPU")
+    attn_implementation: str | None = opt(
+        None,
+        "attention kernel (default: transformers' own choice); flash_attention_2 needs the "
+        "flash-attn package and a GPU",
+        choices=ATTN_IMPLEMENTATIONS,
+    )
+    load_in_8bit: bool = opt(
+        False, "quantize the base weights to int8 on load (bitsandbytes); LoRA trains on top"
+    )
+    load_in_4bit: bool = opt(
+        False, "quantize the base weights to 4-bit NF4 on load (bitsandbytes, QLoRA)"
+    )
+
+    def __post_init__(self) -> None:
+        # at construction, so every command refuses a bad combination before any work
+        check_model_options(self.attn_implementation, self.load_in_8bit, self.load_in_4bit)
 
 
 # ---------------------------------------------------------------- generation
@@ -288,6 +304,14 @@ class TrainConfig(LoraArgs, ModelArgs):
         require(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         require(0 <= self.on_policy <= 1, f"--on_policy must be in [0, 1], got {self.on_policy}")
         check_divergence(self.divergence, self.jsd_beta)
+        require(
+            not (
+                self.attn_implementation == "flex_attention"
+                and resolve_device(self.device).type == "cpu"
+            ),
+            "--attn_implementation flex_attention cannot train on the CPU (PyTorch has no "
+            "FlexAttention backward there): use sdpa, or train on a GPU",
+        )
         require(
             not (self.on_policy > 0 and self.fsdp),
             "--on_policy with --fsdp is not supported: sampling needs the whole model on each "
@@ -505,6 +529,11 @@ class MergeConfig(ModelArgs):
     def validate(self) -> None:
         require(self.adapter is not None, "--adapter is required (the adapter directory)")
         require(self.out is not None, "--out is required (where the merged model goes)")
+        require(
+            not (self.load_in_8bit or self.load_in_4bit),
+            "merge writes full-precision weights: drop --load_in_8bit/--load_in_4bit (merging "
+            "into quantized weights would round the update away)",
+        )
 
 
 # ---------------------------------------------------------------- data

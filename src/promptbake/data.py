@@ -102,6 +102,25 @@ def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:
     return p
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else the one at import."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return _UMASK
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a directory and all it holds) the modes open()/mkdir() give:
+    0o666 / 0o777 less the umask. mkstemp, mkdtemp and safetensors create 0600 / 0700,
+    which the user's other accounts (a serving user, a shared group) cannot read."""
+    umask, path = current_umask(), Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=str)

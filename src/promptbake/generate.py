@@ -50,7 +50,7 @@ from .data import (
     write_json,
 )
 from .errors import UserError, warn
-from .models import end_of_turn_ids, load_model, tokenizer_fingerprint
+from .models import end_of_turn_ids, load_model, model_options, tokenizer_fingerprint
 from .sampling import Sampling, sample
 from .teacher import TeacherCache, cache_from_generation
 
@@ -405,7 +405,7 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     with exclusive_lock(out, "--traj_out_file") if main else contextlib.nullcontext():
         if model is None:
             model, tokenizer = load_model(
-                cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code
+                cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **model_options(cfg)
             )
         stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out).stats
     if not distributed.is_main():

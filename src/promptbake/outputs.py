@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .adapters import save_peft
 from .data import check_out_dir
 from .errors import UserError
 from .report import save_figure
@@ -56,7 +57,7 @@ def save_adapter(model, out_dir: Path, lora: dict | None = None) -> None:
     are FSDP shards."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-adapter-"))
     try:
-        model.save_pretrained(tmp, state_dict=lora)
+        save_peft(model, tmp, lora)  # no Hub request, the user's file modes
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
     finally:

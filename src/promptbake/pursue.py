@@ -43,7 +43,7 @@ from .data import (
     write_json,
 )
 from .evaluate import CONDITIONS, answer, condition_kl, heldout_kl
-from .models import load_model, pad_id
+from .models import load_model, model_options, pad_id
 from .report import format_table, pct
 from .scorers import marker, score_all
 from .train import prepare_out_dir
@@ -175,7 +175,9 @@ def pursue(cfg: PursueConfig) -> dict:
     # the same question split bake() used, for every later round
     train_q, val_q = bake_questions(cfg)
 
-    base, tok = load_model(cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    base, tok = load_model(
+        cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **model_options(cfg)
+    )
     base.name_or_path = cfg.model_name
     orig_val = read_trajectories(out / "round_1" / "trajectories_val.jsonl")
     bs, chunk = cfg.batch_size, cfg.kl_chunk_size

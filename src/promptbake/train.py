@@ -60,7 +60,7 @@ from .configs import TrainConfig
 from .data import read_meta, read_trajectories
 from .errors import UserError, warn
 from .forward import base_of
-from .models import load_model, load_tokenizer, tokenizer_fingerprint
+from .models import load_model, load_tokenizer, model_options, tokenizer_fingerprint
 from .outputs import check_out_dir, check_report_to, plot_curves, prepare_out_dir, save_adapter
 from .teacher import TeacherCache, kl_rows
 from .trainrun import Run, add_lora, choose_teacher, resume, setup
@@ -399,7 +399,9 @@ def run_train(cfg: TrainConfig, echo: bool = True):
     where = (cfg.device, cfg.dtype)
     if cfg.fsdp:  # into CPU memory (it may not fit one GPU); fsdp_shard moves the shards
         where = distributed.fsdp_load_args(cfg.device, cfg.dtype)
-    model, tokenizer = load_model(cfg.model_name, *where, cfg.trust_remote_code)
+    model, tokenizer = load_model(
+        cfg.model_name, *where, cfg.trust_remote_code, **model_options(cfg)
+    )
     check_token_ids(train_rows + (val_rows or []), model)
     student = None
     if source is not None:
