@@ -15,10 +15,10 @@ import shutil
 import sys
 
 import pytest
+import tiny
 from test_adapters import make_adapter
 from test_train import records
 
-from promptbake import tiny
 from promptbake.cli import main
 from promptbake.data import write_jsonl
 

@@ -109,7 +109,7 @@ def test_yaml_config_for_bake(tmp_path):
         ({"num_epochs": True}, ["num_epochs expects int"]),
         ({"num_epochs": None}, ["num_epochs expects int, got None"]),
         ({"plot": "maybe"}, ["plot expects true or false"]),
-        ({"teacher_cache": "all"}, ["teacher_cache must be one of off, exact, topk"]),
+        ({"teacher_cache": "all"}, ["teacher_cache must be one of auto, off, exact, topk"]),
         ([1, 2], ["expected a mapping"]),
     ],
 )
