@@ -286,12 +286,13 @@ def run_method(ev: Evaluator, task: Task, sizes: Sizes, flags: dict, train_file,
         p["kl"] = ev.kl(peft, adapter=True)
     limit = ran_until if budget is None else budget["total"]
     read = dict(report.read_at(curve, limit, ev.slack))
-    if read["epoch"] == 0:
-        read["baked"], answers = ev.behaviour(ev.model, None, adapter=False)
-    else:
+    if read["epoch"] > 0:
         d = out / f"epoch_{read['epoch']}"
         set_peft_model_state_dict(peft, load_file(d / "adapter_model.safetensors"))
-        read["baked"], answers = ev.behaviour(peft, None, adapter=True)
+    # from_pretrained put LoRA layers into ev.model: epoch 0 runs with the adapter off
+    read["baked"], answers = ev.behaviour(
+        ev.model if peft is None else peft, None, adapter=read["epoch"] > 0
+    )
     if peft is not None:
         ev.model = peft.unload()  # the plain model again, for the next method
     return {

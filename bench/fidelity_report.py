@@ -138,8 +138,12 @@ def describe(results: dict) -> str:
     lines += [f"- `{name}`: `{flags or '{}'}`" for name, flags in results["methods"].items()]
     lines += ["", table(results, markdown=True), ""]
     for name in results["methods"]:
-        verdict = "meets" if targets_met(results, name) else "misses"
-        lines.append(f"- `{name}` {verdict} both targets on every bake.")
+        verdict = (
+            "meets both targets on every bake"
+            if targets_met(results, name)
+            else ("misses a target on at least one bake")
+        )
+        lines.append(f"- `{name}` {verdict}.")
     return "\n".join(lines) + "\n"
 
 

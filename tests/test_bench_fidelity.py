@@ -103,7 +103,7 @@ def test_table_and_description():
     assert "0.060 ok" in lines[2] and "100% ok" in lines[2] and "0.00 / 0.80 / 0.80" in lines[2]
     md = report.describe(res)
     assert "| persona | ours | 0.060 ok |" in md
-    assert "`ours` meets both targets" in md and "`paper` misses" in md
+    assert "`ours` meets both targets" in md and "`paper` misses a target" in md
     json.dumps(res)  # the results are plain JSON
 
 
