@@ -13,7 +13,7 @@ HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench bench-gpu clean venv
+.PHONY: demo test lint format bench bench-gpu bench-fidelity clean venv
 
 venv: $(STAMP)
 
@@ -51,6 +51,12 @@ GPU_PYTHON ?= $(PYTHON)
 BENCH_GPU_ARGS ?=
 bench-gpu:
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=src $(GPU_PYTHON) -m bench.gpu $(BENCH_GPU_ARGS)
+
+# held-out KL and behaviour of four public bakes, the paper's method vs ours at equal time
+# (bench/README.md, "Fidelity"); FIDELITY_ARGS="--quick" checks the harness in a minute or two
+FIDELITY_ARGS ?=
+bench-fidelity: $(STAMP)
+	$(BIN)/python -m bench.fidelity $(FIDELITY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench *.py
