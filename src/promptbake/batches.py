@@ -8,14 +8,18 @@ A trajectory is read twice: by the teacher (system prompt + question + answer, t
 Each side is right-padded; ``pred_mask`` marks the rows whose logits predict a
 generated token (row p predicts token p + 1), the only rows the loss looks at.
 
-The packing plan (:func:`prefix_tree`, :func:`tree_mask`) lays a batch out as one
-sequence with every shared prompt prefix once; forward.py runs it. Everything here is
-built on the host, once per batch, from plain lists.
+The packing plan (:func:`prefix_tree`, :class:`Plan`) lays a batch out as one
+sequence with every shared prompt prefix once; forward.py runs it under
+:func:`tree_mask` (sdpa, eager) or :func:`tree_block_mask` (FlexAttention). Plans and
+row indices are built on the host, once per batch, when a side is made (collate), and
+travel to the device with it: a training step reads nothing back from the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import functools
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,15 +33,67 @@ if TYPE_CHECKING:  # a type only: loss.py does not depend on batches
 
 # ---------------------------------------------------------------- padded batches
 @dataclass
+class Plan:
+    """The index tensors of one side, built on the host when the side is made, so that
+    a training step indexes with them and never reads anything back from the device.
+
+    ``kl_rows`` [N]: flat index ``b * L + p`` of each KL row (row-major over
+    ``pred_mask``); ``row_seq`` [N]: its sequence. The packed prefix tree
+    (:func:`prefix_tree`): ``input_ids``, ``position_ids`` [1, T], ``segments`` [T],
+    ``visible`` [S, S] (segment s sees segment a: a is s or an ancestor of s),
+    ``packed_rows`` [N] (the packed index of each KL row); ``flex_blocks``: the
+    128 x 128 blocks of the tree mask that hold a visible pair (what FlexAttention
+    computes), a host int.
+    """
+
+    kl_rows: torch.Tensor
+    row_seq: torch.Tensor
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    visible: torch.Tensor
+    packed_rows: torch.Tensor
+    flex_blocks: int
+
+    @property
+    def packed_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device) -> Plan:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+@dataclass
 class Side:
-    """One side (prompted or unprompted) of a batch, right-padded."""
+    """One side (prompted or unprompted) of a batch, right-padded.
+
+    ``plan`` is built from the tensors when the side is made (they are on the host
+    then: collate); ``to`` moves tensors and plan together, and ``host`` keeps the
+    host side (split_batch re-plans its row slices from it)."""
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
     pred_mask: torch.Tensor  # [B, L] True on rows whose logits predict a generated token
+    plan: Plan = field(init=False, repr=False, compare=False)
+    host: Side = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.plan = make_plan(self)
+        self.host = self
 
     def to(self, device) -> Side:
-        return Side(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.pred_mask)))
+        out = copy.copy(self)  # not __init__: the plan is moved, not rebuilt
+        out.input_ids, out.attention_mask, out.pred_mask = (
+            t.to(device, non_blocking=True)
+            for t in (self.input_ids, self.attention_mask, self.pred_mask)
+        )
+        out.plan = self.plan.to(device)
+        return out
 
 
 @dataclass
@@ -47,7 +103,7 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.prompted.pred_mask.sum())
+        return self.prompted.plan.kl_rows.shape[0]
 
     def to(self, device) -> Batch:
         return Batch(self.prompted.to(device), self.unprompted.to(device))
@@ -145,18 +201,22 @@ def bucket_order(
 
 def split_batch(batch: Batch, teacher: TeacherTarget | None, parts: int) -> list[tuple]:
     """`batch` cut into `parts` row slices (each trimmed to its own width), with the
-    matching slices of its cached teacher rows."""
+    matching slices of its cached teacher rows. The slices are cut and planned from the
+    host sides (nothing is read back from the device), then moved where `batch` is."""
     n = batch.prompted.input_ids.shape[0]
     if parts <= 1:
         return [(batch, teacher)]
     size = -(-n // parts)
-    counts = batch.unprompted.pred_mask.sum(1).tolist()
+    device = batch.prompted.input_ids.device
+    hosts = (batch.prompted.host, batch.unprompted.host)
+    counts = hosts[1].pred_mask.sum(1).tolist()
     out, tok = [], 0
     for a in range(0, n, size):
         sides = []
-        for side in (batch.prompted, batch.unprompted):
+        for side in hosts:
             w = int(side.attention_mask[a : a + size].sum(1).max())
-            sides.append(Side(*(t[a : a + size, :w] for t in vars(side).values())))
+            cut = (t[a : a + size, :w] for t in (side.input_ids, side.attention_mask, side.pred_mask))
+            sides.append(Side(*cut).to(device))
         n_tok = int(sum(counts[a : a + size]))
         t = None if teacher is None else teacher.slice(tok, tok + n_tok)
         out.append((Batch(*sides), t))
@@ -198,7 +258,7 @@ def common_prefix_length(side, plen: torch.Tensor) -> int:
     return max(0, min(n, int(plen.min()) - 1))
 
 
-def prefix_tree(side, plen: torch.Tensor) -> tuple[list[int], list[int], list[int], list[int]]:
+def prefix_tree(side, plen: torch.Tensor) -> tuple[list[int], ...]:
     """A batch as one packed "prefix tree" of tokens: (token ids, positions, segment of
     each token, parent of each segment) and the packed index of every KL row.
 
@@ -239,35 +299,108 @@ def prefix_tree(side, plen: torch.Tensor) -> tuple[list[int], list[int], list[in
     return toks, pos, seg, parent, rows
 
 
-def tree_mask(seg: list[int], parent: list[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, T, T] additive attention mask: token t sees token u when u's segment is an
-    ancestor of t's, or the same segment and u <= t (causal within a segment)."""
+def make_plan(side: Side) -> Plan:
+    """The side's :class:`Plan`, from its host tensors."""
+    pred = side.pred_mask.bool()
+    seq, pos = pred.nonzero(as_tuple=True)
+    toks, positions, seg, parent, rows = prefix_tree(side, prefix_lengths(side))
+    long = torch.long
+    return Plan(
+        kl_rows=seq * pred.shape[1] + pos,
+        row_seq=seq,
+        input_ids=torch.tensor([toks], dtype=long),
+        position_ids=torch.tensor([positions], dtype=long),
+        segments=torch.tensor(seg, dtype=long),
+        visible=visibility(parent),
+        packed_rows=torch.tensor(rows, dtype=long),
+        flex_blocks=mask_blocks(seg, parent),
+    )
+
+
+def visibility(parent: list[int]) -> torch.Tensor:
+    """[S, S] bool: ``v[s, a]`` when segment a is s or an ancestor of s."""
     n = len(parent)
-    anc = torch.zeros(n, n, dtype=torch.bool)  # anc[s, a]: a is a proper ancestor of s
+    v = torch.eye(n, dtype=torch.bool)
     for s_ in range(n):
         a = parent[s_]
         while a >= 0:
-            anc[s_, a] = True
+            v[s_, a] = True
             a = parent[a]
-    sg = torch.tensor(seg)
-    ar = torch.arange(len(seg))
-    see = anc[sg][:, sg] | ((sg[:, None] == sg[None, :]) & (ar[None, :] <= ar[:, None]))
-    mask = torch.zeros(len(seg), len(seg), dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)
-    return mask[None, None].to(device)
+    return v
 
 
-def packing_pays(config, packed: int, rows: int, width: int) -> bool:
+def mask_blocks(seg: list[int], parent: list[int], block: int = 128) -> int:
+    """How many `block` x `block` tiles of the packed tree mask hold at least one
+    visible (query, key) pair: what FlexAttention computes (it skips empty tiles)."""
+    spans: dict[int, list[int]] = {}  # segment -> [first, last] token (segments are contiguous)
+    for t, s_ in enumerate(seg):
+        spans.setdefault(s_, [t, t])[1] = t
+    tiles = set()
+    for s_, (q0, q1) in spans.items():
+        a = s_
+        while a >= 0:
+            if a in spans:
+                k0, k1 = spans[a]
+                for qb in range(q0 // block, q1 // block + 1):
+                    # within its own segment a query sees keys up to itself only
+                    last = qb if a == s_ else k1 // block
+                    tiles.update((qb, kb) for kb in range(k0 // block, last + 1))
+            a = parent[a]
+    return len(tiles)
+
+
+# ---------------------------------------------------------------- tree attention masks
+# Built from a plan where the plan is (on the device in training), by indexing only.
+def tree_mask(plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, T, T] additive attention mask: token q sees token k when k's segment is
+    q's or an ancestor of it, and k <= q (an ancestor's tokens all come before its
+    descendants', so this is also causal within a segment)."""
+    seg = plan.segments
+    n = seg.shape[0]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril_()
+    see = plan.visible[seg[:, None], seg[None, :]] & causal
+    mask = torch.zeros(n, n, dtype=dtype, device=seg.device)
+    return mask.masked_fill_(~see, torch.finfo(dtype).min)[None, None]
+
+
+def tree_visible(seg, visible, b, h, q, k):
+    """FlexAttention mask_mod of the tree mask (see :func:`tree_mask`)."""
+    return visible[seg[q], seg[k]] & (k <= q)
+
+
+def tree_block_mask(plan: Plan):
+    """The tree mask as a FlexAttention BlockMask (tiles with no visible pair skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = plan.packed_len
+    mod = functools.partial(tree_visible, plan.segments, plan.visible)
+    return create_block_mask(mod, None, None, n, n, device=plan.segments.device)
+
+
+def packing_pays(
+    config, packed: int, rows: int, width: int, flex_blocks: int | None = None, block: int = 128
+) -> bool:
     """Whether one packed sequence of `packed` tokens costs fewer FLOPs than `rows`
     right-padded rows of `width` tokens: the linear layers scale with the token count,
-    attention with the squared length (the packed sequence attends densely under its
-    mask). Short answers and long shared prompts favour packing; long answers (hundreds
-    of tokens, the seed's Example 1) do not."""
+    attention with the (query, key) pairs computed. A dense 4D mask (sdpa, eager)
+    computes every pair: the squared lengths. FlexAttention (`flex_blocks` given: the
+    packed mask's non-empty `block`-sized tiles, Plan.flex_blocks) computes only the
+    tiles that hold a visible pair, on both paths: the packed tree's tiles against
+    each padded row's causal triangle of tiles. Short answers and long shared prompts
+    favour packing; long answers (hundreds of tokens, the seed's Example 1) do not
+    under a dense mask."""
     h = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
     linear = 2 * (2 * h * heads * head_dim + 2 * h * kv + 3 * h * config.intermediate_size)
     attention = 4 * heads * head_dim  # per (query, key) pair
-    cost_packed = packed * linear + packed**2 * attention
-    cost_padded = rows * width * linear + rows * width**2 * attention
+    if flex_blocks is None:
+        pairs_packed, pairs_padded = packed**2, rows * width**2
+    else:
+        nb = -(-width // block)
+        pairs_packed = flex_blocks * block**2
+        pairs_padded = rows * nb * (nb + 1) // 2 * block**2
+    cost_packed = packed * linear + pairs_packed * attention
+    cost_padded = rows * width * linear + pairs_padded * attention
     return cost_packed < cost_padded

@@ -210,7 +210,10 @@ class TrainConfig(LoraArgs, ModelArgs):
         None, "truncate each trajectory to this many generated tokens (default: no limit)"
     )
     kl_chunk_size: int = opt(
-        512, "token rows per KL chunk: bounds memory of the [tokens x vocab] tensors"
+        0,
+        "token rows per KL chunk: bounds memory of the [tokens x vocab] tensors; 0 (auto): "
+        "512 on the CPU, on CUDA as many as keep three float32 [rows x vocab] copies within "
+        "an eighth of the free GPU memory (512 to 8192)",
     )
     plot: bool = opt(True, "write kl_curve.png")
     resume: bool = opt(
@@ -286,10 +289,11 @@ class TrainConfig(LoraArgs, ModelArgs):
     def validate(self) -> None:
         require(self.data_path is not None, "--data_path is required (training trajectories)")
         require(self.out_dir is not None, "--out_dir is required (where the adapter goes)")
-        for name in ("num_epochs", "batch_size", "kl_chunk_size"):
+        for name in ("num_epochs", "batch_size"):
             require(
                 getattr(self, name) > 0, f"--{name} must be positive, got {getattr(self, name)}"
             )
+        require(self.kl_chunk_size >= 0, f"--kl_chunk_size must be >= 0 (0: auto), got {self.kl_chunk_size}")
         require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         require(self.save_every >= 0, "--save_every must be >= 0")
         require(self.max_traj_len is None or self.max_traj_len > 0, "--max_traj_len must be > 0")

@@ -39,6 +39,7 @@ from .chat import encode, format_prompt
 from .forward import adapter_disabled, base_of, selected_hidden
 from .loss import kl_from_logprobs
 from .models import end_of_turn_ids, pad_id
+from .objective import kl_chunk_rows
 from .sampling import Sampling, sample
 
 
@@ -203,6 +204,8 @@ def condition_kl(
     """
     t_model, t_cond = teacher
     device = next(t_model.parameters()).device
+    vocab = base_of(t_model).get_output_embeddings().weight.shape[0]
+    chunk_size = kl_chunk_rows(chunk_size, device, vocab)  # 0: auto
     totals, n = dict.fromkeys(students, 0.0), 0
     for b in make_batches(rows, batch_size, pad_id, None):
         b = b.to(device)

@@ -7,7 +7,8 @@ The teacher is the PeftModel with its adapter switched off, so no second copy of
 weights exists. Only the hidden states at the rows that predict generated tokens are
 returned ([N, H], row-major over ``pred_mask``): the LM head and the loss run on those
 rows alone (loss.py). With prefix reuse the batch runs as one packed sequence under a
-tree attention mask (batches.prefix_tree), every shared prompt prefix once.
+tree attention mask (batches.prefix_tree), every shared prompt prefix once. Rows are
+picked with the plans' integer indices (batches.Plan): no host-device sync.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 
 import torch
 
-from .batches import Side, packing_pays, prefix_lengths, prefix_tree, tree_mask
+from .batches import Side, packing_pays, tree_block_mask, tree_mask
 
 
 def base_of(model):
@@ -32,10 +33,12 @@ def adapter_disabled(model):
 
 
 def selected_hidden(model, side: Side) -> torch.Tensor:
-    """Final hidden states [N, H] at the rows that predict generated tokens."""
-    decoder = base_of(model).get_decoder()
-    h = decoder(input_ids=side.input_ids, attention_mask=side.attention_mask).last_hidden_state
-    return h[side.pred_mask]
+    """Final hidden states [N, H] at the rows that predict generated tokens, picked by
+    the plan's integer row index (a boolean mask would read its count back)."""
+    return selected_hidden_of(base_of(model).get_decoder(), side)
+
+
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take a tree mask
 
 
 def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
@@ -43,35 +46,46 @@ def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
     every shared prompt prefix once; the same rows, in the same order, as
     :func:`selected_hidden` (row-major over ``side.pred_mask``).
 
-    The batch becomes ONE packed sequence (:func:`prefix_tree`): the prefix all rows
-    share (system prompt, chat header), each distinct prompt's remainder once, then
-    every answer, with no padding, run in a single decoder call under a tree attention
-    mask (:func:`tree_mask`) and each token's own position. Every token sees exactly
-    what it sees in a plain forward of its row, so the result equals it up to float
-    rounding (tests: 1e-5); under autograd (the student) a shared prefix receives the
-    summed gradient of every row that reads it. It falls back to the plain padded
-    forward (still one call) where that is cheaper (:func:`packing_pays`) or where the
-    attention implementation takes no 4D mask (flash-attention).
+    The batch becomes ONE packed sequence (its plan, batches.prefix_tree, built on the
+    host at collation): the prefix all rows share (system prompt, chat header), each
+    distinct prompt's remainder once, then every answer, with no padding, run in a
+    single decoder call under a tree attention mask (a dense 4D mask, or a
+    FlexAttention block mask under ``flex_attention``) and each token's own position.
+    Every token sees exactly what it sees in a plain forward of its row, so the result
+    equals it up to float rounding (tests: 1e-5); under autograd (the student) a shared
+    prefix receives the summed gradient of every row that reads it. It falls back to
+    the plain padded forward (still one call) where that is cheaper
+    (batches.packing_pays, from host ints) or where the attention implementation takes
+    no tree mask (flash-attention). Nothing is read back from the device.
     """
-    ids, attn, pred = side.input_ids, side.attention_mask, side.pred_mask.bool()
-
-    def plain() -> torch.Tensor:
-        return decoder(input_ids=ids, attention_mask=attn).last_hidden_state[pred]
-
-    if decoder.config._attn_implementation not in ("sdpa", "eager") or ids.shape[0] == 0:
-        return plain()
-    toks, pos, seg, parent, rows = prefix_tree(side, prefix_lengths(side))
-    if not packing_pays(decoder.config, len(toks), *ids.shape):
-        return plain()
-    dev = ids.device
-    dtype = decoder.get_input_embeddings().weight.dtype
+    impl = decoder.config._attn_implementation
+    ids, plan = side.input_ids, side.plan
+    flex = impl == "flex_attention"
+    if (
+        impl not in PACKED_ATTENTION
+        or ids.shape[0] == 0
+        or not packing_pays(
+            decoder.config, plan.packed_len, *ids.shape, plan.flex_blocks if flex else None
+        )
+    ):
+        return selected_hidden_of(decoder, side)
+    if flex:
+        mask = tree_block_mask(plan)
+    else:
+        mask = tree_mask(plan, decoder.get_input_embeddings().weight.dtype)
     h = decoder(
-        input_ids=torch.tensor([toks], device=dev),
-        attention_mask=tree_mask(seg, parent, dtype, dev),
-        position_ids=torch.tensor([pos], device=dev),
+        input_ids=plan.input_ids,
+        attention_mask=mask,
+        position_ids=plan.position_ids,
         use_cache=False,
     ).last_hidden_state[0]
-    return h[torch.tensor(rows, dtype=torch.long, device=dev)]
+    return h.index_select(0, plan.packed_rows)
+
+
+def selected_hidden_of(decoder, side: Side) -> torch.Tensor:
+    """:func:`selected_hidden` for a bare decoder: the plain padded forward."""
+    h = decoder(input_ids=side.input_ids, attention_mask=side.attention_mask).last_hidden_state
+    return h.flatten(0, 1).index_select(0, side.plan.kl_rows)
 
 
 def hidden_states(model, side: Side, prefix_reuse: bool = False) -> torch.Tensor:

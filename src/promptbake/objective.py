@@ -4,6 +4,10 @@ held-out KL.
     kl, per_seq, parts = backward_kl(model, batch, chunk_size, teacher=target,
                                      divergence="jsd", beta=0.5)
 
+``chunk_size`` 0 picks the LM-head chunk for the device (:func:`kl_chunk_rows`). Rows,
+per-sequence sums and packing plans come from the batch's host-built plans
+(batches.Plan): nothing in a step reads a value back from the device.
+
 :func:`batch_kl` runs the teacher (adapter off, no grad; or reads its cached target)
 and the student (adapter on) and hands their hidden states to ``loss.divergence``
 (forward KL by default; any name in ``loss.DIVERGENCE_NAMES``).
@@ -15,6 +19,7 @@ up, and on CUDA out-of-memory retries with more slices instead of crashing.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -23,6 +28,38 @@ from .batches import Batch, split_batch
 from .errors import UserError, warn
 from .forward import adapter_disabled, base_of, hidden_states
 from .loss import TeacherTarget
+
+
+# ---------------------------------------------------------------- KL chunk size
+CPU_CHUNK_ROWS = 512
+CHUNK_ROWS_RANGE = (512, 8192)
+
+
+def chunk_rows_for(free_bytes: int, vocab: int) -> int:
+    """KL rows per LM-head chunk on a GPU with `free_bytes` free: about three float32
+    [rows x vocab] copies live at once in a chunk (logits, log-probs, gradient), and
+    they get at most an eighth of the free memory, within CHUNK_ROWS_RANGE."""
+    rows = free_bytes // 8 // (3 * 4 * max(vocab, 1))
+    lo, hi = CHUNK_ROWS_RANGE
+    return int(min(hi, max(lo, rows)))
+
+
+@functools.lru_cache(maxsize=8)
+def _device_chunk_rows(device: torch.device, vocab: int) -> int:
+    # measured once per process and device: the free memory at the first step
+    free, _ = torch.cuda.mem_get_info(device)
+    return chunk_rows_for(free, vocab)
+
+
+def kl_chunk_rows(chunk_size: int, device, vocab: int) -> int:
+    """`chunk_size` when positive (--kl_chunk_size given); 0 means auto: 512 rows off
+    CUDA, on CUDA :func:`chunk_rows_for` the device's free memory."""
+    if chunk_size > 0:
+        return chunk_size
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CHUNK_ROWS
+    return _device_chunk_rows(device, vocab)
 
 
 def batch_kl(
@@ -47,17 +84,18 @@ def batch_kl(
     ``divergence``, ``beta``: which divergence (loss.DIVERGENCES) and the JSD's beta.
     """
 
+    head = base_of(model).get_output_embeddings()
+    chunk_size = kl_chunk_rows(chunk_size, head.weight.device, head.weight.shape[0])
     if teacher is None:
         with torch.no_grad(), adapter_disabled(model):
             teacher = TeacherTarget(hidden=hidden_states(model, batch.prompted, prefix_reuse))
     ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
     with ctx:
         s_hidden = hidden_states(model, batch.unprompted, prefix_reuse)
-    head = base_of(model).get_output_embeddings()
     kl = loss.divergence(s_hidden, head, teacher, chunk_size, divergence, beta)
-    seq_idx = batch.unprompted.pred_mask.nonzero()[:, 0]
+    # the row -> sequence index was built at collation: no nonzero() read-back here
     per_seq = torch.zeros(batch.unprompted.pred_mask.shape[0], device=kl.device)
-    per_seq = per_seq.index_add(0, seq_idx, kl.detach())
+    per_seq = per_seq.index_add(0, batch.unprompted.plan.row_seq, kl.detach())
     return kl, per_seq
 
 
@@ -82,6 +120,8 @@ def backward_kl(
     keeps the returned `parts` for the following steps.
     """
     n = batch.prompted.input_ids.shape[0]
+    head = base_of(model).get_output_embeddings()
+    chunk_size = kl_chunk_rows(chunk_size, head.weight.device, head.weight.shape[0])
     while True:
         try:
             kls, seqs = [], []

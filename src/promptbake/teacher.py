@@ -46,6 +46,7 @@ import torch
 from .batches import collate
 from .forward import adapter_disabled, base_of, prefix_reuse_hidden, selected_hidden
 from .loss import TeacherTarget
+from .objective import kl_chunk_rows
 
 
 @dataclass
@@ -182,6 +183,7 @@ def build_teacher_cache(
         idx = torch.empty(n, topk, dtype=torch.int32)
         log_tail = torch.empty(n, dtype=torch.float32)
     device = next(model.parameters()).device
+    chunk_size = kl_chunk_rows(chunk_size, device, vocab)  # 0: auto
     order = cache_order(rows)
     was_training = model.training
     model.eval()
