@@ -43,7 +43,7 @@ class Plan:
     ``visible`` [S, S] (segment s sees segment a: a is s or an ancestor of s),
     ``packed_rows`` [N] (the packed index of each KL row); ``flex_blocks``: the
     128 x 128 blocks of the tree mask that hold a visible pair (what FlexAttention
-    computes), a host int.
+    computes), a host int; ``unpadded``: no row has padding (a host bool).
     """
 
     kl_rows: torch.Tensor
@@ -54,6 +54,7 @@ class Plan:
     visible: torch.Tensor
     packed_rows: torch.Tensor
     flex_blocks: int
+    unpadded: bool
 
     @property
     def packed_len(self) -> int:
@@ -215,7 +216,9 @@ def split_batch(batch: Batch, teacher: TeacherTarget | None, parts: int) -> list
         sides = []
         for side in hosts:
             w = int(side.attention_mask[a : a + size].sum(1).max())
-            cut = (t[a : a + size, :w] for t in (side.input_ids, side.attention_mask, side.pred_mask))
+            cut = (
+                t[a : a + size, :w] for t in (side.input_ids, side.attention_mask, side.pred_mask)
+            )
             sides.append(Side(*cut).to(device))
         n_tok = int(sum(counts[a : a + size]))
         t = None if teacher is None else teacher.slice(tok, tok + n_tok)
@@ -314,6 +317,7 @@ def make_plan(side: Side) -> Plan:
         visible=visibility(parent),
         packed_rows=torch.tensor(rows, dtype=long),
         flex_blocks=mask_blocks(seg, parent),
+        unpadded=bool(side.attention_mask.all()),
     )
 
 
@@ -361,6 +365,17 @@ def tree_mask(plan: Plan, dtype: torch.dtype) -> torch.Tensor:
     see = plan.visible[seg[:, None], seg[None, :]] & causal
     mask = torch.zeros(n, n, dtype=dtype, device=seg.device)
     return mask.masked_fill_(~see, torch.finfo(dtype).min)[None, None]
+
+
+def padded_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive causal mask of right-padded rows (keys past a row's end
+    hidden), the mask transformers would build, built here without asking the device
+    whether the batch has padding at all (the plan knows: Plan.unpadded)."""
+    n = attention_mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril_()
+    see = causal[None] & attention_mask.bool()[:, None, :]
+    mask = torch.zeros(see.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill_(~see, torch.finfo(dtype).min)[:, None]
 
 
 def tree_visible(seg, visible, b, h, q, k):

@@ -293,7 +293,10 @@ class TrainConfig(LoraArgs, ModelArgs):
             require(
                 getattr(self, name) > 0, f"--{name} must be positive, got {getattr(self, name)}"
             )
-        require(self.kl_chunk_size >= 0, f"--kl_chunk_size must be >= 0 (0: auto), got {self.kl_chunk_size}")
+        require(
+            self.kl_chunk_size >= 0,
+            f"--kl_chunk_size must be >= 0 (0: auto), got {self.kl_chunk_size}",
+        )
         require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         require(self.save_every >= 0, "--save_every must be >= 0")
         require(self.max_traj_len is None or self.max_traj_len > 0, "--max_traj_len must be > 0")

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from .batches import Side, packing_pays, tree_block_mask, tree_mask
+from .batches import Side, packing_pays, padded_mask, tree_block_mask, tree_mask
 
 
 def base_of(model):
@@ -83,8 +83,16 @@ def prefix_reuse_hidden(decoder, side, pad_id: int = 0) -> torch.Tensor:
 
 
 def selected_hidden_of(decoder, side: Side) -> torch.Tensor:
-    """:func:`selected_hidden` for a bare decoder: the plain padded forward."""
-    h = decoder(input_ids=side.input_ids, attention_mask=side.attention_mask).last_hidden_state
+    """:func:`selected_hidden` for a bare decoder: the plain padded forward.
+
+    Under sdpa and eager the mask is made here (none when the plan says no row is
+    padded: the fused causal kernel), because transformers would otherwise ask the
+    device whether the 2D mask has any padding; other kernels get the 2D mask."""
+    mask = side.attention_mask
+    if decoder.config._attn_implementation in ("sdpa", "eager"):
+        dtype = decoder.get_input_embeddings().weight.dtype
+        mask = None if side.plan.unpadded else padded_mask(mask, dtype)
+    h = decoder(input_ids=side.input_ids, attention_mask=mask).last_hidden_state
     return h.flatten(0, 1).index_select(0, side.plan.kl_rows)
 
 

@@ -29,7 +29,6 @@ from .errors import UserError, warn
 from .forward import adapter_disabled, base_of, hidden_states
 from .loss import TeacherTarget
 
-
 # ---------------------------------------------------------------- KL chunk size
 CPU_CHUNK_ROWS = 512
 CHUNK_ROWS_RANGE = (512, 8192)
@@ -167,12 +166,13 @@ def evaluate_kl(
     """Token-mean KL(teacher || student) and mean per-sequence KL sum over batches
     (forward KL whatever the training divergence: one held-out metric for all runs);
     builds no graph."""
-    total, n_tok, seq_sum, n_seq = 0.0, 0, 0.0, 0
+    n_tok, n_seq = 0, 0
     device = next(model.parameters()).device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # read back once, at the end
     for b in batches:
         kl, per_seq = batch_kl(model, b.to(device), chunk_size, student_adapter)
-        total += float(kl.sum())
+        sums += torch.stack([kl.sum(), per_seq.sum()]).double()
         n_tok += kl.numel()
-        seq_sum += float(per_seq.sum())
         n_seq += per_seq.numel()
+    total, seq_sum = sums.tolist()
     return {"kl": total / max(n_tok, 1), "kl_seq": seq_sum / max(n_seq, 1), "tokens": n_tok}
