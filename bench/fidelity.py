@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from bench import fidelity_report as report
-from bench.run import loadavg, log, machine_name
+from bench.jobs import loadavg, log, machine_name
 from promptbake.bake import BakeConfig, bake
 from promptbake.batches import make_batches
 from promptbake.data import read_prompt, read_questions, read_trajectories, write_json, write_jsonl

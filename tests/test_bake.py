@@ -56,3 +56,45 @@ def test_bake_trains_on_the_teacher_kept_from_generation(tiny_model_dir, tmp_pat
         assert abs(a["train_kl"] - b["train_kl"]) <= 1e-4 * b["train_kl"] + 1e-6
         assert abs(a["val_kl"] - b["val_kl"]) <= 1e-4 * b["val_kl"] + 1e-6
     assert kept[2]["train_kl"] < kept[1]["train_kl"]  # it trains
+
+
+def test_bake_on_policy_trains_on_the_students_answers(tiny_model_dir, tmp_path, monkeypatch):
+    """`bake --on_policy 1`: every training batch is the student's own answers (sampled
+    without the prompt, adapter on) to the bake's training questions, never the
+    validation ones nor the prompted model's trajectories."""
+    from promptbake import onpolicy, train
+
+    sampled, trained = [], []
+    real_sample, real_collate = onpolicy.sample, train.collate
+
+    def spy_sample(model, prompts, *a, **kw):
+        sampled.append(([list(p) for p in prompts], model.training))
+        return real_sample(model, prompts, *a, **kw)
+
+    def spy_collate(rows, *a, **kw):
+        trained.append(list(rows))
+        return real_collate(rows, *a, **kw)
+
+    monkeypatch.setattr(onpolicy, "sample", spy_sample)
+    monkeypatch.setattr(train, "collate", spy_collate)
+    out = tmp_path / "on"
+    metrics = bake(tiny_model_dir, out, "--on_policy", "1")
+
+    train_rows = [json.loads(x) for x in (out / "trajectories_train.jsonl").open()]
+    val_rows = [json.loads(x) for x in (out / "trajectories_val.jsonl").open()]
+    train_prompts = {tuple(r["prompt_input_ids_nosys"]) for r in train_rows}
+    val_prompts = {tuple(r["prompt_input_ids_nosys"]) for r in val_rows}
+    # 4 training questions x 3 answers = 12 rows, batch size 4: 3 batches, 2 epochs
+    assert len(train_rows) == 12 and len(sampled) == 6
+    for prompts, training in sampled:
+        assert len(prompts) == 4 and not training  # sampled in eval mode (no dropout)
+        assert {tuple(p) for p in prompts} <= train_prompts  # no system prompt, no val question
+        assert not {tuple(p) for p in prompts} & val_prompts
+    assert len(trained) == 6 and all(r.get("on_policy") for rows in trained for r in rows)
+    # what was trained on is what was sampled
+    assert [[r["prompt_input_ids_nosys"] for r in rows] for rows in trained] == [
+        p for p, _ in sampled
+    ]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    args = json.loads((out / "args.json").read_text())
+    assert args["on_policy"] == 1.0

@@ -20,8 +20,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import distributed
-from .configs import BakeConfig
+from . import distributed, onpolicy
+from .configs import BakeConfig, GenerateConfig, field_values
 from .data import atomic_write, prompt_text, read_prompt, read_questions, write_json
 from .errors import UserError
 from .evaluate import answer_condition, heldout_kl, side_by_side
@@ -89,9 +89,30 @@ def sample_stage(
     return gens
 
 
-def train_stage(cfg: BakeConfig, model, tok, gens: dict[str, Generation], seed: int | None = None):
-    """Stage 2: train the adapter on the rows (and kept teacher cache) generation returned;
-    returns (peft model, epoch metrics). `seed` overrides the training seed (pursuit)."""
+def student_stage(
+    cfg: BakeConfig, model, tok, x0: str | list[dict], train_q: list[dict]
+) -> onpolicy.StudentPrompts | None:
+    """With --on_policy > 0: what the student's own answers are sampled from: the prompt
+    being baked, the bake's training questions (never the validation ones) and the
+    generation stage's sampling settings; None for an off-policy bake."""
+    if cfg.on_policy <= 0:
+        return None
+    gen_args = field_values(cfg.generate_config("x"), GenerateConfig)
+    source = onpolicy.StudentSource(x0, train_q, gen_args)
+    return onpolicy.student_prompts(source, tok, model, cfg.train_config().max_traj_len)
+
+
+def train_stage(
+    cfg: BakeConfig,
+    model,
+    tok,
+    gens: dict[str, Generation],
+    seed: int | None = None,
+    student: onpolicy.StudentPrompts | None = None,
+):
+    """Stage 2: train the adapter on the rows (and kept teacher cache) generation returned,
+    and, with --on_policy, on the student's answers to `student`'s questions; returns
+    (peft model, epoch metrics). `seed` overrides the training seed (pursuit)."""
     tcfg = cfg.train_config()
     if "val" not in gens:
         tcfg.val_path = None
@@ -99,7 +120,9 @@ def train_stage(cfg: BakeConfig, model, tok, gens: dict[str, Generation], seed: 
         tcfg.seed = seed
     val_rows = gens["val"].rows if "val" in gens else None
     train_gen = gens.pop("train")  # drop our reference: training may free the cache
-    return train(tcfg, model, tok, train_gen.rows, val_rows, teacher_cache=train_gen.cache)
+    return train(
+        tcfg, model, tok, train_gen.rows, val_rows, teacher_cache=train_gen.cache, student=student
+    )
 
 
 def heldout_answers(model, tok, cfg: BakeConfig, x0: str, heldout: list[dict]) -> dict:
@@ -154,7 +177,8 @@ def bake(cfg: BakeConfig) -> dict:
     gen_stats = {split: g.stats for split, g in gens.items()}
     val_rows = gens["val"].rows if "val" in gens else None
     t_gen = time.perf_counter()
-    model, metrics = train_stage(cfg, model, tok, gens)
+    student = student_stage(cfg, model, tok, x0, train_q)
+    model, metrics = train_stage(cfg, model, tok, gens, student=student)
     t_train = time.perf_counter()
     if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
         return {}

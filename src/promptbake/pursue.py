@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
-from .bake import bake, bake_questions, sample_stage, train_stage
+from .bake import bake, bake_questions, sample_stage, student_stage, train_stage
 from .configs import PursueConfig
 from .data import (
     atomic_write,
@@ -103,7 +103,8 @@ def later_round(
     print(f"\n== round {k}: sampling from the round-{k - 1} model WITH the prompt")
     gens = sample_stage(teacher, tok, bcfg, x0, train_q, val_q)
     val_rows = gens["val"].rows
-    model, metrics = train_stage(bcfg, teacher, tok, gens, seed=cfg.seed)
+    student = student_stage(bcfg, teacher, tok, x0, train_q)  # with --on_policy
+    model, metrics = train_stage(bcfg, teacher, tok, gens, seed=cfg.seed, student=student)
     write_json(
         rdir / CHAIN_FILE,
         {"base_model": cfg.model_name, "merge_first": [f"../{d.name}" for d in base_dirs]},
