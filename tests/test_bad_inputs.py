@@ -396,6 +396,20 @@ def resume_false_starts_over(ctx: Ctx) -> None:
     assert "resumed" not in log and log.count("epoch 1:") == 1  # a fresh log, one epoch
 
 
+def bake_redo_and_resume(ctx: Ctx) -> None:
+    """A bake's --out_dir is its own run: the same command twice works (make demo), and
+    --resume true continues its training from the checkpoint."""
+    argv = bake(
+        ctx, "--prompt", "Be a pirate.", "--num_questions", "3", "--num_sequences_per_question",
+        "1", "--max_sequence_length", "3", "--num_epochs", "1", "--batch_size", "2", "-r", "2",
+    )  # fmt: skip
+    assert run_cli(argv) == 0
+    assert run_cli(argv) == 0
+    assert run_cli([*argv, "--num_epochs", "2", "--resume", "true"]) == 0
+    log = (ctx.tmp / "bake" / "train_loop.log").read_text()
+    assert "resumed from" in log and "after epoch 1" in log and "epoch 2:" in log
+
+
 # the same checks for the other commands and spellings an item names (not counted)
 EXTRA_ROWS = [
     ("9", "eval --temperature nan", refused(
@@ -420,6 +434,7 @@ EXTRA_ROWS = [
         lambda c: ["eval", *model(c), "--questions", str(questions(c)), "--scorer", "marker:(",
                    "--out_dir", str(c.tmp / "ev")], "bad regex")),
     ("11", "--resume false deletes the checkpoint; nothing else does", resume_false_starts_over),
+    ("11", "bake: the same command redoes it; --resume true continues", bake_redo_and_resume),
     ("13", "more rows than the sidecar records", refused(
         lambda c: train(c, "--data_path", str(write_rows(
             c.tmp / "twice.jsonl", rows(tiny.chatml_tokenizer("tiny")) * 2,
