@@ -2,6 +2,8 @@
 
     promptbake train ... --out_dir runs/x                 # killed in epoch 7
     promptbake train ... --out_dir runs/x --resume true   # continues after epoch 6
+    promptbake train ... --out_dir runs/x --resume false  # deletes it, starts over
+    promptbake train ... --out_dir runs/x                 # refused: say true or false
 
 After every epoch train.py writes ``<out_dir>/checkpoint/``:
 
@@ -194,6 +196,20 @@ def remove_checkpoint(out_dir: str | Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def unsaid_message(out_dir: str | Path, state: dict) -> str:
+    """Why a run over a checkpoint without --resume is refused, and the two ways on."""
+    args, epoch = state["args"], state["epoch"]
+    total, patience = args.get("num_epochs"), args.get("patience") or 0
+    stopped = patience > 0 and state.get("bad_epochs", 0) >= patience  # --patience ended it
+    if total is not None and epoch < total and not stopped:
+        what = f"an unfinished run (epoch {epoch} of {total})"
+        cont = "--resume true to continue it"
+    else:
+        what = f"a finished run ({epoch} epochs)"
+        cont = "--resume true to continue it (with a larger --num_epochs)"
+    return f"{out_dir} holds the checkpoint of {what}: add {cont} or --resume false to start over"
+
+
 def changed_args(saved: dict, current: dict) -> list[str]:
     """Names of the arguments that differ; raises UserError if one of MUST_MATCH does."""
 
@@ -207,7 +223,7 @@ def changed_args(saved: dict, current: dict) -> list[str]:
         shown = ", ".join(f"--{k} {saved.get(k)!r} (now {current.get(k)!r})" for k in bad)
         raise UserError(
             f"cannot resume: the checkpoint was made with {shown}; rerun with the same "
-            "values, or drop --resume (or use another --out_dir) to start over"
+            "values, or use --resume false (or another --out_dir) to start over"
         )
     return [k for k in diff if k != "resume"]
 

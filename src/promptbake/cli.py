@@ -21,7 +21,7 @@ import importlib
 import sys
 
 from . import configs
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .flags import add_arguments, add_config_flag, config_values, from_namespace, read_config_file
 
 # name, help, config class (configs.py), "module:function" run with the config; the
@@ -96,18 +96,27 @@ def run(name: str, args: argparse.Namespace) -> None:
     fn(from_namespace(cls, args))
 
 
+def interrupted_message(command: str | None) -> str:
+    """Ctrl-C outside a stage that says more (train.py does for training)."""
+    if command in ("generate", "bake", "pursue"):  # generation keeps its .partial file
+        return "interrupted: partial output is kept and the same command resumes it"
+    return "interrupted: nothing half-written was kept; the same command starts it again"
+
+
 def main(argv: list[str] | None = None, prog: str = "promptbake", only: str | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    args = None
     try:
         args = parse_args(argv, prog, only)
         run(only or args.command, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a stage said what it kept (training: add --resume true)
+        print(f"{e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(
-            "interrupted: partial output is kept and the same command resumes it", file=sys.stderr
-        )
+        print(interrupted_message(only or getattr(args, "command", None)), file=sys.stderr)
         return 130
     return 0
 

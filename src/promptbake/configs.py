@@ -18,6 +18,7 @@ the commands.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,16 @@ def check_regex(pattern: str | None, flag: str) -> None:
 def require(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
+
+
+def require_finite(cfg: Any, *names: str) -> None:
+    """Float flags must be numbers: ``--temperature inf`` or ``--lora_alpha nan`` parse as
+    floats, pass a ``> 0`` test (inf) or fail a later one with a misleading message (nan)."""
+    for name in names:
+        value = getattr(cfg, name)
+        require(
+            value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}"
+        )
 
 
 # ---------------------------------------------------------------- shared by all stages
@@ -169,6 +180,7 @@ class GenerateConfig(ModelArgs):
             self.min_sequence_length >= 0,
             f"--min_sequence_length must be >= 0, got {self.min_sequence_length}",
         )
+        require_finite(self, "temperature", "top_p")
         require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         require(
             self.max_sequence_length >= self.min_sequence_length,
@@ -191,6 +203,8 @@ class LoraArgs:
 
     def validate_lora(self) -> None:
         require(self.r > 0, f"-r must be positive, got {self.r}")
+        require_finite(self, "lora_alpha", "lora_dropout")
+        require(self.lora_alpha > 0, f"--lora_alpha must be > 0, got {self.lora_alpha}")
         require(0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)")
         require(bool(self.target_modules.strip()), "--target_modules is empty")
 
@@ -216,10 +230,11 @@ class TrainConfig(LoraArgs, ModelArgs):
         "an eighth of the free GPU memory (512 to 8192)",
     )
     plot: bool = opt(True, "write kl_curve.png")
-    resume: bool = opt(
-        False,
-        "continue from <out_dir>/checkpoint (adapter, optimizer, scheduler, RNG, epoch, best "
-        "validation), written after every epoch; starts fresh if there is none",
+    resume: bool | None = opt(
+        None,
+        "true: continue from <out_dir>/checkpoint (adapter, optimizer, scheduler, RNG, epoch, "
+        "best validation), written after every epoch; false: delete it and start over. Not "
+        "given: refused when <out_dir> holds a checkpoint, so none is lost by accident",
     )
     # speed-ups (teacher.py, forward.py); each can be switched off for the benchmark
     teacher_cache: str = opt(
@@ -297,7 +312,12 @@ class TrainConfig(LoraArgs, ModelArgs):
             self.kl_chunk_size >= 0,
             f"--kl_chunk_size must be >= 0 (0: auto), got {self.kl_chunk_size}",
         )
+        require_finite(
+            self, "learning_rate", "weight_decay", "teacher_cache_max_gb", "on_policy", "jsd_beta"
+        )
         require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
+        require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.save_every >= 0, "--save_every must be >= 0")
         require(self.max_traj_len is None or self.max_traj_len > 0, "--max_traj_len must be > 0")
         require(self.teacher_topk > 0, f"--teacher_topk must be positive, got {self.teacher_topk}")
@@ -402,6 +422,9 @@ class BakeConfig(TrainConfig, GenerateConfig):
                 **field_values(self, TrainConfig),
                 "data_path": str(out / "trajectories_train.jsonl"),
                 "val_path": str(out / "trajectories_val.jsonl"),
+                # a bake's --out_dir is its own run, redone by the same command (make demo
+                # twice): its checkpoint is kept only when --resume true asks to continue
+                "resume": bool(self.resume),
             }
         )
 
@@ -448,6 +471,7 @@ class CompareConfig(ModelArgs):
         require(self.adapter is not None, "--adapter is required (the adapter directory)")
         require(self.batch_size > 0, "--batch_size must be positive")
         require(self.kl_chunk_size > 0, "--kl_chunk_size must be positive")
+        require_finite(self, "adapter_scale")
         require(
             "/" not in self.path_prefix and "\\" not in self.path_prefix,
             "--path_prefix is a file-name prefix; it cannot contain a path separator",
@@ -488,6 +512,7 @@ class EvalConfig(ModelArgs):
         require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
         require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
         require(self.batch_size > 0, "--batch_size must be positive")
+        require_finite(self, "temperature")
         require(self.temperature >= 0, "--temperature must be >= 0")
         require(self.num_samples > 0, "--num_samples must be positive")
         require(
@@ -520,6 +545,7 @@ class ChatConfig(ModelArgs):
         )
         require(not (self.x0_file and self.prompt), "give at most one of --x0_file, --prompt")
         require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
+        require_finite(self, "temperature", "adapter_scale")
         require(self.temperature >= 0, "--temperature must be >= 0")
 
 
@@ -536,6 +562,7 @@ class MergeConfig(ModelArgs):
     def validate(self) -> None:
         require(self.adapter is not None, "--adapter is required (the adapter directory)")
         require(self.out is not None, "--out is required (where the merged model goes)")
+        require_finite(self, "adapter_scale")
         require(
             not (self.load_in_8bit or self.load_in_4bit),
             "merge writes full-precision weights: drop --load_in_8bit/--load_in_4bit (merging "

@@ -80,7 +80,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -95,11 +95,45 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
 
 def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:
     """`path` as a Path, refused (before any work) when a file is in the way of the
-    output directory."""
+    output directory or it cannot be created or written (:func:`check_writable`)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p} is a file; give a directory path")
+    check_writable(p, flag)
     return p
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse, before any model loads, an output `path` (file or directory) that this
+    process could not create or replace: its nearest existing folder must be a directory
+    this user may write into. Otherwise the run would fail only when it first writes,
+    after the model load or the whole generation.
+
+    os.access answers from the mode bits, which root passes everywhere; an anonymous
+    temporary file (never visible, gone on close) tries the real thing, so /proc, /sys
+    and read-only mounts are refused too.
+    """
+    p = Path(path).expanduser().absolute()
+    here = p
+    while not here.exists() and here != here.parent:  # exists() is False under a file too
+        here = here.parent
+    if here == p and not here.is_dir():  # an existing output file is replaced in its folder
+        here = here.parent
+    if not here.is_dir():
+        raise UserError(
+            f"{flag} {path}: {here} is a file, so nothing can be created under it; "
+            "give a path inside a directory"
+        )
+    if os.access(here, os.W_OK | os.X_OK):
+        try:
+            with tempfile.TemporaryFile(dir=here):
+                return
+        except OSError:
+            pass
+    raise UserError(
+        f"{flag} {path}: this user cannot write into {here}; choose a path in a writable "
+        "directory (or fix its permissions)"
+    )
 
 
 def current_umask() -> int:

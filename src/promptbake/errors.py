@@ -15,3 +15,8 @@ def warn(msg: str) -> None:
     import sys
 
     print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, re-raised by a stage with the one line that says what was kept and which
+    command continues (cli.py prints it; exit status 130)."""

@@ -41,6 +41,7 @@ from .chat import encode, format_prompt
 from .configs import GenerateConfig
 from .data import (
     atomic_write,
+    check_writable,
     exclusive_lock,
     make_trajectory,
     meta_path,
@@ -400,6 +401,7 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     out = Path(cfg.traj_out_file)
     if out.is_dir():
         raise UserError(f"--traj_out_file {out} is a directory; give a .jsonl file path")
+    check_writable(out, "--traj_out_file")  # before the model loads
     # one writer per output for the whole run: a second run at once is refused (exit 2)
     main = distributed.is_main()
     with exclusive_lock(out, "--traj_out_file") if main else contextlib.nullcontext():

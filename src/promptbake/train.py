@@ -22,9 +22,10 @@ adapter_model.safetensors), epoch_N/ every --save_every epochs and, with --repor
 tensorboard, tensorboard/. The adapter loads with plain
 ``PeftModel.from_pretrained(base_model, out_dir)``. After every epoch the whole
 training state goes to checkpoint/ (checkpoint.py): ``--resume true`` continues a
-killed run from there. --patience N stops after N epochs without a better validation
-KL; --on_policy F trains a share of the batches on the student's own answers
-(onpolicy.py).
+killed run from there, ``--resume false`` starts over; without either, an --out_dir
+holding a checkpoint is refused (nothing is deleted unasked). --patience N stops after
+N epochs without a better validation KL; --on_policy F trains a share of the batches on
+the student's own answers (onpolicy.py).
 
 Under ``torchrun --nproc_per_node N`` every global batch of --batch_size rows is split
 across the N processes and the LoRA gradients are summed (distributed.py); only rank 0
@@ -58,17 +59,18 @@ from . import checkpoint, distributed, objective, onpolicy
 from .batches import Batch, bucket_order, collate
 from .configs import TrainConfig
 from .data import read_meta, read_trajectories
-from .errors import UserError, warn
+from .errors import Interrupted, UserError, warn
 from .forward import base_of
 from .models import load_model, load_tokenizer, model_options, tokenizer_fingerprint
 from .outputs import check_out_dir, check_report_to, plot_curves, prepare_out_dir, save_adapter
 from .teacher import TeacherCache, kl_rows
-from .trainrun import Run, add_lora, choose_teacher, resume, setup
+from .trainrun import Run, add_lora, choose_teacher, read_resume, resume, setup
 
 # re-exported: bake, pursue, compare and the tests import these from here
 __all__ = ["add_lora", "check_fingerprint", "prepare_out_dir", "run_train", "save_adapter", "train"]
 
 POSTFIX_EVERY = 8  # progress-bar loss every this many steps
+UNREAD = object()  # train(resume_state=...) not given: read the checkpoint here
 
 
 # ---------------------------------------------------------------- input checks
@@ -339,6 +341,7 @@ def train(
     echo: bool = True,
     teacher_cache: TeacherCache | None = None,
     student: onpolicy.StudentPrompts | None = None,
+    resume_state: dict | None | object = UNREAD,
 ):
     """Train a LoRA on loaded, checked inputs; returns (peft model, epoch metrics).
 
@@ -346,21 +349,26 @@ def train(
     (:func:`run_train` does, and so does ``promptbake bake``). `teacher_cache`: an
     exact teacher cache of `train_rows` kept from generation
     (teacher.cache_from_generation). `student`: the questions on-policy batches sample
-    from (onpolicy.student_prompts), required with --on_policy > 0.
+    from (onpolicy.student_prompts), required with --on_policy > 0. `resume_state`: the
+    checkpoint :func:`read_resume` returned, when the caller read it already.
     """
     if not train_rows:
         raise UserError("the training set is empty")
     if cfg.on_policy > 0 and student is None:
         raise ValueError("--on_policy > 0 needs `student` (onpolicy.student_prompts)")
+    state = read_resume(cfg) if resume_state is UNREAD else resume_state
     run = setup(cfg, model, tokenizer, train_rows, val_rows, echo, student)
-    resume(run)
-    if run.val_rows and run.start == 0:
-        validate_before_training(run)
-    choose_teacher(run, teacher_cache)
-    for epoch in range(run.start + 1, cfg.num_epochs + 1):
-        if patience_spent(run):
-            break
-        end_epoch(run, fit_epoch(run, epoch, echo))
+    resume(run, state)
+    try:
+        if run.val_rows and run.start == 0:
+            validate_before_training(run)
+        choose_teacher(run, teacher_cache)
+        for epoch in range(run.start + 1, cfg.num_epochs + 1):
+            if patience_spent(run):
+                break
+            end_epoch(run, fit_epoch(run, epoch, echo))
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(run)) from None
     if patience_spent(run):
         run.log(
             f"stopped after epoch {run.saved}: no better "
@@ -376,6 +384,17 @@ def train(
     return run.model, run.metrics
 
 
+def interrupted_message(run: Run) -> str:
+    """What Ctrl-C in training keeps, and the command that continues from it."""
+    if run.saved:
+        return (
+            f"interrupted in epoch {run.saved + 1}: the checkpoint after epoch {run.saved} is "
+            f"kept in {checkpoint.checkpoint_dir(run.out)}; add --resume true to the same "
+            "command to continue from it"
+        )
+    return "interrupted before the first epoch finished (no checkpoint yet): rerun the command"
+
+
 def run_train(cfg: TrainConfig, echo: bool = True):
     """The whole stage from a config: validate, join torchrun's group, read and check
     the data (each sidecar once) and the tokenizer, load the model, then :func:`train`."""
@@ -385,6 +404,7 @@ def run_train(cfg: TrainConfig, echo: bool = True):
     # input has been checked: a failed run leaves no empty run directory behind
     check_out_dir(cfg.out_dir)
     check_report_to(cfg.report_to)
+    state = read_resume(cfg)  # a refused resume leaves the run's files as they were
     tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)  # cheap: before weights
     # (the tokenizer also reads files in the original generate_data.py layout)
     train_rows = read_trajectories(cfg.data_path, "--data_path", tokenizer)
@@ -406,4 +426,6 @@ def run_train(cfg: TrainConfig, echo: bool = True):
     student = None
     if source is not None:
         student = onpolicy.student_prompts(source, tokenizer, model, cfg.max_traj_len)
-    return train(cfg, model, tokenizer, train_rows, val_rows, echo, student=student)
+    return train(
+        cfg, model, tokenizer, train_rows, val_rows, echo, student=student, resume_state=state
+    )

@@ -1,7 +1,8 @@
 """A training run's state and its setup, before the first step (train.py runs it).
 
+    state = read_resume(cfg)     # before anything is written: refuses a mismatch
     run = setup(cfg, model, tokenizer, train_rows, val_rows, echo=True, student=None)
-    resume(run)                  # --resume true: weights, optimizer, RNG, epoch, patience
+    resume(run, state)           # --resume true: weights, optimizer, RNG, epoch, patience
     choose_teacher(run, kept)    # --teacher_cache: exact table, per-step teacher, or top-k
 
 :class:`Run` holds what the loop needs between epochs; :func:`setup` wraps the model
@@ -183,12 +184,30 @@ def log_setup(run: Run) -> None:
         )
 
 
-def resume(run: Run) -> None:
-    """Continue from <out_dir>/checkpoint with --resume true; else drop a stale one."""
-    cfg, out = run.cfg, run.out
+def read_resume(cfg: TrainConfig) -> dict | None:
+    """The checkpoint this run continues from (None: a fresh start), read and checked
+    BEFORE the run writes anything (args.json, the log) or loads the model.
+
+    ``--resume true`` with a checkpoint of another setup is refused (MUST_MATCH); a
+    checkpoint with ``--resume`` not given is refused too: only ``--resume false`` (or
+    another --out_dir) may delete the state of a run that took hours.
+    """
+    if cfg.resume is False:
+        return None
     # rank 0 reads it and hands it to all: other nodes need not see rank 0's disk
-    load = functools.partial(checkpoint.load_checkpoint, out)
-    state = distributed.on_main(load) if cfg.resume else None
+    load = functools.partial(checkpoint.load_checkpoint, cfg.out_dir)
+    state = distributed.on_main(load)
+    if state is None:
+        return None
+    if cfg.resume is None:
+        raise UserError(checkpoint.unsaid_message(cfg.out_dir, state))
+    checkpoint.changed_args(state["args"], dataclasses.asdict(cfg))  # raises on a mismatch
+    return state
+
+
+def resume(run: Run, state: dict | None) -> None:
+    """Continue from `state` (:func:`read_resume`); with --resume false drop the old one."""
+    cfg, out = run.cfg, run.out
     if state is not None:
         changed = checkpoint.changed_args(state["args"], dataclasses.asdict(cfg))
         checkpoint.restore(state, run.model, run.opt, run.sched, cfg.learning_rate)
@@ -200,8 +219,8 @@ def resume(run: Run) -> None:
         )
     elif cfg.resume:
         run.log(f"--resume: no checkpoint in {out}, starting from the beginning")
-    elif run.main:
-        checkpoint.remove_checkpoint(out)  # a previous run's state must not be resumed later
+    elif run.main:  # --resume false, or nothing to keep: no stale state is resumed later
+        checkpoint.remove_checkpoint(out)
     if run.main and cfg.resume:  # metrics.jsonl = the checkpoint's epochs, nothing half-done
         write_jsonl(out / "metrics.jsonl", run.metrics)
 
