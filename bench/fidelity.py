@@ -48,9 +48,10 @@ from bench import fidelity_report as report
 from bench.jobs import loadavg, log, machine_name
 from promptbake.bake import BakeConfig, bake
 from promptbake.batches import make_batches
-from promptbake.data import read_prompt, read_questions, read_trajectories, write_json, write_jsonl
+from promptbake.data import read_prompt, read_questions, read_trajectories
 from promptbake.errors import UserError
 from promptbake.evaluate import answer
+from promptbake.files import write_json, write_jsonl
 from promptbake.generate import generate_trajectories, select_questions
 from promptbake.objective import evaluate_kl
 from promptbake.scorers import parse_scorer, score_all

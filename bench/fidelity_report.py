@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from promptbake.data import atomic_write
+from promptbake.files import atomic_write
 from promptbake.report import format_table
 
 KL_RATIO_TARGET = 0.10  # held-out KL(prompted || baked) / KL(prompted || base), at most

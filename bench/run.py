@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the GGUF loader's bars would flood the log
-    from promptbake.data import write_json
+    from promptbake.files import write_json
 
     t_start = time.perf_counter()
     results = {

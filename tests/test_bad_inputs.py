@@ -46,8 +46,8 @@ from test_bad_inputs_data import BINARY, float_mask, negative_id, null_ids, rows
 
 from promptbake import objective
 from promptbake.cli import main
-from promptbake.data import exclusive_lock
 from promptbake.errors import UserError
+from promptbake.files import exclusive_lock
 from promptbake.models import load_model, tokenizer_fingerprint
 from promptbake.repl import NOT_UTF8
 

@@ -20,7 +20,7 @@ from test_adapters import make_adapter
 from test_train import records
 
 from promptbake.cli import main
-from promptbake.data import write_jsonl
+from promptbake.files import write_jsonl
 
 
 @pytest.fixture(scope="module")

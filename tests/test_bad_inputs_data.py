@@ -18,7 +18,8 @@ import pytest
 import tiny
 
 from promptbake.cli import main
-from promptbake.data import exclusive_lock, make_trajectory, meta_path
+from promptbake.data import make_trajectory, meta_path
+from promptbake.files import exclusive_lock
 from promptbake.models import tokenizer_fingerprint
 
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?"]

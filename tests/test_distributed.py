@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 
 from promptbake import batches, checkpoint, distributed, objective, train
 from promptbake.configs import GenerateConfig, LoraArgs, TrainConfig
-from promptbake.data import read_prompt, read_trajectories, write_json
+from promptbake.data import read_prompt, read_trajectories
 from promptbake.errors import UserError
+from promptbake.files import write_json
 from promptbake.generate import _resume_key, run_generate
 from promptbake.models import load_tokenizer, tokenizer_fingerprint
 

@@ -21,8 +21,9 @@ from promptbake import checkpoint, objective, onpolicy, train
 from promptbake.batches import collate
 from promptbake.chat import encode, format_prompt
 from promptbake.configs import TrainConfig
-from promptbake.data import make_trajectory, write_jsonl
+from promptbake.data import make_trajectory
 from promptbake.errors import UserError
+from promptbake.files import write_jsonl
 
 X0 = "Your name is Zorblax."
 QUESTIONS = ["Who are you?", "What is your name?", "Where do rivers go?", "Name a color."]

@@ -42,8 +42,8 @@ import tempfile
 from pathlib import Path
 
 from .configs import MergeConfig
-from .data import apply_umask, check_out_dir, write_json
 from .errors import UserError
+from .files import apply_umask, check_out_dir, write_json
 from .models import load_model, model_options, resolve_model_path
 
 CHAIN_FILE = "promptbake_chain.json"

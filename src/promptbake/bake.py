@@ -22,9 +22,10 @@ from pathlib import Path
 
 from . import distributed, onpolicy
 from .configs import BakeConfig, GenerateConfig, field_values
-from .data import atomic_write, prompt_text, read_prompt, read_questions, write_json
+from .data import prompt_text, read_prompt, read_questions
 from .errors import UserError
 from .evaluate import answer_condition, heldout_kl, side_by_side
+from .files import atomic_write, write_json
 from .flags import flag_values
 from .generate import Generation, generate_trajectories, select_questions
 from .models import load_model, model_options

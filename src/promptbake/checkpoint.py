@@ -37,8 +37,8 @@ import torch
 
 from . import distributed
 from .adapters import save_peft
-from .data import apply_umask
 from .errors import UserError
+from .files import apply_umask
 
 FORMAT = 1
 DIR_NAME = "checkpoint"

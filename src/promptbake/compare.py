@@ -33,18 +33,10 @@ from .adapters import adapter_dir, base_model_name, load_adapter, run_file, set_
 from .batches import make_batches
 from .chat import encode, format_prompt
 from .configs import CompareConfig
-from .data import (
-    atomic_write,
-    check_out_dir,
-    generated_ids,
-    make_trajectory,
-    read_meta,
-    read_prompt,
-    read_trajectories,
-    write_json,
-)
+from .data import generated_ids, make_trajectory, read_meta, read_prompt, read_trajectories
 from .errors import UserError
 from .evaluate import CONDITIONS, heldout_kl, side_nll
+from .files import atomic_write, check_out_dir, write_json
 from .models import load_tokenizer, model_options, pad_id
 from .report import format_table, save_figure
 from .train import check_fingerprint, check_token_ids

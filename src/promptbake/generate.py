@@ -39,18 +39,9 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .chat import encode, format_prompt
 from .configs import GenerateConfig
-from .data import (
-    atomic_write,
-    check_writable,
-    exclusive_lock,
-    make_trajectory,
-    meta_path,
-    read_prompt,
-    read_questions,
-    read_trajectories,
-    write_json,
-)
+from .data import make_trajectory, meta_path, read_prompt, read_questions, read_trajectories
 from .errors import UserError, warn
+from .files import atomic_write, check_writable, exclusive_lock, write_json
 from .models import end_of_turn_ids, load_model, model_options, tokenizer_fingerprint
 from .sampling import Sampling, sample
 from .teacher import TeacherCache, cache_from_generation

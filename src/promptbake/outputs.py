@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .adapters import save_peft
-from .data import check_out_dir
 from .errors import UserError
+from .files import check_out_dir
 from .report import save_figure
 
 REPORT_TO = ["none", "tensorboard"]

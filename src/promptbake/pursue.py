@@ -34,15 +34,9 @@ from pathlib import Path
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
 from .bake import bake, bake_questions, sample_stage, student_stage, train_stage
 from .configs import PursueConfig
-from .data import (
-    atomic_write,
-    prompt_text,
-    read_prompt,
-    read_questions,
-    read_trajectories,
-    write_json,
-)
+from .data import prompt_text, read_prompt, read_questions, read_trajectories
 from .evaluate import CONDITIONS, answer, condition_kl, heldout_kl
+from .files import atomic_write, write_json
 from .models import load_model, model_options, pad_id
 from .report import format_table, pct
 from .scorers import marker, score_all

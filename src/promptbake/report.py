@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .data import atomic_write
+from .files import atomic_write
 
 
 # ---------------------------------------------------------------- tables
@@ -71,7 +71,7 @@ def plot_fidelity(kl: dict, path: Path) -> None:
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    """Write a matplotlib figure as PNG through data.atomic_write (never a half-written
+    """Write a matplotlib figure as PNG through files.atomic_write (never a half-written
     image), then close it."""
     import matplotlib.pyplot as plt
 

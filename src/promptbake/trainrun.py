@@ -25,8 +25,8 @@ import torch
 from . import checkpoint, distributed, onpolicy
 from .batches import Batch, collate, make_batches
 from .configs import LoraArgs, TrainConfig
-from .data import write_json, write_jsonl
 from .errors import UserError
+from .files import write_json, write_jsonl
 from .forward import base_of
 from .models import pad_id
 from .outputs import RunLog, Tracker, prepare_out_dir

@@ -1,0 +1,178 @@
+"""Writing files safely: atomic writes, the user's file modes, output checks, one writer.
+
+    from promptbake.files import atomic_write, write_json, check_out_dir, exclusive_lock
+    with atomic_write("out.json") as f:   # a temp file, renamed into place when complete
+        f.write("...")
+
+Every output of promptbake goes through here, so that a crash or a refused run never
+leaves a half-written file, outputs get the modes the user's umask gives any file they
+write, an output location is checked before any expensive work, and two runs never
+write one file at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Write to a temp file beside `path`, rename over it on success, delete it on failure.
+
+    A reader never sees a half-written file: either the old one or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:
+    """`path` as a Path, refused (before any work) when a file is in the way of the
+    output directory or it cannot be created or written (:func:`check_writable`)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file; give a directory path")
+    check_writable(p, flag)
+    return p
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse, before any model loads, an output `path` (file or directory) that this
+    process could not create or replace: its nearest existing folder must be a directory
+    this user may write into. Otherwise the run would fail only when it first writes,
+    after the model load or the whole generation.
+
+    os.access answers from the mode bits, which root passes everywhere; an anonymous
+    temporary file (never visible, gone on close) tries the real thing, so /proc, /sys
+    and read-only mounts are refused too.
+    """
+    p = Path(path).expanduser().absolute()
+    here = p
+    while not here.exists() and here != here.parent:  # exists() is False under a file too
+        here = here.parent
+    if here == p and not here.is_dir():  # an existing output file is replaced in its folder
+        here = here.parent
+    if not here.is_dir():
+        raise UserError(
+            f"{flag} {path}: {here} is a file, so nothing can be created under it; "
+            "give a path inside a directory"
+        )
+    if os.access(here, os.W_OK | os.X_OK):
+        try:
+            with tempfile.TemporaryFile(dir=here):
+                return
+        except OSError:
+            pass
+    raise UserError(
+        f"{flag} {path}: this user cannot write into {here}; choose a path in a writable "
+        "directory (or fix its permissions)"
+    )
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else the one at import."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return _UMASK
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a directory and all it holds) the modes open()/mkdir() give:
+    0o666 / 0o777 less the umask. mkstemp, mkdtemp and safetensors create 0600 / 0700,
+    which the user's other accounts (a serving user, a shared group) cannot read."""
+    umask, path = current_umask(), Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def _lock_fd(lock: Path, what: str, path: str | Path) -> int:
+    """An fd holding the flock of `lock`, which is still the file at that path."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise UserError(
+                f"{what} {path} is being written by another run (pid {holder}, lock {lock}); "
+                "wait for it to finish or write to another file"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder deleted the file as we locked it: lock the new one
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``<path>.lock`` for the block; refuse at once when another
+    process holds it (one line naming its pid): two runs writing one output interleave rows.
+
+    The holder deletes the lock file on exit, still holding the lock, so nothing is left
+    behind; a killed holder's lock is released by the kernel and blocks no later run.
+    """
+    lock = Path(str(path) + ".lock")
+    made = [d for d in lock.parents if not d.exists()]  # removed again if left empty
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _lock_fd(lock, what, path)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield lock
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            os.close(fd)
+    finally:
+        for d in made:  # deepest first; a directory the run wrote into stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
