@@ -4,6 +4,13 @@
     rows, stats = generate_original(model, tok, x0, questions, n_seq=4, max_new_tokens=40)
     peft_model, stats = train_original(model, tok, rows, epochs=2, batch_size=8)
 
+    # the two original scripts as processes (what the bench's seed job times):
+    python -m bench.original generate --model_name smollm2-135m --x0_file data/zorblax_x0.md \
+        --question_dataset data/identity_train.jsonl --num_questions 8 \
+        --num_sequences_per_question 4 --max_sequence_length 32 --traj_out_file traj.jsonl
+    python -m bench.original train --model_name smollm2-135m --data_path traj.jsonl \
+        --out_dir adapter --num_epochs 3 --batch_size 8 -r 8 --lora_alpha 16 --learning_rate 1e-3
+
 What makes it "the original" (and slow), on purpose:
 
 * generation: one question per ``model.generate`` call; the batch is that question's
@@ -19,7 +26,10 @@ benchmark compares only speed: the chat template (``chat.format_prompt``), the r
 schema (``data.make_trajectory``), the KL formula (``loss.token_kl``), the LoRA
 configuration and initial weights (same seed), the optimizer and the per-epoch
 shuffle (``torch.Generator().manual_seed(seed * 100_003 + epoch)``, as in train.py).
-Nothing else from promptbake is used.
+Nothing else from promptbake is used (the command line below also reads the prompt and
+questions with ``data.read_prompt`` / ``read_questions`` and finds the bundled GGUF file
+with ``models.bundled_gguf``; it loads the model from the GGUF as the original would,
+dequantizing it on every load).
 """
 
 from __future__ import annotations
@@ -184,3 +194,123 @@ def train_original(
         "tokens_per_s": n_tok / max(secs, 1e-9),
         "train_kl": epoch_kl,
     }
+
+
+# ---------------------------------------------------------------- as processes (bench seed job)
+def load_original(model_name: str):
+    """(model, tokenizer) as the original scripts load them: transformers reads the GGUF
+    of a bundled model and dequantizes it on every load (no float cache); float32, CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from promptbake.models import BUNDLED_MODELS, bundled_gguf
+
+    if model_name in BUNDLED_MODELS:
+        gguf = bundled_gguf(model_name)  # finds the file; loads nothing
+        where = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
+    else:  # a local model directory (the bench's --quick harness check)
+        where = {"pretrained_model_name_or_path": model_name}
+    tok = AutoTokenizer.from_pretrained(**where)
+    # the same end-of-turn / pad fix as promptbake's tokenizer, so both pipelines
+    # tokenize and stop identically (the comparison is about speed only)
+    if tok.eos_token == "<|im_start|>" and "<|im_end|>" in tok.get_vocab():
+        tok.eos_token = "<|im_end|>"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def _generate_main(a) -> dict:
+    import json
+    import random
+
+    from promptbake.data import read_prompt, read_questions
+
+    x0 = read_prompt(a.x0_file)  # the same prompt text and questions as promptbake reads
+    qs = read_questions(a.question_dataset)
+    random.Random(a.seed).shuffle(qs)  # the same selection as promptbake (seeded shuffle)
+    t0 = time.perf_counter()
+    model, tok = load_original(a.model_name)
+    load_s = time.perf_counter() - t0
+    rows, stats = generate_original(
+        model,
+        tok,
+        x0,
+        qs[: a.num_questions],
+        n_seq=a.num_sequences_per_question,
+        max_new_tokens=a.max_sequence_length,
+        batch_size=a.batch_size,
+        temperature=a.temperature,
+        min_new_tokens=a.min_sequence_length,
+        seed=a.seed,
+    )
+    with open(a.traj_out_file, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"load_seconds": load_s, **stats}
+
+
+def _train_main(a) -> dict:
+    import json
+
+    with open(a.data_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    t0 = time.perf_counter()
+    model, tok = load_original(a.model_name)
+    load_s = time.perf_counter() - t0
+    model, stats = train_original(
+        model,
+        tok,
+        rows,
+        epochs=a.num_epochs,
+        batch_size=a.batch_size,
+        learning_rate=a.learning_rate,
+        r=a.r,
+        lora_alpha=a.lora_alpha,
+        seed=a.seed,
+    )
+    model.save_pretrained(a.out_dir)
+    return {"load_seconds": load_s, **stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The original's two scripts as one command with two stages (the seed job times them
+    as separate processes); flags spelled as the seed's scripts spell them."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.original")
+    sub = p.add_subparsers(dest="stage", required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("--x0_file", required=True)
+    g.add_argument("--question_dataset", required=True)
+    g.add_argument("--traj_out_file", required=True)
+    g.add_argument("--num_questions", type=int, default=100)
+    g.add_argument("--num_sequences_per_question", type=int, default=25)
+    g.add_argument("--max_sequence_length", type=int, default=300)
+    g.add_argument("--min_sequence_length", type=int, default=1)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--batch_size", type=int, default=38)
+    t = sub.add_parser("train")
+    t.add_argument("--data_path", required=True)
+    t.add_argument("--out_dir", required=True)
+    t.add_argument("--num_epochs", type=int, default=10)
+    t.add_argument("--batch_size", type=int, default=10)
+    t.add_argument("--learning_rate", type=float, default=1e-4)
+    t.add_argument("-r", type=int, default=32)
+    t.add_argument("--lora_alpha", type=float, default=1.0)
+    for s in (g, t):
+        s.add_argument("--model_name", default="smollm2-135m")
+        s.add_argument("--seed", type=int, default=42)
+        s.add_argument("--stats", default=None, help="write the stage's timings here (JSON)")
+    a = p.parse_args(argv)
+    stats = _generate_main(a) if a.stage == "generate" else _train_main(a)
+    if a.stats:
+        with open(a.stats, "w", encoding="utf-8") as f:
+            json.dump(stats, f)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -2,7 +2,7 @@
 same machine, same data.
 
     python -m bench.run                 # the CPU job, the memory microbenchmark, the GPU job
-    python -m bench.run --config cpu    # one of: cpu, memory, gpu, all (default)
+    python -m bench.run --config cpu    # one of: cpu, seed, memory, gpu, all (default)
     python -m bench.run --quick         # a tiny random model, seconds: checks the harness only
 
 Jobs (see bench/README.md for the method and the latest numbers):
@@ -11,6 +11,8 @@ Jobs (see bench/README.md for the method and the latest numbers):
   for both pipelines (the original: one question per generate call); both then train on
   the SAME trajectories (ours'), so their held-out KL compares the training alone; every
   optimization is switched on and off in turn (ablation rows).
+* seed: the seed's commands as users type them (generate_data.py, then train_loop.py)
+  against the original's two scripts, each a timed process (bench/seed.py).
 * memory: bench/memory.py, loss-step peak memory at Qwen3's vocabulary (151,936).
 * gpu: a Qwen3-1.7B-shaped model with random weights in bf16 at the seed's Example 1
   sizes (100 questions x 25 sequences x 300 tokens), generate + 1 epoch; skipped, with
@@ -23,6 +25,7 @@ from every results file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -32,12 +35,13 @@ from pathlib import Path
 import torch
 
 from bench.jobs import QUICK, GpuJob, Job, log, machine_name, run_cpu, run_gpu, run_memory
+from bench.seed import run_seed
 from bench.tables import RESULTS, summary, update_readme
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="promptbake vs the original algorithm")
-    p.add_argument("--config", choices=["cpu", "memory", "gpu", "all"], default="all")
+    p.add_argument("--config", choices=["cpu", "seed", "memory", "gpu", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="tiny random model: a harness check")
     p.add_argument(
         "--out", default=None, help="results file (default bench/results/<machine>.json)"
@@ -47,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="torch CPU threads for every pipeline (default: torch's; 1 on a busy machine)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="seed job: runs of each pipeline, alternating ours / original (default 2)",
     )
     a = p.parse_args(argv)
     if a.threads:
@@ -68,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.config in ("cpu", "all"):
         with tempfile.TemporaryDirectory() as d:
             results["cpu"] = run_cpu(QUICK if a.quick else Job(), Path(d))
+    if a.config in ("seed", "all"):
+        log("seed job: generate_data.py + train_loop.py against the original, as processes")
+        with tempfile.TemporaryDirectory() as d:
+            results["seed"] = run_seed(QUICK if a.quick else Job(), Path(d), a.repeats)
     if a.config in ("memory", "all"):
         log("loss-step memory microbenchmark")
         results["memory"] = run_memory(a.quick)
@@ -75,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         results["gpu"] = run_gpu(GpuJob())
     results["seconds"] = time.perf_counter() - t_start
     out = Path(a.out) if a.out else RESULTS / f"{results['machine']}.json"
+    if a.config != "all" and out.is_file():  # one job: keep the file's other jobs' results
+        kept = json.loads(out.read_text(encoding="utf-8"))
+        jobs = ("cpu", "seed", "memory", "gpu")
+        results = {**kept, **{k: v for k, v in results.items() if k in jobs}}
     write_json(out, results)
     if not a.quick and a.out is None:
         update_readme()

@@ -24,11 +24,15 @@ def table(results: dict) -> str:
     """Markdown for one machine's results."""
     lines = [f"### {results['machine']}", ""]
     if "date" in results:
+        load = ""
+        if results.get("cpu"):
+            load = (
+                f"; load average (1, 5, 15 min) before / after the CPU job: "
+                f"{results['cpu'].get('load_before')} / {results['cpu'].get('load_after')}"
+            )
         lines.append(
             f"{results['date']}, torch {results['torch']}, {results['threads']} threads, "
-            f"{results['cpus']} CPUs; load average (1, 5, 15 min) before / after the CPU job: "
-            f"{results.get('cpu', {}).get('load_before')} / "
-            f"{results.get('cpu', {}).get('load_after')}"
+            f"{results['cpus']} CPUs{load}"
         )
     cpu = results.get("cpu")
     if cpu:
@@ -95,6 +99,8 @@ def table(results: dict) -> str:
                 f"Padding share of training batches: shuffled {100 * p['shuffled']:.0f}%, "
                 f"length-bucketed {100 * p['bucketed']:.0f}%.",
             ]
+    if results.get("seed"):
+        lines += seed_table(results["seed"])
     mem = results.get("memory")
     if mem:
         lines += ["", "Loss-step peak memory (bench/memory.py, float32, V=151,936):", ""]
@@ -127,6 +133,61 @@ def table(results: dict) -> str:
                 f"({fmt(r['end_to_end_speedup'], 2)}x the original, estimated from a subset)",
             ]
     return "\n".join(lines)
+
+
+def seed_table(s: dict) -> list[str]:
+    """Markdown lines for the seed job (bench/seed.py): mean seconds per process."""
+    m, sp, kl = s["mean"], s["speedup"], s["heldout_kl"]
+    lines = [
+        "",
+        f"Seed job ({s['date']}, {s['threads']} thread(s), {s['repeats']} alternating runs "
+        f"each; load average before / after: {s['load_before']} / {s['load_after']}): "
+        "`generate_data.py` + `train_loop.py` against the original's two scripts, each a "
+        "process. Mean wall-clock seconds; the last column is the ratio in CPU time.",
+        "",
+        "| process | original | ours | ratio | ratio (CPU time) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"generate": "generate", "train": "train", "end_to_end": "end to end"}
+    for stage, name in names.items():
+        o, u, r = m["original"][stage], m["ours"][stage], sp[stage]
+        lines.append(
+            f"| {name} | {fmt(o['seconds'])} | {fmt(u['seconds'])} | "
+            f"{fmt(r['seconds'], 2)}x | {fmt(r['cpu_seconds'], 2)}x |"
+        )
+    lines += seed_breakdown(s["runs"])
+    per = ", ".join(f"{x:.2f}x" for x in s["speedup_per_repeat"])
+    lines += [
+        f"| held-out KL/token (base model: {fmt(kl['base'], 4)}) | "
+        f"{', '.join(fmt(x, 4) for x in kl['original'])} | "
+        f"{', '.join(fmt(x, 4) for x in kl['ours'])} | | |",
+        "",
+        f"End-to-end ratio of each back-to-back pair: {per}.",
+    ]
+    return lines
+
+
+def seed_breakdown(runs: dict) -> list[str]:
+    """Where each process's wall time went, as the processes report it (mean of the runs):
+    the work itself, and the rest (interpreter and library start-up, model load, writing)."""
+
+    def avg(xs: list) -> float | None:
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    o, u = runs["original"], runs["ours"]
+    rows = [
+        ("generate: sampling itself", [r["inner"]["generate"]["work_seconds"] for r in o],
+         [r["inner"]["generate"]["work_seconds"] for r in u]),
+        ("train: training itself (ours: the epochs)", [r["inner"]["train"]["work_seconds"] for r in o],
+         [r["inner"]["train"]["epoch_seconds"] for r in u]),
+        ("original: model load per process (GGUF dequantized)",
+         [r["inner"]["generate"]["load_seconds"] for r in o], []),
+    ]  # fmt: skip
+    lines = []
+    for name, a, b in rows:
+        lines.append(f"| {name} | {fmt(avg(a))} | {fmt(avg(b))} | | |")
+    return lines
 
 
 def update_readme() -> None:
@@ -164,6 +225,15 @@ def summary(results: dict) -> str:
             f"{c['end_to_end_speedup_no_load']:.2f}x without model loads)",
             f"  held-out KL/token     ours - original = {r['heldout_kl_ours_minus_original']:+.4f}",
         ]
+    seed = results.get("seed")
+    if seed:
+        sp = seed["speedup"]
+        out.append(
+            "seed job (generate_data.py + train_loop.py vs the original, processes): end to end "
+            f"{sp['end_to_end']['seconds']:.2f}x ({sp['end_to_end']['cpu_seconds']:.2f}x in CPU "
+            f"time); held-out KL ours {seed['heldout_kl']['ours']}, original "
+            f"{seed['heldout_kl']['original']}"
+        )
     mem = results.get("memory")
     if mem:
         out.append(f"loss-step peak memory at V=151,936: chunked/naive = {100 * mem['ratio']:.1f}%")

@@ -178,3 +178,50 @@ def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys
     monkeypatch.setattr(model, "generate", flaky)
     assert sample_batch(model, prompts, **kw) == plain
     assert "CUDA out of memory at 3 sequences" in capsys.readouterr().err
+
+
+def test_seed_job_times_the_commands_users_type():
+    """The seed job's processes: ours are the seed's scripts with the shared sizes; the
+    original gets the same flags; each pipeline writes into its own directory."""
+    from bench import seed as bench_seed
+
+    job = bench_jobs.Job()
+    d = Path("D")
+    ours = dict(bench_seed.commands("ours", job, "smollm2-135m", d))
+    orig = dict(bench_seed.commands("original", job, "smollm2-135m", d))
+    assert ours["generate"][1] == "generate_data.py" and ours["train"][1] == "train_loop.py"
+    assert orig["generate"][1:4] == ["-m", "bench.original", "generate"]
+    train = ours["train"]
+    flags = dict(zip(train[2::2], train[3::2]))
+    assert flags == {
+        "--model_name": "smollm2-135m",
+        "--data_path": str(d / "traj.jsonl"),
+        "--out_dir": str(d / "adapter"),
+        "--num_epochs": "3",
+        "--batch_size": "8",
+        "-r": "8",
+        "--lora_alpha": "16.0",
+        "--learning_rate": "0.001",
+    }  # nothing else: train_loop.py's own defaults (teacher cache, prefix reuse) apply
+    assert orig["train"][4:-2] == train[2:]  # the same flags, then --stats
+    assert orig["generate"][4:-2] == ours["generate"][2:]
+
+
+@pytest.mark.slow
+def test_seed_job_runs_both_pipelines_as_processes(tmp_path):
+    """bench.run --config seed --quick, one run each: four processes, one evaluator."""
+    from bench import seed as bench_seed
+
+    res = bench_seed.run_seed(bench_jobs.QUICK, tmp_path, repeats=1)
+    kl = res["heldout_kl"]
+    assert len(kl["ours"]) == len(kl["original"]) == 1
+    # both bakes moved the model towards the prompted one, by similar amounts
+    assert kl["ours"][0] < kl["base"] and kl["original"][0] < kl["base"]
+    assert kl["ours"][0] == pytest.approx(kl["original"][0], rel=0.2)
+    run = res["runs"]["ours"][0]
+    assert run["end_to_end"]["seconds"] == pytest.approx(
+        run["generate"]["seconds"] + run["train"]["seconds"]
+    )
+    assert res["runs"]["original"][0]["inner"]["train"]["work_seconds"] > 0
+    text = bench_tables.table({"machine": "tiny", "seed": res})
+    assert "| end to end |" in text and "Seed job" in text
