@@ -47,8 +47,8 @@ import torch
 from bench import fidelity_report as report
 from bench.jobs import loadavg, log, machine_name
 from promptbake.bake import BakeConfig, bake
-from promptbake.configs import BAKE_DEFAULTS
 from promptbake.batches import make_batches
+from promptbake.configs import BAKE_DEFAULTS
 from promptbake.data import read_prompt, read_questions, read_trajectories, write_json, write_jsonl
 from promptbake.errors import UserError
 from promptbake.evaluate import answer
