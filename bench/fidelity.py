@@ -48,7 +48,6 @@ from bench import fidelity_report as report
 from bench.jobs import loadavg, log, machine_name
 from promptbake.bake import BakeConfig, bake
 from promptbake.batches import make_batches
-from promptbake.configs import BAKE_DEFAULTS
 from promptbake.data import read_prompt, read_questions, read_trajectories, write_json, write_jsonl
 from promptbake.errors import UserError
 from promptbake.evaluate import answer
@@ -145,7 +144,7 @@ PAPER_IF_AVAILABLE = {"divergence": "forward_kl", "on_policy": 0.0, "patience": 
 # Our best settings: bake's own defaults (configs.BAKE_DEFAULTS), chosen by measurement
 # on this benchmark (README: "Why `promptbake bake` has other defaults").
 OURS = {
-    k: BAKE_DEFAULTS[k]
+    k: {f.name: f.default for f in dataclasses.fields(BakeConfig)}[k]
     for k in (
         "learning_rate", "r", "lora_alpha", "target_modules", "num_epochs", "patience",
         "divergence", "on_policy",

@@ -356,7 +356,7 @@ BAKE_WHY: dict[str, str] = {
     "gap (knowledge bake, after 4 epochs 0.109 vs 0.126; persona 0.060 vs 0.060 with "
     "lower KL at epochs 1-3). LoRA on the MLP projections as well (--target_modules "
     "...,gate_proj,up_proj,down_proj) learned faster per epoch (0.093 after 4) but "
-    "each step took ~18%% longer, so at the paper's time it finished an epoch fewer",
+    "each step took about a fifth longer, so at the paper's time it finished an epoch fewer",
     "r": "rank 8 at scale alpha/r = 2; a 4x larger scale (alpha 64) at lr 1e-3 was "
     "no better than the higher lr",
     "lora_alpha": "scale alpha/r = 2 (see -r); the seed's alpha 1 with r 32 (scale 1/32) "
