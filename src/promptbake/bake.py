@@ -8,11 +8,12 @@ Writes under --out_dir: trajectories_{train,val}.jsonl (+ .meta.json), the adapt
 and training logs (see train.py), and, with --heldout, answers.md (base / prompted /
 baked side by side), report.md and summary.json.
 
-Why the defaults (configs.BAKE_DEFAULTS) differ from train_loop.py: the seed keeps lora_alpha=1 with r=32,
-which scales the LoRA update by 1/32, so at lr 1e-4 it learns very slowly. Here the
-update scale is alpha/r = 2 (r=8, alpha=16) with lr 1e-3, which bakes a persona into
-SmolLM2-135M in a few epochs on CPU; train_loop.py keeps the seed's values so old
-commands reproduce.
+Why the defaults (configs.BAKE_DEFAULTS) differ from train_loop.py: the seed keeps
+lora_alpha=1 with r=32, which scales the LoRA update by 1/32 and learns very slowly at
+lr 1e-4; train_loop.py keeps the seed's values so old commands reproduce. Bake's were
+measured on `make bench-fidelity` (README, "Why `promptbake bake` has other defaults";
+each field's reason is in `promptbake bake --help`). With --on_policy the student's
+own answers to the training questions are sampled during training (student_stage).
 """
 
 from __future__ import annotations

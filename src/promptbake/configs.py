@@ -43,17 +43,27 @@ def opt(
     return field(default=default, metadata=meta)
 
 
-def with_defaults(defaults: dict[str, Any]):
+def with_defaults(defaults: dict[str, Any], why: dict[str, str] | None = None):
     """Class decorator (above ``@dataclass``): the class with new defaults for fields it
     inherits; their type, help and flag spellings stay the stage's, so a field added to a
-    stage later reaches every config built from it unchanged."""
+    stage later reaches every config built from it unchanged. `why` (field -> sentence)
+    appends the reason for a changed default to that field's --help text."""
+    why = why or {}
 
     def wrap(cls: type) -> type:
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(defaults) - set(fields))
+        unknown = sorted((set(defaults) | set(why)) - set(fields))
         assert not unknown, f"{cls.__name__} has no fields {unknown}"
+        assert set(why) <= set(defaults), "a `why` without a changed default"
+
+        def meta(name: str) -> dict:
+            m = dict(fields[name].metadata)
+            if name in why:
+                m["help"] = f"{m['help']}. Here: {why[name]}"
+            return m
+
         changed = [
-            (name, fields[name].type, field(default=value, metadata=fields[name].metadata))
+            (name, fields[name].type, field(default=value, metadata=meta(name)))
             for name, value in defaults.items()
         ]
         namespace = {"__module__": cls.__module__, "__doc__": cls.__doc__}
@@ -348,27 +358,49 @@ class TrainConfig(LoraArgs, ModelArgs):
 
 
 # ---------------------------------------------------------------- bake, pursuit
-# Bake's own defaults for the stage fields it inherits (the stages keep the seed's values):
-# the seed's lora_alpha=1 with r=32 scales the LoRA update by 1/32, which learns very
-# slowly at lr 1e-4; alpha/r = 2 (r=8, alpha=16) at lr 1e-3 bakes a persona into
-# SmolLM2-135M in a few epochs on CPU (bake.py's docstring).
+# Bake's own defaults for the stage fields it inherits (the stages keep the seed's values),
+# chosen on `make bench-fidelity` (bench/README.md, README "Why `promptbake bake` has other
+# defaults"); BAKE_WHY is the reason each one shows in `bake --help`.
 BAKE_DEFAULTS: dict[str, Any] = {
     "question_dataset": "data/questions.jsonl",
     "out_dir": "runs/bake",
     "num_questions": 64,
     "num_sequences_per_question": 4,
     "max_sequence_length": 64,
-    "num_epochs": 4,
+    "num_epochs": 12,
+    "patience": 3,
     "batch_size": 8,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-3,
     "save_every": 0,
     "teacher_cache": "exact",
     "r": 8,
     "lora_alpha": 16.0,
+    "divergence": "forward_kl",
+    "on_policy": 0.0,
+}
+BAKE_WHY: dict[str, str] = {
+    "learning_rate": "3e-3, 3x the paper's: per epoch it closes more of the validation KL "
+    "gap (knowledge bake, after 4 epochs 0.109 vs 0.126; persona 0.060 vs 0.060 with "
+    "lower KL at epochs 1-3). LoRA on the MLP projections as well (--target_modules "
+    "...,gate_proj,up_proj,down_proj) learned faster per epoch (0.093 after 4) but "
+    "each step took about a fifth longer, so at the paper's time it finished an epoch fewer",
+    "r": "rank 8 at scale alpha/r = 2; a 4x larger scale (alpha 64) at lr 1e-3 was "
+    "no better than the higher lr",
+    "lora_alpha": "scale alpha/r = 2 (see -r); the seed's alpha 1 with r 32 (scale 1/32) "
+    "learns very slowly",
+    "num_epochs": "a ceiling: --patience stops earlier once validation KL stops improving; "
+    "the best epoch's adapter is kept",
+    "patience": "3: validation KL on a few questions is noisy (it rose for 1-2 epochs and "
+    "then fell again in the bench runs), so 1-2 stops too early",
+    "divergence": "the paper's forward KL: reverse KL and JSD matter most for on-policy "
+    "batches (off by default, see --on_policy) and were not measured at equal time yet",
+    "on_policy": "0 here: on a CPU a student-sampled batch took ~6x as long as a cached "
+    "off-policy one (15 s vs 2.6 s per step, persona bake), so at equal time "
+    "on-policy batches mean far fewer steps; worth trying on a GPU (fast sampling)",
 }
 
 
-@with_defaults(BAKE_DEFAULTS)
+@with_defaults(BAKE_DEFAULTS, BAKE_WHY)
 @dataclass
 class BakeConfig(TrainConfig, GenerateConfig):
     """Every GenerateConfig and TrainConfig field (inherited), bake's own few, and

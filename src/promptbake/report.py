@@ -89,7 +89,10 @@ def _settings(cfg: Any) -> dict:
 
 def render_report(out: Path, settings: dict, summary: dict) -> str:
     lines = [f"# Bake report: {out.name}", ""]
-    lines += ["Prompt baked into the weights:", "", "```", summary.get("prompt", ""), "```", ""]
+    prompt = summary.get("prompt", "")
+    if not isinstance(prompt, str):  # a .json prompt: a list of chat messages
+        prompt = json.dumps(prompt, indent=1, ensure_ascii=False)
+    lines += ["Prompt baked into the weights:", "", "```", prompt, "```", ""]
     sec = summary.get("seconds", {})
     if sec:
         lines += [
