@@ -24,7 +24,7 @@ from . import configs
 from .errors import Interrupted, UserError
 from .flags import add_arguments, add_config_flag, config_values, from_namespace, read_config_file
 
-# name, help, config class (configs.py), "module:function" run with the config; the
+# name, help, config class (the configs package), "module:function" run with the config; the
 # command's module is imported only when it runs, so --help stays quick
 COMMANDS: tuple[tuple[str, str, type, str], ...] = (
     ("generate", "sample trajectories from the prompted model",

@@ -201,7 +201,7 @@ def fetch_dataset(
 
 
 def fetch_command(cfg) -> None:
-    """`promptbake data NAME`: fetch_dataset with a DataConfig (configs.py)."""
+    """`promptbake data NAME`: fetch_dataset with a DataConfig (configs/tools.py)."""
     cfg.validate()
     for path in fetch_dataset(cfg.name, cfg.out_dir, max_rows=cfg.max_rows):
         print(f"wrote {path}")

@@ -1,4 +1,4 @@
-"""Config dataclasses (configs.py) as command-line flags.
+"""Config dataclasses (the configs package) as command-line flags.
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, GenerateConfig)
