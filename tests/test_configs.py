@@ -37,9 +37,9 @@ def test_bake_config_has_every_stage_field_with_bake_defaults_on_top():
             elif name != "batch_size":  # generation's and training's: training's wins
                 assert bake[name] == default, name
     # today's bake defaults (README, `promptbake bake --help`)
-    assert (bake["r"], bake["lora_alpha"], bake["learning_rate"]) == (8, 16.0, 2e-3)
+    assert (bake["r"], bake["lora_alpha"], bake["learning_rate"]) == (8, 16.0, 3e-3)
     assert (bake["num_epochs"], bake["patience"], bake["batch_size"]) == (12, 3, 8)
-    assert bake["target_modules"].split(",")[-3:] == ["gate_proj", "up_proj", "down_proj"]
+    assert bake["target_modules"] == "q_proj,k_proj,v_proj,o_proj"  # the paper's (README)
     assert (bake["divergence"], bake["on_policy"], bake["gen_batch_size"]) == ("forward_kl", 0, 32)
     assert (bake["max_sequence_length"], bake["num_sequences_per_question"]) == (64, 4)
     assert (bake["num_questions"], bake["teacher_cache"], bake["save_every"]) == (64, "exact", 0)
@@ -49,7 +49,7 @@ def test_bake_config_has_every_stage_field_with_bake_defaults_on_top():
 def test_bake_help_says_why_a_default_differs_and_stages_keep_their_help():
     bake = {f.name: f.metadata["help"] for f in dataclasses.fields(BakeConfig)}
     train = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
-    for name in ("learning_rate", "target_modules", "patience", "on_policy"):
+    for name in ("learning_rate", "r", "patience", "on_policy"):
         assert bake[name].startswith(train[name] + ". Here: "), name
         assert "Here:" not in train[name]
     assert bake["seed"] == train["seed"]  # an unchanged default keeps the stage's text
