@@ -135,6 +135,54 @@ def test_patience_is_validated():
         TrainConfig(data_path="d", out_dir="o", jsd_beta=2.0).validate()
 
 
+# ---------------------------------------------------------------- time budget
+def fake_clock(monkeypatch) -> list:
+    """train.py's clock, advanced by 1 s per optimizer step (nothing else moves it)."""
+    now = [0.0]
+    real_step = train.train_step
+
+    def step(*a, **kw):
+        now[0] += 1.0
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": lambda: now[0]}))
+    return now
+
+
+def test_max_train_seconds_cuts_the_epoch_and_keeps_the_best(
+    tiny_model, chatml_tok, tmp_path, monkeypatch
+):
+    fake_clock(monkeypatch)
+    rows = make_rows(chatml_tok)  # 8 rows, batch 4: 2 steps per epoch
+    cfg = config(tmp_path, "b", num_epochs=5, max_train_seconds=3.0)
+    _, metrics = train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
+    # steps end at 1, 2 (epoch 1), 3 (epoch 2): the budget is spent before epoch 2's
+    # second step, which is not taken; epoch 2 is still validated and saved
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert [(m["steps"], m["partial"]) for m in metrics[1:]] == [(2, False), (1, True)]
+    out = tmp_path / "b"
+    log = (out / "train_loop.log").read_text()
+    assert "stopped after epoch 2 (cut short): --max_train_seconds 3 spent" in log
+    assert checkpoint.load_checkpoint(out)["epoch"] == 2
+    # the epochs it ran are the unlimited run's
+    full = config(tmp_path, "full", num_epochs=2)
+    train.train(full, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
+    assert_same(lora_files(out, "epoch_1"), lora_files(tmp_path / "full", "epoch_1"))
+
+    # a budget spent before training starts still runs one step: there is an adapter
+    tiny_budget = config(tmp_path, "t", num_epochs=5, max_train_seconds=1e-9)
+    _, m_t = train.train(tiny_budget, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
+    assert [(m["epoch"], m["steps"]) for m in m_t[1:]] == [(1, 1)]
+    assert (tmp_path / "t" / "adapter_model.safetensors").exists()
+
+
+def test_max_train_seconds_is_validated():
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(UserError, match="--max_train_seconds"):
+            TrainConfig(data_path="d", out_dir="o", max_train_seconds=bad).validate()
+
+
 # ---------------------------------------------------------------- on-policy
 def spy_sampling(monkeypatch) -> list:
     calls = []

@@ -239,14 +239,17 @@ def fit_epoch(run: Run, epoch: int, echo: bool) -> dict:
     n_batches = len(chunks)
     tot = torch.zeros((), dtype=torch.float64, device=run.device)
     seq_tot = torch.zeros((), dtype=torch.float64, device=run.device)
-    n_tok = n_seq = 0
+    n_tok = n_seq = steps = 0
     pending = None
     t0 = t_step = time.perf_counter()
     desc = f"epoch {epoch}/{cfg.num_epochs}"
     pbar = tqdm(chunks, desc=desc, leave=False, disable=not (echo and run.main))
     for bi, chunk in enumerate(pbar):
+        if bi > 0 and out_of_time(run):  # at least one step, so the epoch has a loss
+            break
         batch, target, n_glob = load_batch(run, epoch, bi, chunk, bi in on_policy)
         kl_sum, seq_sum, k = train_step(run, batch, target, n_glob)
+        steps += 1
         tot += kl_sum
         seq_tot += seq_sum
         n_tok += 0 if batch is None else batch.num_tokens
@@ -270,6 +273,8 @@ def fit_epoch(run: Run, epoch: int, echo: bool) -> dict:
         "tokens_per_s": n_tok / max(secs, 1e-9),
         "seconds": secs,
         "lr": run.sched.get_last_lr()[0],
+        "steps": steps,
+        "partial": steps < n_batches,
     }
 
 
@@ -309,6 +314,14 @@ def end_epoch(run: Run, m: dict) -> None:
     )
     if run.main and cfg.plot:
         plot_curves(run.metrics, out / "kl_curve.png")
+
+
+def out_of_time(run: Run) -> bool:
+    """--max_train_seconds is spent. Every process asks at the same points and they
+    agree (the slowest one's clock decides), so none waits in a collective alone."""
+    if run.deadline == math.inf:
+        return False
+    return bool(distributed.max_over_ranks(int(time.perf_counter() >= run.deadline)))
 
 
 def patience_spent(run: Run) -> bool:
@@ -357,14 +370,18 @@ def train(
     if cfg.on_policy > 0 and student is None:
         raise ValueError("--on_policy > 0 needs `student` (onpolicy.student_prompts)")
     state = read_resume(cfg) if resume_state is UNREAD else resume_state
+    started = time.perf_counter()
     run = setup(cfg, model, tokenizer, train_rows, val_rows, echo, student)
+    if cfg.max_train_seconds > 0:
+        run.deadline = started + cfg.max_train_seconds
     resume(run, state)
     try:
         if run.val_rows and run.start == 0:
             validate_before_training(run)
         choose_teacher(run, teacher_cache)
         for epoch in range(run.start + 1, cfg.num_epochs + 1):
-            if patience_spent(run):
+            # at least one step always runs, so every run leaves an adapter
+            if patience_spent(run) or (epoch > run.start + 1 and out_of_time(run)):
                 break
             end_epoch(run, fit_epoch(run, epoch, echo))
     except KeyboardInterrupt:
@@ -374,6 +391,12 @@ def train(
             f"stopped after epoch {run.saved}: no better "
             f"{'validation' if run.val_rows else 'training'} KL for {cfg.patience} epochs "
             f"(--patience {cfg.patience}); the best epoch's adapter is kept"
+        )
+    if run.deadline < math.inf and out_of_time(run) and run.saved < cfg.num_epochs:
+        part = " (cut short)" if run.metrics and run.metrics[-1].get("partial") else ""
+        run.log(
+            f"stopped after epoch {run.saved}{part}: --max_train_seconds "
+            f"{cfg.max_train_seconds:g} spent; the best epoch's adapter is kept"
         )
     if run.best_state is not None:  # hand back the model that was saved, not the last epoch's
         checkpoint.load_trainable(run.model, run.best_state)

@@ -113,6 +113,7 @@ class Run:
     start: int = 0  # epochs already done
     saved: int = 0  # the epoch of the checkpoint on disk
     parts: int = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
+    deadline: float = math.inf  # time.perf_counter() at which --max_train_seconds runs out
 
     @property
     def main(self) -> bool:

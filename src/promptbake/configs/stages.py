@@ -197,6 +197,12 @@ class TrainConfig(LoraArgs, ModelArgs):
         "stop after this many epochs without a better validation KL (the best adapter is "
         "kept; --num_epochs is the ceiling); 0: run every epoch",
     )
+    max_train_seconds: float = opt(
+        0.0,
+        "a time budget: stop training this many seconds after it started (teacher cache "
+        "and validation included); the epoch running then ends early, is validated and "
+        "saved like any other; 0: no limit",
+    )
     on_policy: float = opt(
         0.0,
         "share of each epoch's batches sampled from the student itself (adapter on, no "
@@ -242,6 +248,8 @@ class TrainConfig(LoraArgs, ModelArgs):
         require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         require(self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.save_every >= 0, "--save_every must be >= 0")
+        require_finite(self, "max_train_seconds")
+        require(self.max_train_seconds >= 0, "--max_train_seconds must be >= 0 (0: no limit)")
         require(self.max_traj_len is None or self.max_traj_len > 0, "--max_traj_len must be > 0")
         require(self.teacher_topk > 0, f"--teacher_topk must be positive, got {self.teacher_topk}")
         require(self.teacher_cache_max_gb > 0, "--teacher_cache_max_gb must be > 0")
