@@ -48,6 +48,9 @@ def test_modes_and_scales():
     assert parse_scales("0, 0.5,1") == [0.0, 0.5, 1.0]
     with pytest.raises(UserError, match="numbers"):
         parse_scales("half")
+    for text in ("inf", "0,nan", "1,-inf"):
+        with pytest.raises(UserError, match="is not a finite number"):
+            parse_scales(text)
     assert plan_runs(["base", "baked"], [1.0]) == [("base", "base", 1.0), ("baked", "baked", 1.0)]
     assert [r[0] for r in plan_runs(["prompted", "baked", "re-prompted"], [0.0, 1.5])] == [
         "prompted",

@@ -22,6 +22,7 @@ Writes --out_dir/eval.json (every answer and score) and eval.md, and prints the 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def parse_scales(text: str) -> list[float]:
     except ValueError:
         raise UserError(f"--adapter_scale {text!r}: expected numbers, e.g. 1 or 0,0.5,1") from None
     require(bool(scales), "--adapter_scale is empty")
+    for s in scales:
+        require(math.isfinite(s), f"--adapter_scale {text!r}: {s} is not a finite number")
     return scales
 
 
