@@ -182,6 +182,45 @@ def test_batch_kl_gradient_reaches_only_lora(chatml_tok):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
+@pytest.mark.parametrize("prefix_reuse", [False, True])
+def test_autocast_bf16_step_is_close_to_float32_and_keeps_the_kl_float32(
+    chatml_tok, prefix_reuse, monkeypatch
+):
+    model = add_lora(tiny.tiny_qwen3(chatml_tok, initializer_range=0.2), LoraArgs(r=4))
+    randomize_lora_b(model)
+    batch = collate(records(chatml_tok), chatml_tok.pad_token_id)
+    seen = []  # the dtypes the divergence is handed
+    real = objective.loss.divergence
+    monkeypatch.setattr(
+        objective.loss, "divergence", lambda h, *a: seen.append(h.dtype) or real(h, *a)
+    )
+    out = {}
+    for amp in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        kl, _, _ = objective.backward_kl(model, batch, 4, prefix_reuse=prefix_reuse, autocast=amp)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        out[amp] = kl, torch.cat([g.flatten() for g in grads])
+    (kl32, g32), (kl16, g16) = out[None], out[torch.bfloat16]
+    assert seen == [torch.float32] * 2 and kl16.dtype == torch.float32
+    # bf16 rounding moves the loss and gradient a little, not more
+    torch.testing.assert_close(kl16, kl32, atol=0.05, rtol=0.05)
+    assert float(torch.cosine_similarity(g16, g32, dim=0)) > 0.99
+    assert not torch.equal(kl16, kl32)  # it really ran in bf16
+
+
+def test_autocast_mode_resolves_per_device_and_weights(monkeypatch):
+    from promptbake import forward
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert forward.autocast_dtype("off", cpu, f32) is None
+    assert forward.autocast_dtype("bf16", cpu, f32) is torch.bfloat16
+    assert forward.autocast_dtype("bf16", cpu, torch.bfloat16) is None  # bf16 weights already
+    monkeypatch.setattr(forward, "fast_bf16", lambda d: False)
+    assert forward.autocast_dtype("auto", cpu, f32) is None
+    monkeypatch.setattr(forward, "fast_bf16", lambda d: True)
+    assert forward.autocast_dtype("auto", cpu, f32) is torch.bfloat16
+
+
 def test_validation_builds_no_graph(chatml_tok, monkeypatch):
     model = add_lora(tiny.tiny_qwen3(chatml_tok), LoraArgs(r=4))
     batches = [collate(records(chatml_tok), chatml_tok.pad_token_id)]

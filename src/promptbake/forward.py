@@ -32,6 +32,44 @@ def adapter_disabled(model):
     )
 
 
+AUTOCAST_MODES = ("off", "bf16", "auto")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """The device multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU
+    with AMX or AVX-512 BF16 (there bf16 matmuls ran 1.8x the float32 ones, bench/README)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(
+            getattr(cpu, name, lambda: False)()
+            for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
+    return False
+
+
+def autocast_dtype(mode: str, device: torch.device, param_dtype: torch.dtype) -> torch.dtype | None:
+    """--autocast resolved: bfloat16 when the student's forward should run under
+    mixed precision, else None. Only float32 weights gain from it (bf16 weights are
+    bf16 already); ``auto`` asks :func:`fast_bf16`."""
+    if mode not in AUTOCAST_MODES:
+        raise ValueError(f"autocast mode {mode!r} not in {AUTOCAST_MODES}")
+    if mode == "off" or param_dtype != torch.float32:
+        return None
+    if mode == "auto" and not fast_bf16(device):
+        return None
+    return torch.bfloat16
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype | None):
+    """Context of a forward whose matmuls run in `dtype` (weights, optimizer and the
+    LoRA gradients stay float32); a no-op for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def selected_hidden(model, side: Side) -> torch.Tensor:
     """Final hidden states [N, H] at the rows that predict generated tokens, picked by
     the plan's integer row index (a boolean mask would read its count back)."""

@@ -370,6 +370,9 @@ def divergence(
         return student_hidden.new_zeros(0, dtype=torch.float32) + 0 * student_hidden.sum()
     div, beta = DIVERGENCES[kind], float(beta)
     grad = torch.is_grad_enabled() and student_hidden.requires_grad
-    if grad and can_fuse(head):
-        return _Fused.apply(student_hidden, head, target, chunk_size, div, beta)
-    return _checkpointed(student_hidden, head, target, chunk_size, div, beta, grad)
+    # the logits and the divergence in the head's own dtype, even inside a caller's
+    # mixed-precision forward: a bf16 log-softmax over the vocabulary would be the loss
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        if grad and can_fuse(head):
+            return _Fused.apply(student_hidden, head, target, chunk_size, div, beta)
+        return _checkpointed(student_hidden, head, target, chunk_size, div, beta, grad)

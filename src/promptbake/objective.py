@@ -26,7 +26,7 @@ import torch
 from . import distributed, loss
 from .batches import Batch, split_batch
 from .errors import UserError, warn
-from .forward import adapter_disabled, base_of, hidden_states
+from .forward import adapter_disabled, base_of, hidden_states, mixed_precision
 from .loss import TeacherTarget
 
 # ---------------------------------------------------------------- KL chunk size
@@ -71,6 +71,7 @@ def batch_kl(
     prefix_reuse: bool = False,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    autocast: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence [N] between the prompted base (teacher) and the unprompted
     student, and per-sequence sums [B]; by default KL(teacher || student).
@@ -81,17 +82,22 @@ def batch_kl(
     not run; ``prefix_reuse``: teacher and student run each shared prompt prefix once
     (the prefix all rows share, then each distinct prompt; forward.prefix_reuse_hidden).
     ``divergence``, ``beta``: which divergence (loss.DIVERGENCES) and the JSD's beta.
+    ``autocast``: the decoder's forwards run in this dtype (forward.mixed_precision,
+    --autocast); the LM head and the divergence stay in the head's dtype.
     """
 
     head = base_of(model).get_output_embeddings()
     chunk_size = kl_chunk_rows(chunk_size, head.weight.device, head.weight.shape[0])
+    dtype = head.weight.dtype
+    amp = functools.partial(mixed_precision, head.weight.device, autocast)
     if teacher is None:
-        with torch.no_grad(), adapter_disabled(model):
-            teacher = TeacherTarget(hidden=hidden_states(model, batch.prompted, prefix_reuse))
+        with torch.no_grad(), adapter_disabled(model), amp():
+            h = hidden_states(model, batch.prompted, prefix_reuse)
+        teacher = TeacherTarget(hidden=h.to(dtype))
     ctx = contextlib.nullcontext() if student_adapter else adapter_disabled(model)
-    with ctx:
+    with ctx, amp():
         s_hidden = hidden_states(model, batch.unprompted, prefix_reuse)
-    kl = loss.divergence(s_hidden, head, teacher, chunk_size, divergence, beta)
+    kl = loss.divergence(s_hidden.to(dtype), head, teacher, chunk_size, divergence, beta)
     # the row -> sequence index was built at collation: no nonzero() read-back here
     per_seq = torch.zeros(batch.unprompted.pred_mask.shape[0], device=kl.device)
     per_seq = per_seq.index_add(0, batch.unprompted.plan.row_seq, kl.detach())
@@ -108,9 +114,10 @@ def backward_kl(
     parts: int = 1,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    autocast: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Forward and backward of the batch's SUMMED divergence (``divergence``, ``beta``
-    as in :func:`batch_kl`); returns (per-row values [N] detached, per-sequence sums
+    """Forward and backward of the batch's SUMMED divergence (``divergence``, ``beta``,
+    ``autocast`` as in :func:`batch_kl`); returns (per-row values [N] detached, per-sequence sums
     [B], parts).
 
     The rows run in `parts` slices whose gradients add up (the same gradient as one
@@ -133,6 +140,7 @@ def backward_kl(
                     prefix_reuse=prefix_reuse,
                     divergence=divergence,
                     beta=beta,
+                    autocast=autocast,
                 )
                 if kl.requires_grad:
                     kl.sum().backward()

@@ -179,7 +179,7 @@ def train_step(run: Run, batch: Batch | None, target, n_glob: int) -> tuple:
         kl, per_seq, run.parts = objective.backward_kl(
             model, batch.to(run.device), cfg.kl_chunk_size, teacher=target,
             prefix_reuse=cfg.prefix_reuse, parts=run.parts,
-            divergence=cfg.divergence, beta=cfg.jsd_beta,
+            divergence=cfg.divergence, beta=cfg.jsd_beta, autocast=run.autocast,
         )  # fmt: skip
         kl_sum, seq_sum, n_seq = kl.sum(), per_seq.sum(), per_seq.numel()
     # Each process divides its KL sum by the GLOBAL token count and the gradients are

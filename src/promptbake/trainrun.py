@@ -27,7 +27,7 @@ from .batches import Batch, collate, make_batches
 from .configs import LoraArgs, TrainConfig
 from .errors import UserError
 from .files import write_json, write_jsonl
-from .forward import base_of
+from .forward import autocast_dtype, base_of
 from .models import pad_id
 from .outputs import RunLog, Tracker, prepare_out_dir
 from .teacher import TeacherCache, build_teacher_cache, exact_cache_fits
@@ -114,6 +114,7 @@ class Run:
     saved: int = 0  # the epoch of the checkpoint on disk
     parts: int = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
     deadline: float = math.inf  # time.perf_counter() at which --max_train_seconds runs out
+    autocast: torch.dtype | None = None  # --autocast resolved for this device and model
 
     @property
     def main(self) -> bool:
@@ -151,6 +152,8 @@ def setup(cfg, model, tokenizer, train_rows, val_rows, echo, student) -> Run:
         student=student,
         tracker=Tracker.open(cfg.report_to, out) if main else None,
     )  # fmt: skip
+    head = base_of(model).get_output_embeddings().weight
+    run.autocast = autocast_dtype(cfg.autocast, head.device, head.dtype)
     # each process validates its share of the rows; validate() sums the shares
     run.val_share = distributed.shard(run.val_rows)
     if run.val_share:
@@ -171,6 +174,11 @@ def log_setup(run: Run) -> None:
         f"{cfg.target_modules}: {n_train:,} trainable of {n_all:,} parameters"
     )
     run.log(f"{len(run.train_rows)} training and {len(run.val_rows)} validation trajectories")
+    if run.autocast is not None:
+        run.log(
+            f"mixed precision (--autocast {cfg.autocast}): the decoder's training forwards in "
+            f"{str(run.autocast).removeprefix('torch.')}, the LM head, KL and weights float32"
+        )
     world = distributed.world_size()
     if world > 1:
         run.log(f"data parallel on {world} processes: each step splits {cfg.batch_size} rows")

@@ -180,6 +180,15 @@ class TrainConfig(LoraArgs, ModelArgs):
     length_bucketing: bool = opt(
         False, "batch trajectories of similar length together (less padding), in random order"
     )
+    autocast: str = opt(
+        "off",
+        "mixed precision for the training forwards of float32 weights: bf16 runs the "
+        "decoder's matmuls in bfloat16 (torch.autocast; the LM head, the KL, the LoRA weights "
+        "and the optimizer stay float32), auto does so where the device multiplies bf16 "
+        "natively (a bf16-capable GPU, a CPU with AMX or AVX-512 BF16), off is exact float32. "
+        "Not exact: the loss moves by bf16 rounding",
+        choices=["off", "bf16", "auto"],
+    )
     gradient_checkpointing: bool = opt(
         False, "recompute decoder activations in backward: less memory, a third more compute"
     )
