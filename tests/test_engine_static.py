@@ -112,6 +112,18 @@ def test_sampling_is_reproducible_under_the_seed(chatml_tok, tiny_model):
     assert len({tuple(g) for g in outs[0]}) > 1  # rows of one prompt differ: really sampled
 
 
+def test_release_drops_the_held_cache_and_sampling_rebuilds_it(chatml_tok, tiny_model):
+    from promptbake import sampling
+
+    settings = Sampling(max_new_tokens=6, temperature=0)
+    first = run(tiny_model, chatml_tok, prompts_for(chatml_tok), settings, "static").new_ids
+    assert tiny_model._promptbake_static_cache is not None  # kept between batches
+    sampling.release(tiny_model)
+    assert tiny_model._promptbake_static_cache is None
+    again = run(tiny_model, chatml_tok, prompts_for(chatml_tok), settings, "static").new_ids
+    assert again == first
+
+
 def test_kept_logprobs_are_the_teachers(chatml_tok, tiny_model):
     prompts = [p for p in prompts_for(chatml_tok) for _ in range(2)]
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import distributed, onpolicy
+from . import distributed, onpolicy, sampling
 from .configs import BakeConfig, GenerateConfig, field_values
 from .data import prompt_text, read_prompt, read_questions
 from .errors import UserError
@@ -88,6 +88,7 @@ def sample_stage(
                 keep_teacher=keep and split == "train",
                 max_traj_len=cfg.train_config().max_traj_len,
             )
+    sampling.release(model)  # training needs the memory the decoding cache held
     return gens
 
 

@@ -129,6 +129,14 @@ class HeldCache:
     length: int
 
 
+def release(model) -> None:
+    """Drop the static cache held on `model` (sampling.release)."""
+    if getattr(model, "_promptbake_static_cache", None) is not None:
+        model._promptbake_static_cache = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def static_cache(model, rows: int, length: int) -> HeldCache:
     """The model's static cache if one of close shape exists (no new graph), else a new one."""
     held = getattr(model, "_promptbake_static_cache", None)
@@ -247,9 +255,7 @@ def sample(
                 "CUDA out of memory generating one sequence: lower --max_sequence_length"
             ) from None
     # outside the except block, so the failed attempt's tensors are already freed
-    model._promptbake_static_cache = None
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(model)
     warn(f"CUDA out of memory at {len(prompts)} sequences: splitting the batch in two")
     half = (len(prompts) + 1) // 2
     a = sample(model, prompts[:half], settings, **kw)

@@ -123,3 +123,13 @@ def sample(
     return get_engine(name)(
         model, prompts, settings, pad_id=pad_id, eot_ids=eot_ids, return_logprobs=return_logprobs
     )
+
+
+def release(model) -> None:
+    """Free what the engines keep on `model` between batches (the static engine's KV
+    cache: gigabytes on a GPU at --batch_size 256), e.g. before training starts. An
+    engine that keeps something defines ``release(model)`` next to its sampler."""
+    for target in ENGINES.values():
+        module = importlib.import_module(target.split(":")[0])
+        if hasattr(module, "release"):
+            module.release(model)
