@@ -132,23 +132,26 @@ QUICK = Sizes(n_train_q=4, n_seq=2, max_new_tokens=8, n_heldout_q=3, heldout_sam
 
 # The paper's method, pinned so that it stays the paper whatever bake's defaults become:
 # forward KL on the prompted model's samples, LoRA r=8 at scale 2 on the attention
-# projections, lr 1e-3, 4 epochs.
+# projections, lr 1e-3, 4 epochs of batch 8, float32.
 PAPER = {
     "num_epochs": 4,
+    "batch_size": 8,
     "learning_rate": 1e-3,
     "r": 8,
     "lora_alpha": 16.0,
     "target_modules": "q_proj,k_proj,v_proj,o_proj",
 }
 # ... and, where bake has these flags, the values that mean "as in the paper"
-PAPER_IF_AVAILABLE = {"divergence": "forward_kl", "on_policy": 0.0, "patience": 0}
+PAPER_IF_AVAILABLE = {
+    "divergence": "forward_kl", "on_policy": 0.0, "patience": 0, "autocast": "off"
+}  # fmt: skip
 # Our best settings: bake's own defaults (configs.BAKE_DEFAULTS), chosen by measurement
 # on this benchmark (README: "Why `promptbake bake` has other defaults").
 OURS = {
     k: {f.name: f.default for f in dataclasses.fields(BakeConfig)}[k]
     for k in (
-        "learning_rate", "r", "lora_alpha", "target_modules", "num_epochs", "patience",
-        "divergence", "on_policy",
+        "learning_rate", "batch_size", "r", "lora_alpha", "target_modules", "num_epochs",
+        "patience", "divergence", "on_policy", "autocast",
     )
 }  # fmt: skip
 # A bake flag that stops training after this many seconds, if bake grows one: a method
