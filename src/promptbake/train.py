@@ -64,6 +64,7 @@ from .forward import base_of
 from .models import load_model, load_tokenizer, model_options, tokenizer_fingerprint
 from .outputs import check_out_dir, check_report_to, plot_curves, prepare_out_dir, save_adapter
 from .teacher import TeacherCache, kl_rows
+from .teacherfile import load_sidecar, model_identity, quantization
 from .trainrun import Run, add_lora, choose_teacher, read_resume, resume, setup
 
 # re-exported: bake, pursue, compare and the tests import these from here
@@ -426,6 +427,20 @@ def run_train(cfg: TrainConfig, echo: bool = True):
     student = None
     if source is not None:
         student = onpolicy.student_prompts(source, tokenizer, model, cfg.max_traj_len)
+    kept = generation_teacher(cfg, model, train_rows)
     return train(
-        cfg, model, tokenizer, train_rows, val_rows, echo, student=student, resume_state=state
+        cfg, model, tokenizer, train_rows, val_rows, echo, teacher_cache=kept,
+        student=student, resume_state=state,
+    )  # fmt: skip
+
+
+def generation_teacher(cfg: TrainConfig, model, train_rows: list[dict]) -> TeacherCache | None:
+    """The exact teacher cache generate_data.py saved next to --data_path (teacherfile.py),
+    when this run would build one (--teacher_cache auto or exact) and it fits these rows,
+    this model and --teacher_cache_max_gb; else None (choose_teacher decides as before)."""
+    if cfg.teacher_cache not in ("auto", "exact") or cfg.on_policy >= 1:
+        return None
+    ident = model_identity(cfg.model_name, model, quantization(cfg))
+    return load_sidecar(
+        cfg.data_path, train_rows, ident, cfg.max_traj_len, cfg.teacher_cache_max_gb
     )
