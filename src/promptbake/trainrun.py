@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ class Run:
     start: int = 0  # epochs already done
     saved: int = 0  # the epoch of the checkpoint on disk
     parts: int = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
+    plotted: int = 0  # epochs (metrics entries) in the last kl_curve.png
+    plot_time: float = field(default_factory=time.monotonic)  # when it was drawn
 
     @property
     def main(self) -> bool:
