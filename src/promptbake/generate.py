@@ -455,11 +455,11 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     stats = gen.stats
     if not distributed.is_main():
         return stats
-    write_teacher_sidecar(cfg, model, out, gen)
     print(
         f"Generated {stats['trajectories']} trajectories, {stats['new_tokens']} new tokens in "
         f"{stats['seconds']:.1f} s ({stats['traj_per_s']:.2f} traj/s, "
         f"{stats['tokens_per_s']:.1f} tok/s)"
     )
     print(f"Dataset saved to {out}")
+    write_teacher_sidecar(cfg, model, out, gen)
     return stats
