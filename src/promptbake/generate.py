@@ -452,8 +452,10 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
             keep_teacher=cfg.save_teacher_cache != "never",
             keep_teacher_max_bytes=teacher_budget(cfg),
         )  # fmt: skip
+        if main:  # still holding the lock: the sidecar is this run's output too
+            write_teacher_sidecar(cfg, model, out, gen)
     stats = gen.stats
-    if not distributed.is_main():
+    if not main:
         return stats
     print(
         f"Generated {stats['trajectories']} trajectories, {stats['new_tokens']} new tokens in "
@@ -461,5 +463,4 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
         f"{stats['tokens_per_s']:.1f} tok/s)"
     )
     print(f"Dataset saved to {out}")
-    write_teacher_sidecar(cfg, model, out, gen)
     return stats
