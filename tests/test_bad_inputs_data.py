@@ -204,7 +204,8 @@ def test_second_writer_refused_and_leaves_nothing(tmp_path, tiny_model_dir, caps
     assert not (tmp_path / "out").exists()  # the holder removes its lock and the folder it made
     # the same command now runs, and leaves no lock behind
     assert main(argv, "generate_data.py", "generate") == 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["t.jsonl", "t.jsonl.meta.json"]
+    written = ["t.jsonl", "t.jsonl.meta.json", "t.jsonl.teacher.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == written
     assert len(out.read_text().splitlines()) == 2
 
 

@@ -146,7 +146,8 @@ def fake_clock(monkeypatch) -> list:
         return real_step(*a, **kw)
 
     monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": lambda: now[0]}))
+    clock = {"perf_counter": lambda: now[0], "monotonic": lambda: now[0]}
+    monkeypatch.setattr(train, "time", type("Clock", (), clock))
     return now
 
 

@@ -382,3 +382,38 @@ def test_e2e_trajectory_files(e2e):
     assert len(a) == len(b) == 6
     assert a != b  # another seed
     assert json.loads((d / "train.jsonl.meta.json").read_text())["args"]["seed"] == 42
+
+
+def test_kl_curve_is_drawn_at_the_end_and_at_most_every_plot_every_s(
+    chatml_tok, tmp_path, monkeypatch
+):
+    """Short epochs: one plot, at the end, holding every epoch; with PLOT_EVERY_S 0,
+    one after every epoch (the end adds none: nothing new to draw)."""
+    drawn = []
+    real = train.plot_curves
+
+    def counting(metrics, path):
+        drawn.append([m["epoch"] for m in metrics])
+        real(metrics, path)
+
+    monkeypatch.setattr(train, "plot_curves", counting)
+    model = tiny.tiny_qwen3(chatml_tok)
+    rows = [
+        make_trajectory(
+            chatml_tok,
+            encode(chatml_tok, format_prompt(X0, q, True, chatml_tok)),
+            encode(chatml_tok, format_prompt(X0, q, False, chatml_tok)),
+            [5, 6, 7],
+        )
+        for q in QUESTIONS[:2]
+    ]
+    for every, want in ((1e9, [[1, 2, 3]]), (0.0, [[1], [1, 2], [1, 2, 3]])):
+        drawn.clear()
+        monkeypatch.setattr(train, "PLOT_EVERY_S", every)
+        cfg = TrainConfig(
+            data_path="x", out_dir=str(tmp_path / str(every)), num_epochs=3, batch_size=2,
+            r=2, save_every=0, device="cpu",
+        )  # fmt: skip
+        train.train(cfg, copy.deepcopy(model), chatml_tok, rows, echo=False)
+        assert drawn == want
+        assert (tmp_path / str(every) / "kl_curve.png").stat().st_size > 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -44,7 +45,8 @@ from .errors import UserError, warn
 from .files import atomic_write, check_writable, exclusive_lock, write_json
 from .models import end_of_turn_ids, load_model, model_options, tokenizer_fingerprint
 from .sampling import Sampling, sample
-from .teacher import TeacherCache, cache_from_generation
+from .teacher import TeacherCache, cache_bytes, cache_from_generation
+from .teacherfile import model_identity, quantization, save_sidecar, sidecar_path
 
 Prompt = tuple[list[int], list[int]]  # (ids with system prompt, ids without)
 
@@ -248,14 +250,26 @@ def _open_run(cfg: GenerateConfig, fingerprint: str, x0: str, out_path: Path, ba
 
 
 def _sample_into(
-    f, model, tokenizer, cfg, prompts, questions, batches, todo, keep: dict | None, pbar
+    f,
+    model,
+    tokenizer,
+    cfg,
+    prompts,
+    questions,
+    batches,
+    todo,
+    keep: dict | None,
+    pbar,
+    keep_max_bytes: float = math.inf,
 ) -> tuple[list[dict], int]:
     """Sample batches `todo` and append their records to `f`, one flushed write per
     batch (a kill loses at most one batch). Returns (records, new tokens); with a
-    `keep` dict, each row's kept teacher log-probs go in it under (question, sample)."""
+    `keep` dict, each row's kept teacher log-probs go in it under (question, sample),
+    until they pass `keep_max_bytes`: then `keep` is emptied and no more are kept."""
     settings = sampling_settings(cfg)
     eot = end_of_turn_ids(tokenizer, model)
     records, n_tokens, t0 = [], 0, time.perf_counter()
+    kept_bytes = 0
     for bi in todo:
         batch = batches[bi]
         torch.manual_seed(batch_seed(cfg.seed, bi))
@@ -270,6 +284,10 @@ def _sample_into(
         )
         if keep is not None:
             keep.update(zip(batch, out.logprobs))
+            kept_bytes += sum(t.numel() * t.element_size() for t in out.logprobs)
+            if kept_bytes > keep_max_bytes:  # the table would be too large: keep none
+                keep.clear()
+                keep = None
         new = [
             make_trajectory(
                 tokenizer,
@@ -308,6 +326,8 @@ def _finish(model, cfg, run: _Run, out_path: Path, fingerprint, x0, eot, batches
         "num_questions": n_q,
     }
     write_json(meta_path(out_path), meta)
+    # the old file's teacher table must not outlive it (run_generate writes a new one)
+    sidecar_path(out_path).unlink(missing_ok=True)
     os.replace(run.partial, out_path)  # the complete file appears at once
     run.key_path.unlink(missing_ok=True)
 
@@ -323,6 +343,7 @@ def generate_trajectories(
     progress: bool = True,
     keep_teacher: bool = False,
     max_traj_len: int | None = None,
+    keep_teacher_max_bytes: float = math.inf,
 ) -> Generation:
     """Sample cfg.num_sequences_per_question answers for each question, write them,
     and return them (:class:`Generation`).
@@ -330,7 +351,8 @@ def generate_trajectories(
     Resumes from ``<out_path>.partial`` when the same arguments were used; refuses when
     they differ. ``keep_teacher``: keep the prompted model's log-probs at every sampled
     token and return them as the exact teacher cache of the rows (cut to
-    `max_traj_len` generated tokens, as training cuts them); a resumed run keeps none.
+    `max_traj_len` generated tokens, as training cuts them); a resumed run keeps none,
+    and so does one whose table passes `keep_teacher_max_bytes`.
     Under torchrun every process returns the whole file's rows (read back after the merge).
     """
     out_path = Path(out_path)
@@ -359,8 +381,9 @@ def generate_trajectories(
     ):
         todo = run.mine[run.done_batches :]
         new, n_tokens = _sample_into(
-            f, model, tokenizer, cfg, prompts, questions, batches, todo, keep, pbar
-        )
+            f, model, tokenizer, cfg, prompts, questions, batches, todo, keep, pbar,
+            keep_teacher_max_bytes,
+        )  # fmt: skip
     pbar.close()
     elapsed = time.perf_counter() - t0
     # totals over all processes; the all-reduce also waits until every shard is complete
@@ -379,6 +402,30 @@ def generate_trajectories(
     }
     cache = cache_from_generation(rows, keep, max_traj_len) if keep else None
     return Generation(rows, stats, cache)
+
+
+def teacher_budget(cfg: GenerateConfig) -> float:
+    """The most bytes of teacher log-probs generation keeps for the sidecar."""
+    return cfg.save_teacher_cache_max_gb * 1e9 if cfg.save_teacher_cache == "auto" else math.inf
+
+
+def write_teacher_sidecar(cfg: GenerateConfig, model, out: Path, gen: Generation) -> None:
+    """<out>.teacher.safetensors from the kept log-probs (teacherfile.py), or one line
+    saying why there is none (train_loop.py then runs the teacher itself)."""
+    if cfg.save_teacher_cache == "never":
+        return
+    if gen.cache is None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        n = sum(sum(r["generated_text_mask"]) for r in gen.rows)
+        print(
+            f"Teacher log-probs not saved ({cache_bytes(n, vocab, 'exact', 0) / 1e9:.2f} GB "
+            f"table; --save_teacher_cache {cfg.save_teacher_cache}, max "
+            f"{cfg.save_teacher_cache_max_gb:g} GB; a resumed or multi-process run keeps none)"
+        )
+        return
+    ident = model_identity(cfg.model_name, model, quantization(cfg))
+    path = save_sidecar(out, gen.cache, gen.rows, ident)
+    print(f"Teacher log-probs saved to {path} ({gen.cache.nbytes / 1e9:.2f} GB)")
 
 
 def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
@@ -400,8 +447,15 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
             model, tokenizer = load_model(
                 cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **model_options(cfg)
             )
-        stats = generate_trajectories(model, tokenizer, cfg, x0, questions, out).stats
-    if not distributed.is_main():
+        gen = generate_trajectories(
+            model, tokenizer, cfg, x0, questions, out,
+            keep_teacher=cfg.save_teacher_cache != "never",
+            keep_teacher_max_bytes=teacher_budget(cfg),
+        )  # fmt: skip
+        if main:  # still holding the lock: the sidecar is this run's output too
+            write_teacher_sidecar(cfg, model, out, gen)
+    stats = gen.stats
+    if not main:
         return stats
     print(
         f"Generated {stats['trajectories']} trajectories, {stats['new_tokens']} new tokens in "

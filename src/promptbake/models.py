@@ -257,8 +257,12 @@ def load_model(
     attn_implementation: str | None = None,
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
+    tokenizer=None,
 ):
     """Load (model, tokenizer) ready for inference on the chosen device, in eval mode.
+
+    `tokenizer`: the one :func:`load_tokenizer` already returned for `name` (it is
+    not read again: half a second of start-up).
 
     `load_in_8bit` / `load_in_4bit`: quantize the base weights with bitsandbytes while
     loading (see :func:`quantization_config`); the model is then placed on the device
@@ -269,7 +273,7 @@ def load_model(
     check_model_options(attn_implementation, load_in_8bit, load_in_4bit)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(name, trust_remote_code)
+    tok = load_tokenizer(name, trust_remote_code) if tokenizer is None else tokenizer
     path, kind = resolve_model_path(name)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:

@@ -17,7 +17,8 @@ predicts generated token t is t - 1. The first generated token's distribution is
 therefore matched, the end-of-turn token too, and nothing after it.
 
 Writes to --out_dir (outputs.py): args.json, train_loop.log, metrics.jsonl,
-kl_curve.png, the best-validation adapter (adapter_config.json,
+kl_curve.png (at the end, and after an epoch when the last one is 30 s old), the
+best-validation adapter (adapter_config.json,
 adapter_model.safetensors), epoch_N/ every --save_every epochs and, with --report_to
 tensorboard, tensorboard/. The adapter loads with plain
 ``PeftModel.from_pretrained(base_model, out_dir)``. After every epoch the whole
@@ -64,12 +65,16 @@ from .forward import base_of
 from .models import load_model, load_tokenizer, model_options, tokenizer_fingerprint
 from .outputs import check_out_dir, check_report_to, plot_curves, prepare_out_dir, save_adapter
 from .teacher import TeacherCache, kl_rows
+from .teacherfile import load_sidecar, model_identity, quantization
 from .trainrun import Run, add_lora, choose_teacher, read_resume, resume, setup
 
 # re-exported: bake, pursue, compare and the tests import these from here
 __all__ = ["add_lora", "check_fingerprint", "prepare_out_dir", "run_train", "save_adapter", "train"]
 
 POSTFIX_EVERY = 8  # progress-bar loss every this many steps
+# kl_curve.png after an epoch only when the last one is this old (and always at the end):
+# drawing it costs ~0.4 CPU s (more with matplotlib's import), a lot next to short epochs
+PLOT_EVERY_S = 30.0
 UNREAD = object()  # train(resume_state=...) not given: read the checkpoint here
 
 
@@ -312,8 +317,17 @@ def end_epoch(run: Run, m: dict) -> None:
         f"epoch {epoch}: train KL {m['train_kl']:.4f}/token ({m['train_kl_seq']:.3f}/seq)"
         f"{val_txt}, {m['tokens_per_s']:.0f} tok/s{' *best*' if m['best'] else ''}"
     )
-    if run.main and cfg.plot:
-        plot_curves(run.metrics, out / "kl_curve.png")
+    plot(run)
+
+
+def plot(run: Run, final: bool = False) -> None:
+    """kl_curve.png: at the end of the run, and after an epoch when the last plot is
+    PLOT_EVERY_S old (a killed run keeps a recent one)."""
+    if not (run.main and run.cfg.plot) or run.plotted == len(run.metrics):
+        return
+    if final or time.monotonic() - run.plot_time >= PLOT_EVERY_S:
+        plot_curves(run.metrics, run.out / "kl_curve.png")
+        run.plotted, run.plot_time = len(run.metrics), time.monotonic()
 
 
 def out_of_time(run: Run) -> bool:
@@ -385,7 +399,9 @@ def train(
                 break
             end_epoch(run, fit_epoch(run, epoch, echo))
     except KeyboardInterrupt:
+        plot(run, final=True)  # the finished epochs' curve, however recent the last plot
         raise Interrupted(interrupted_message(run)) from None
+    plot(run, final=True)
     if patience_spent(run):
         run.log(
             f"stopped after epoch {run.saved}: no better "
@@ -443,12 +459,26 @@ def run_train(cfg: TrainConfig, echo: bool = True):
     if cfg.fsdp:  # into CPU memory (it may not fit one GPU); fsdp_shard moves the shards
         where = distributed.fsdp_load_args(cfg.device, cfg.dtype)
     model, tokenizer = load_model(
-        cfg.model_name, *where, cfg.trust_remote_code, **model_options(cfg)
+        cfg.model_name, *where, cfg.trust_remote_code, **model_options(cfg), tokenizer=tokenizer
     )
     check_token_ids(train_rows + (val_rows or []), model)
     student = None
     if source is not None:
         student = onpolicy.student_prompts(source, tokenizer, model, cfg.max_traj_len)
+    kept = generation_teacher(cfg, model, train_rows)
     return train(
-        cfg, model, tokenizer, train_rows, val_rows, echo, student=student, resume_state=state
+        cfg, model, tokenizer, train_rows, val_rows, echo, teacher_cache=kept,
+        student=student, resume_state=state,
+    )  # fmt: skip
+
+
+def generation_teacher(cfg: TrainConfig, model, train_rows: list[dict]) -> TeacherCache | None:
+    """The exact teacher cache generate_data.py saved next to --data_path (teacherfile.py),
+    when this run would build one (--teacher_cache auto or exact) and it fits these rows,
+    this model and --teacher_cache_max_gb; else None (choose_teacher decides as before)."""
+    if cfg.teacher_cache not in ("auto", "exact") or cfg.on_policy >= 1:
+        return None
+    ident = model_identity(cfg.model_name, model, quantization(cfg))
+    return load_sidecar(
+        cfg.data_path, train_rows, ident, cfg.max_traj_len, cfg.teacher_cache_max_gb
     )

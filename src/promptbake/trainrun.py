@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ class Run:
     parts: int = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
     deadline: float = math.inf  # time.perf_counter() at which --max_train_seconds runs out
     autocast: torch.dtype | None = None  # --autocast resolved for this device and model
+    plotted: int = 0  # epochs (metrics entries) in the last kl_curve.png
+    plot_time: float = field(default_factory=time.monotonic)  # when it was drawn
 
     @property
     def main(self) -> bool:

@@ -85,6 +85,17 @@ class GenerateConfig(ModelArgs):
         "transformers' generate",
         choices=engine_names(),
     )
+    save_teacher_cache: str = opt(
+        "auto",
+        "write the teacher's log-probs computed while sampling next to the trajectories "
+        "(<traj_out_file>.teacher.safetensors, float32 [tokens x vocab]) so that "
+        "train_loop.py skips its teacher pass (same loss): auto when the table fits "
+        "--save_teacher_cache_max_gb, always, or never",
+        choices=["auto", "always", "never"],
+    )
+    save_teacher_cache_max_gb: float = opt(
+        1.0, "with --save_teacher_cache auto: the largest table written, in GB"
+    )
 
     def validate(self) -> None:
         require(self.x0_file is not None, "--x0_file is required (the prompt to bake)")
@@ -112,6 +123,8 @@ class GenerateConfig(ModelArgs):
         )
         require(self.top_p is None or 0 < self.top_p <= 1, "--top_p must be in (0, 1]")
         require(self.top_k is None or self.top_k >= 0, "--top_k must be >= 0")
+        require_finite(self, "save_teacher_cache_max_gb")
+        require(self.save_teacher_cache_max_gb > 0, "--save_teacher_cache_max_gb must be > 0")
 
 
 # ---------------------------------------------------------------- training
@@ -345,6 +358,9 @@ class BakeConfig(TrainConfig, GenerateConfig):
         "shuffle",
         "data_path",
         "val_path",
+        # bake keeps the teacher's log-probs in memory: it writes no teacher sidecar
+        "save_teacher_cache",
+        "save_teacher_cache_max_gb",
     )
 
     prompt: str | None = opt(None, "the prompt to bake, as text (instead of --x0_file)")
