@@ -37,7 +37,7 @@ def test_bake_config_has_every_stage_field_with_bake_defaults_on_top():
             elif name != "batch_size":  # generation's and training's: training's wins
                 assert bake[name] == default, name
     # today's bake defaults (README, `promptbake bake --help`)
-    assert (bake["r"], bake["lora_alpha"], bake["learning_rate"]) == (8, 16.0, 3e-3)
+    assert (bake["r"], bake["lora_alpha"], bake["learning_rate"]) == (8, 16.0, 2e-3)
     assert (bake["num_epochs"], bake["patience"], bake["batch_size"]) == (12, 3, 4)
     assert bake["target_modules"] == "q_proj,k_proj,v_proj,o_proj"
     assert (bake["divergence"], bake["on_policy"], bake["gen_batch_size"]) == ("forward_kl", 0, 32)
