@@ -332,7 +332,7 @@ BAKE_WHY: dict[str, str] = {
     "no better than the higher lr",
     "lora_alpha": "scale alpha/r = 2 (see -r); the seed's alpha 1 with r 32 (scale 1/32) "
     "learns very slowly",
-    "batch_size": "4: twice the optimizer steps of batch 8 in the same time; at the paper's "
+    "batch_size": "4: twice the optimizer steps of batch 8 in the same time; at lr 3e-3 and the paper's "
     "wall time the held-out KL ratio was 0.183 vs 0.209 (persona) and 0.234 vs 0.257 "
     "(knowledge) in bench-fidelity sweeps; batch 2 (lr 1.5e-3) was no better than 4",
     "num_epochs": "a ceiling: --patience stops earlier once validation KL stops improving; "
