@@ -29,25 +29,33 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Write to a temp file beside `path`, rename over it on success, delete it on failure.
-
-    A reader never sees a half-written file: either the old one or the complete new one.
-    """
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for a writer that wants a file name (e.g. safetensors'
+    save_file): on success it gets the user's file mode, is synced and renamed over
+    `path`; on failure it is deleted. A reader sees the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Write to a temp file beside `path`, rename over it on success, delete it on failure
+    (:func:`atomic_path`, opened in `mode`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
 
 
 def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:

@@ -24,16 +24,14 @@ so it is then simply not written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from array import array
 from pathlib import Path
 
 import torch
 
 from .errors import warn
-from .files import current_umask
+from .files import atomic_path
 from .teacher import TeacherCache, exact_cache_fits, kl_rows
 
 FORMAT = "promptbake-teacher-cache/1"
@@ -82,18 +80,9 @@ def save_sidecar(traj_path: str | Path, cache: TeacherCache, rows: list[dict], i
 
     path = sidecar_path(traj_path)
     meta = {"format": FORMAT, "rows": rows_fingerprint(rows), **ident}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         # save_file streams the tensors to disk (no second in-memory copy of the table)
         save_file({"logp": cache.logp.contiguous(), "offsets": cache.offsets}, str(tmp), meta)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
