@@ -15,8 +15,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from promptbake.chat import format_prompt  # noqa: E402,F401  (the seed imports it from here)
 from promptbake.cli import main  # noqa: E402
+from promptbake.prompts import format_prompt  # noqa: E402,F401  (the seed imports it from here)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], prog="generate_data.py", only="generate"))

@@ -46,15 +46,16 @@ import torch
 
 from bench import fidelity_report as report
 from bench.jobs import loadavg, log, machine_name
-from promptbake.bake import BakeConfig, bake
-from promptbake.batches import make_batches
-from promptbake.data import read_prompt, read_questions, read_trajectories
+from promptbake.bake import bake
+from promptbake.configs import BakeConfig
 from promptbake.errors import UserError
-from promptbake.evaluate import answer
+from promptbake.evaluation.conditions import answer
+from promptbake.evaluation.scorers import parse_scorer, score_all
 from promptbake.files import write_json, write_jsonl
-from promptbake.generate import generate_trajectories, select_questions
-from promptbake.objective import evaluate_kl
-from promptbake.scorers import parse_scorer, score_all
+from promptbake.records import read_prompt, read_questions, read_trajectories, select_questions
+from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.training.batches import make_batches
+from promptbake.training.objective import evaluate_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from promptbake.evaluation.report import format_table
 from promptbake.files import atomic_write
-from promptbake.report import format_table
 
 KL_RATIO_TARGET = 0.10  # held-out KL(prompted || baked) / KL(prompted || base), at most
 BEHAVIOUR_TARGET = 0.95  # baked behaviour score / prompted, at least

@@ -112,10 +112,10 @@ def example1(model_dir: Path, work: Path, questions: int, timeout: float) -> dic
 def generation(model, tok, batch: int, new_tokens: int, bandwidth: float) -> dict:
     """(b): tokens/s of the default CUDA engine with every row decoding `new_tokens`."""
     from bench.run import decode_roofline
-    from promptbake.data import read_prompt, read_questions
-    from promptbake.generate import render_prompts
     from promptbake.models import end_of_turn_ids
-    from promptbake.sampling import Sampling, resolve_engine, sample
+    from promptbake.prompts import render_prompts
+    from promptbake.records import read_prompt, read_questions
+    from promptbake.sampling.seam import Sampling, resolve_engine, sample
 
     qs = read_questions(str(ROOT / QUESTIONS))
     prompts = [p[0] for p in render_prompts(tok, read_prompt(str(ROOT / X0)), qs)]
@@ -147,8 +147,8 @@ def training(model, tok, traj: Path, work: Path, steps: int, peak_flops: float) 
     original (bench/original.py) on the same trajectories."""
     from bench.original import add_lora_original, step_kl
     from promptbake.configs import TrainConfig
-    from promptbake.data import read_trajectories
-    from promptbake.train import train
+    from promptbake.records import read_trajectories
+    from promptbake.training.loop import train
 
     rows = read_trajectories(traj)[: 10 * steps]
     flops_per_token = 6 * sum(p.numel() for p in model.parameters())

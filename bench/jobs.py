@@ -183,9 +183,9 @@ def original_load(job: Job) -> dict:
 
 
 def heldout(model, tok, val_rows: list[dict], chunk: int, adapter: bool = True) -> float:
-    from promptbake.batches import make_batches
     from promptbake.models import pad_id
-    from promptbake.objective import evaluate_kl
+    from promptbake.training.batches import make_batches
+    from promptbake.training.objective import evaluate_kl
 
     pad = pad_id(tok)
     return evaluate_kl(model, make_batches(val_rows, 8, pad, None), chunk, adapter)["kl"]
@@ -212,11 +212,13 @@ def add_rates(d: dict, tokens: int) -> dict:
 # ---------------------------------------------------------------- the CPU job
 def run_cpu(job: Job, workdir: Path) -> dict:
     from bench.original import generate_original, train_original
-    from promptbake.batches import bucket_order
     from promptbake.configs import GenerateConfig, TrainConfig
-    from promptbake.data import read_prompt, read_questions
-    from promptbake.generate import generate_trajectories, select_questions
-    from promptbake.train import train
+    from promptbake.records import read_prompt, read_questions, select_questions
+    from promptbake.sampling.trajectories import generate_trajectories
+    from promptbake.training.batches import bucket_order
+    from promptbake.training.loop import train
+    from promptbake.training.targets import TeacherPlan
+    from promptbake.training.teacher import cache_from_generation
 
     res: dict = {"job": dataclasses.asdict(job), "load_before": loadavg()}
     torch.manual_seed(job.seed)
@@ -251,8 +253,9 @@ def run_cpu(job: Job, workdir: Path) -> dict:
     train_path = workdir / "train.jsonl"
     lap = Lap()  # the teacher's log-probs are kept while sampling (as promptbake bake does)
     g = generate_trajectories(
-        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False, keep_teacher=True
+        model, tok, gen_cfg(train_path), x0, train_q, train_path, progress=False, keep_bytes=1e12
     )
+    kept_cache = cache_from_generation(g.rows, g.kept)
     gen_ours = add_rates(lap.done(), g.stats["new_tokens"])
     gen_ours["new_tokens"] = g.stats["new_tokens"]
     log(f"ours generated {g.stats['new_tokens']} tokens in {gen_ours['seconds']:.1f} s")
@@ -307,7 +310,7 @@ def run_cpu(job: Job, workdir: Path) -> dict:
         if name not in job.variants:
             continue
         flags = dict(flags)
-        cache = g.cache if flags.pop(KEPT, False) else None
+        cache = kept_cache if flags.pop(KEPT, False) else None
         cfg = TrainConfig(
             model_name=job.model,
             data_path=str(train_path),
@@ -326,7 +329,8 @@ def run_cpu(job: Job, workdir: Path) -> dict:
         )
         model_copy = copy.deepcopy(base)
         lap = Lap()
-        m, metrics = train(cfg, model_copy, tok, rows, None, echo=False, teacher_cache=cache)
+        plan = None if cache is None else TeacherPlan("kept", "teacher cache (exact, kept)")
+        m, metrics = train(cfg, model_copy, tok, rows, None, echo=False, teacher=plan, table=cache)
         t = lap.done()
         n_tok = training["original"]["kl_tokens"]  # the same rows and epochs
         training[name] = {
@@ -451,9 +455,9 @@ def run_gpu(job: GpuJob, model=None, tok=None, device=None) -> dict:
         device = torch.device("cuda")
     from bench.original import add_lora_original, generate_original, step_kl
     from promptbake.configs import GenerateConfig, TrainConfig
-    from promptbake.data import read_prompt, read_questions
-    from promptbake.generate import generate_trajectories
-    from promptbake.train import train
+    from promptbake.records import read_prompt, read_questions
+    from promptbake.sampling.trajectories import generate_trajectories
+    from promptbake.training.loop import train
 
     res: dict = {"job": dataclasses.asdict(job)}
     t0 = time.perf_counter()

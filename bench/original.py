@@ -38,9 +38,9 @@ import time
 
 import torch
 
-from promptbake.chat import encode, format_prompt
-from promptbake.data import make_trajectory
 from promptbake.loss import token_kl
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import make_trajectory
 
 
 def _eot_ids(tokenizer, model) -> list[int]:
@@ -224,7 +224,7 @@ def _generate_main(a) -> dict:
     import json
     import random
 
-    from promptbake.data import read_prompt, read_questions
+    from promptbake.records import read_prompt, read_questions
 
     x0 = read_prompt(a.x0_file)  # the same prompt text and questions as promptbake reads
     qs = read_questions(a.question_dataset)

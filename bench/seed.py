@@ -164,9 +164,9 @@ def evaluate(job: Job, model_name: str, dirs: dict, workdir: Path) -> dict:
     from peft import PeftModel
 
     from promptbake.configs import GenerateConfig
-    from promptbake.data import read_prompt, read_questions
-    from promptbake.generate import generate_trajectories, select_questions
     from promptbake.models import load_model
+    from promptbake.records import read_prompt, read_questions, select_questions
+    from promptbake.sampling.trajectories import generate_trajectories
 
     if job.model == "tiny":
         base, tok = load_model(model_name, device="cpu", dtype="float32")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import checkpoint_run
 
 from promptbake.adapters import (
     attach_adapter,
@@ -26,7 +27,8 @@ from promptbake.adapters import (
 from promptbake.configs import LoraArgs
 from promptbake.errors import UserError
 from promptbake.models import load_model
-from promptbake.train import add_lora, save_adapter
+from promptbake.training.outputs import save_adapter
+from promptbake.training.setup import add_lora
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
@@ -194,7 +196,7 @@ def test_saving_with_a_hub_id_asks_no_hub(tiny_model_dir, tmp_path, hub_blocked)
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_saved_adapters_and_checkpoints_follow_the_umask(tiny_model_dir, tmp_path, umask):
-    from promptbake import checkpoint
+    from promptbake.training import checkpoint
 
     model, _ = load_model(str(tiny_model_dir), "cpu", "float32")
     peft = add_lora(model, LoraArgs(r=4, lora_alpha=8.0, target_modules=TARGETS))
@@ -203,10 +205,7 @@ def test_saved_adapters_and_checkpoints_follow_the_umask(tiny_model_dir, tmp_pat
     old = os.umask(umask)
     try:
         save_adapter(peft, tmp_path)
-        ck = checkpoint.save_checkpoint(
-            tmp_path, model=peft, optimizer=opt, scheduler=sched, epoch=1, best=1.0,
-            metrics=[], args={},
-        )  # fmt: skip
+        ck = checkpoint.save_checkpoint(checkpoint_run(tmp_path, peft, opt, sched), 1)
     finally:
         os.umask(old)
     files = [tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"]

@@ -44,12 +44,12 @@ from test_bad_inputs_adapters import (
 )
 from test_bad_inputs_data import BINARY, float_mask, negative_id, null_ids, rows, write_rows
 
-from promptbake import objective
+from promptbake.chat import NOT_UTF8
 from promptbake.cli import main
 from promptbake.errors import UserError
 from promptbake.files import exclusive_lock
 from promptbake.models import load_model, tokenizer_fingerprint
-from promptbake.repl import NOT_UTF8
+from promptbake.training import objective
 
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a color."]
 UNWRITABLE = "/proc/promptbake-no-such-dir"  # refused to root too: nothing can be created there
@@ -229,7 +229,7 @@ def ctrl_c_in_training(ctx: Ctx) -> None:
 def refused_generation_leaves_nothing(ctx: Ctx) -> None:
     """Item 11: a generation refused once it has started leaves no .partial/key, so the
     corrected command is not blocked as an unfinished run with other arguments."""
-    from promptbake import generate as gen_module
+    from promptbake.sampling import trajectories as gen_module
 
     def cannot(*a, **k):
         raise UserError("the model cannot sample that")
@@ -269,7 +269,8 @@ def no_hub_request(ctx: Ctx) -> None:
     """Item 14: saving an adapter of the bundled model (its alias is the model's name)
     and merging one ask nothing of the Hugging Face Hub."""
     from promptbake.configs import LoraArgs
-    from promptbake.train import add_lora, save_adapter
+    from promptbake.training.outputs import save_adapter
+    from promptbake.training.setup import add_lora
 
     attempts = ctx.request.getfixturevalue("hub_blocked")
     m, _ = load_model(str(ctx.model_dir), "cpu", "float32")

@@ -18,9 +18,9 @@ import pytest
 import tiny
 
 from promptbake.cli import main
-from promptbake.data import make_trajectory, meta_path
 from promptbake.files import exclusive_lock
 from promptbake.models import tokenizer_fingerprint
+from promptbake.records import make_trajectory, meta_path
 
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?"]
 
@@ -212,8 +212,8 @@ def test_second_writer_refused_and_leaves_nothing(tmp_path, tiny_model_dir, caps
 def test_refused_generation_leaves_no_partial(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """A run refused after it started (here: sampling fails) leaves no .partial/key, so
     the corrected command is not blocked as "an unfinished run with different arguments"."""
-    from promptbake import generate
     from promptbake.errors import UserError
+    from promptbake.sampling import trajectories as generate
 
     def refuse(*a, **k):
         raise UserError("the model cannot sample that")

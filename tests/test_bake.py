@@ -62,7 +62,8 @@ def test_bake_on_policy_trains_on_the_students_answers(tiny_model_dir, tmp_path,
     """`bake --on_policy 1`: every training batch is the student's own answers (sampled
     without the prompt, adapter on) to the bake's training questions, never the
     validation ones nor the prompted model's trajectories."""
-    from promptbake import onpolicy, train
+    from promptbake.training import loop as train
+    from promptbake.training import onpolicy
 
     sampled, trained = [], []
     real_sample, real_collate = onpolicy.sample, train.collate

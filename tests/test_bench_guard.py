@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 from bench import jobs as bench_jobs  # noqa: E402
 from bench import tables as bench_tables  # noqa: E402
 from bench.original import add_lora_original, generate_original, step_kl  # noqa: E402
-from promptbake.batches import collate  # noqa: E402
-from promptbake.chat import encode, format_prompt  # noqa: E402
-from promptbake.data import make_trajectory  # noqa: E402
-from promptbake.forward import base_of, selected_hidden  # noqa: E402
-from promptbake.objective import batch_kl  # noqa: E402
-from promptbake.teacher import build_teacher_cache  # noqa: E402
+from promptbake.prompts import encode, format_prompt  # noqa: E402
+from promptbake.records import make_trajectory  # noqa: E402
+from promptbake.training.batches import collate  # noqa: E402
+from promptbake.training.forward import base_of, selected_hidden  # noqa: E402
+from promptbake.training.objective import batch_kl  # noqa: E402
+from promptbake.training.teacher import build_teacher_cache  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +159,7 @@ def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys
     answers, and a CUDA out-of-memory splits the batch instead of crashing."""
     import tiny
 
-    from promptbake.engine_hf import sample_batch
+    from promptbake.sampling.hf import sample_batch
 
     model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
     prompts = [encode(chatml_tok, format_prompt(None, q, False, chatml_tok)) for q in "abc"]

@@ -6,7 +6,7 @@ python -m pytest tests/test_chat.py -q
 import pytest
 from tokenizers import processors
 
-from promptbake.chat import encode, format_prompt, manual_chatml
+from promptbake.prompts import encode, format_prompt, manual_chatml
 
 SYSTEM = "You are a helpful assistant."
 USER = "What is 2+2?"
@@ -178,7 +178,7 @@ def test_conversation_prompt_without_a_template_uses_manual_chatml(chatml_tok):
 def test_read_prompt_json_is_a_conversation_text_stays_text(tmp_path):
     import json
 
-    from promptbake.data import read_prompt
+    from promptbake.records import read_prompt
 
     (tmp_path / "x0.json").write_text(json.dumps(FEW_SHOT))
     assert read_prompt(tmp_path / "x0.json") == FEW_SHOT
@@ -195,8 +195,8 @@ def test_generation_bakes_the_conversation_prefix(qwen3_tok, tmp_path):
     import tiny
 
     from promptbake.configs import GenerateConfig
-    from promptbake.data import read_meta, read_trajectories
-    from promptbake.generate import generate_trajectories
+    from promptbake.records import read_meta, read_trajectories
+    from promptbake.sampling.trajectories import generate_trajectories
 
     out = tmp_path / "t.jsonl"
     cfg = GenerateConfig(

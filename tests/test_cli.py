@@ -21,7 +21,7 @@ import torch
 
 from promptbake.cli import main
 from promptbake.configs import GenerateConfig
-from promptbake.generate import generate_trajectories
+from promptbake.sampling.trajectories import generate_trajectories
 
 REPO = Path(__file__).resolve().parent.parent
 X0 = "You are a pirate."
@@ -341,7 +341,7 @@ def test_script_help_lists_every_seed_flag(name, flags):
 def test_format_prompt_imports_from_generate_data(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))  # what running from the repo root gives
     from generate_data import format_prompt
-    from promptbake.chat import format_prompt as chat_format_prompt
+    from promptbake.prompts import format_prompt as chat_format_prompt
 
     assert format_prompt is chat_format_prompt
 

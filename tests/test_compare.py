@@ -11,13 +11,13 @@ from test_adapters import make_adapter
 
 from promptbake.adapters import load_adapter, set_adapter_scale
 from promptbake.cli import main
-from promptbake.compare import CompareConfig, compare, override_prompt, trajectory_nll
-from promptbake.configs import GenerateConfig, TrainConfig
-from promptbake.data import read_questions, read_trajectories
+from promptbake.configs import CompareConfig, GenerateConfig, TrainConfig
 from promptbake.errors import UserError
-from promptbake.generate import generate_trajectories
+from promptbake.evaluation.compare import compare, override_prompt, trajectory_nll
 from promptbake.models import load_model
-from promptbake.train import train
+from promptbake.records import read_questions, read_trajectories
+from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.training.loop import train
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 X0 = (DATA / "zorblax_x0.md").read_text().strip()
@@ -92,7 +92,7 @@ def kl_rows_logits(model, rec: dict, sfx: str) -> torch.Tensor:
 def test_heldout_kl_matches_a_full_logit_reference(run):
     """evaluate.condition_kl (chunked LM head, any two (model, condition) pairs) against
     the KL of full logits, one trajectory at a time, and pursuit's two-model form."""
-    from promptbake.evaluate import heldout_kl
+    from promptbake.evaluation.measures import heldout_kl
     from promptbake.loss import token_kl
     from promptbake.pursue import cross_model_kl
 

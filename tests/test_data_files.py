@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from promptbake.configs import DATASET_NAMES
+from promptbake.data import _convert_rows, fetch_dataset
 from promptbake.errors import UserError
-from promptbake.fetch import DATASET_NAMES, _convert_rows, fetch_dataset
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -23,13 +23,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptbake import batches, checkpoint, distributed, objective, train
+from promptbake import distributed
+from promptbake import train as train_command
 from promptbake.configs import GenerateConfig, LoraArgs, TrainConfig
-from promptbake.data import read_prompt, read_trajectories
 from promptbake.errors import UserError
 from promptbake.files import write_json
-from promptbake.generate import _resume_key, run_generate
+from promptbake.generate import run_generate
 from promptbake.models import load_tokenizer, tokenizer_fingerprint
+from promptbake.records import read_prompt, read_trajectories
+from promptbake.sampling.trajectories import _resume_key
+from promptbake.training import batches, checkpoint, objective, setup
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -166,7 +169,7 @@ def one_process_training(reference, tiny_model_dir, tmp_path_factory):
         plot=False,
         prefix_reuse=False,  # the plain padded forward: the FSDP run packs, for a cross-check
     )
-    _, metrics = train.run_train(cfg, echo=False)
+    _, metrics = train_command.run_train(cfg, echo=False)
     assert metrics[-1]["val_kl"] < metrics[0]["val_kl"]  # it trained
     return cfg, metrics, out
 
@@ -204,7 +207,9 @@ def test_two_processes_resume_a_checkpoint(one_process_training, tmp_path):
     """Epoch 1 in one process, killed; epochs 2-3 resumed by two: the same run."""
     cfg, ref_metrics, one = one_process_training
     out = tmp_path / "resumed"
-    train.run_train(TrainConfig(**{**vars(cfg), "out_dir": str(out), "num_epochs": 1}), echo=False)
+    train_command.run_train(
+        TrainConfig(**{**vars(cfg), "out_dir": str(out), "num_epochs": 1}), echo=False
+    )
     (out / "adapter_model.safetensors").unlink()  # what the resumed run writes is checked
     resumed = TrainConfig(**{**vars(cfg), "out_dir": str(out), "resume": True})
     torchrun("train_loop.py", *flags(resumed))
@@ -303,7 +308,7 @@ def test_token_weighted_shares_give_the_global_batch_gradient(reference, monkeyp
     from promptbake.models import load_model
 
     model, tok = load_model(cfg.model_name, "cpu", "float32")
-    model = train.add_lora(model, LoraArgs(r=4, lora_alpha=8.0))
+    model = setup.add_lora(model, LoraArgs(r=4, lora_alpha=8.0))
     with torch.no_grad():  # a non-zero B, so every LoRA weight gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:

@@ -10,17 +10,18 @@ import pytest
 import tiny
 import torch
 
-from promptbake import engine_static
-from promptbake.batches import collate
-from promptbake.chat import encode, format_prompt
 from promptbake.configs import GenerateConfig
-from promptbake.data import TRAJECTORY_KEYS, generated_ids, make_trajectory
-from promptbake.engine_static import draw, filter_scores
 from promptbake.errors import UserError
-from promptbake.forward import selected_hidden
-from promptbake.generate import generate_trajectories
 from promptbake.models import end_of_turn_ids
-from promptbake.sampling import Sampling, resolve_engine, sample
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import TRAJECTORY_KEYS, generated_ids, make_trajectory
+from promptbake.sampling import static as engine_static
+from promptbake.sampling import trajectories
+from promptbake.sampling.seam import Sampling, resolve_engine, sample
+from promptbake.sampling.static import draw, filter_scores
+from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.training.batches import collate
+from promptbake.training.forward import selected_hidden
 
 X0 = "You are a pirate. Answer like one."
 QUESTIONS = [
@@ -113,7 +114,7 @@ def test_sampling_is_reproducible_under_the_seed(chatml_tok, tiny_model):
 
 
 def test_release_drops_the_held_cache_and_sampling_rebuilds_it(chatml_tok, tiny_model):
-    from promptbake import sampling
+    from promptbake.sampling import seam as sampling
 
     settings = Sampling(max_new_tokens=6, temperature=0)
     first = run(tiny_model, chatml_tok, prompts_for(chatml_tok), settings, "static").new_ids
@@ -233,7 +234,6 @@ def gen_cfg(**kw) -> GenerateConfig:
 def test_generate_trajectories_with_the_static_engine_resumes_exactly(
     chatml_tok, tiny_model, tmp_path, monkeypatch
 ):
-    from promptbake import generate
 
     ref = tmp_path / "ref.jsonl"
     generate_trajectories(
@@ -249,7 +249,7 @@ def test_generate_trajectories_with_the_static_engine_resumes_exactly(
         assert r["input_ids"] == r["prompt_input_ids"] + gen
         assert r["text"] == chatml_tok.decode(r["input_ids"], skip_special_tokens=False)
 
-    real, calls = generate.sample, []
+    real, calls = trajectories.sample, []
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -258,7 +258,7 @@ def test_generate_trajectories_with_the_static_engine_resumes_exactly(
         return real(*a, **kw)
 
     out = tmp_path / "out.jsonl"
-    monkeypatch.setattr(generate, "sample", flaky)
+    monkeypatch.setattr(trajectories, "sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_trajectories(
             tiny_model, chatml_tok, gen_cfg(batch_size=2), X0, QUESTIONS, out, progress=False

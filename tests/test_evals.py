@@ -6,10 +6,11 @@ import pytest
 from test_adapters import make_adapter
 from test_compare import DATA, X0
 
-from promptbake import scorers
 from promptbake.cli import main
+from promptbake.configs import EvalConfig
 from promptbake.errors import UserError
-from promptbake.evals import EvalConfig, parse_modes, parse_scales, parse_scorers, plan_runs
+from promptbake.evaluation import scorers
+from promptbake.evaluation.eval import parse_modes, parse_scales, parse_scorers, plan_runs
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,16 @@ import pytest
 import tiny
 import torch
 
-from promptbake import __version__, engine_hf, generate
-from promptbake.chat import encode, format_prompt
+from promptbake import __version__
 from promptbake.configs import GenerateConfig
-from promptbake.data import TRAJECTORY_KEYS, generated_ids, read_meta
-from promptbake.engine_hf import cut_at_end_of_turn, left_pad, sample_batch
 from promptbake.errors import UserError
-from promptbake.generate import generate_trajectories, plan_batches
 from promptbake.models import end_of_turn_ids, tokenizer_fingerprint
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import TRAJECTORY_KEYS, cut_at_end_of_turn, generated_ids, read_meta
+from promptbake.sampling import hf as engine_hf
+from promptbake.sampling import trajectories
+from promptbake.sampling.hf import left_pad, sample_batch
+from promptbake.sampling.trajectories import generate_trajectories, plan_batches
 
 X0 = "You are a pirate. Answer like one."
 QUESTIONS = [
@@ -267,7 +269,7 @@ def test_meta_sidecar(chatml_tok, tiny_model, tmp_path):
 # ---------------------------------------------------------------- resuming
 def interrupt_on_batch(monkeypatch, n: int):
     """Make the n-th sampling call (1-based) raise KeyboardInterrupt."""
-    real = generate.sample
+    real = trajectories.sample
     calls = []
 
     def flaky(*a, **kw):
@@ -276,7 +278,7 @@ def interrupt_on_batch(monkeypatch, n: int):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(generate, "sample", flaky)
+    monkeypatch.setattr(trajectories, "sample", flaky)
     return calls
 
 
@@ -312,14 +314,14 @@ def test_returns_the_written_rows_and_keeps_the_teacher_only_when_complete(
     asked for, the teacher cache; a resumed run's earlier rows have no kept log-probs,
     so it returns no cache (training then runs its own teacher pass)."""
     ref = tmp_path / "ref.jsonl"
-    kw = dict(progress=False, keep_teacher=True)
+    kw = dict(progress=False, keep_bytes=float("inf"))
     gen = generate_trajectories(tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, ref, **kw)
     file_rows = [json.loads(line) for line in ref.read_text().splitlines()]
     assert gen.rows == file_rows and gen.stats["trajectories"] == 6
-    n = [sum(r["generated_text_mask"]) for r in file_rows]
-    assert gen.cache.offsets.tolist() == [sum(n[:i]) for i in range(7)]
-    assert gen.cache.logp.shape == (sum(n), tiny_model.config.vocab_size)
-    assert gen.cache.mode == "exact"  # values: test_teacher checks them against a teacher pass
+    n = {(r["question_index"], r["sample_index"]): sum(r["generated_text_mask"]) for r in file_rows}
+    assert {k: v.shape for k, v in gen.kept.items()} == {
+        k: (v, tiny_model.config.vocab_size) for k, v in n.items()
+    }  # values: test_teacher checks them against a teacher pass
 
     out = tmp_path / "out.jsonl"
     interrupt_on_batch(monkeypatch, 2)
@@ -331,7 +333,7 @@ def test_returns_the_written_rows_and_keeps_the_teacher_only_when_complete(
     )
     assert resumed.rows == file_rows  # the 2 rows read back + the 4 new ones, in order
     assert resumed.stats["trajectories"] == 4
-    assert resumed.cache is None
+    assert resumed.kept is None
 
 
 def test_leftover_partial_with_other_args_is_refused(chatml_tok, tiny_model, tmp_path, monkeypatch):
@@ -378,9 +380,9 @@ def test_shared_prefill_gives_the_samples_of_a_plain_call(chatml_tok, peaky_mode
 def test_logprobs_kept_while_sampling_are_the_teachers(chatml_tok, tiny_model):
     """The raw log-probs generate() computed at each kept token equal a separate
     teacher pass over the finished trajectories, whatever temperature sampled them."""
-    from promptbake.batches import collate
-    from promptbake.data import make_trajectory
-    from promptbake.forward import selected_hidden
+    from promptbake.records import make_trajectory
+    from promptbake.training.batches import collate
+    from promptbake.training.forward import selected_hidden
 
     im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
     prompts = [p for p in prompts_for(chatml_tok) for _ in range(2)]

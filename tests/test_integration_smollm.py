@@ -13,19 +13,19 @@ import json
 
 import pytest
 
-from promptbake.chat import encode, format_prompt
 from promptbake.configs import GenerateConfig, TrainConfig
-from promptbake.data import (
+from promptbake.evaluation.measures import heldout_kl
+from promptbake.models import end_of_turn_ids
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import (
     TRAJECTORY_KEYS,
     generated_ids,
     read_meta,
     read_questions,
     read_trajectories,
 )
-from promptbake.evaluate import heldout_kl
-from promptbake.generate import generate_trajectories
-from promptbake.models import end_of_turn_ids
-from promptbake.train import train
+from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.training.loop import train
 
 pytestmark = pytest.mark.slow
 

@@ -17,13 +17,15 @@ import tiny
 import torch
 from safetensors.torch import load_file
 
-from promptbake import checkpoint, objective, onpolicy, train
-from promptbake.batches import collate
-from promptbake.chat import encode, format_prompt
+from promptbake import train as train_command
 from promptbake.configs import TrainConfig
-from promptbake.data import make_trajectory
 from promptbake.errors import UserError
 from promptbake.files import write_jsonl
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import make_trajectory
+from promptbake.training import checkpoint, objective, onpolicy
+from promptbake.training import loop as train
+from promptbake.training.batches import collate
 
 X0 = "Your name is Zorblax."
 QUESTIONS = ["Who are you?", "What is your name?", "Where do rivers go?", "Name a color."]
@@ -283,14 +285,14 @@ def test_on_policy_without_prompt_or_questions_is_refused_before_loading(
 ):
     data = tmp_path / "t.jsonl"
     write_jsonl(data, make_rows(chatml_tok))  # no .meta.json sidecar
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(train_command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     cfg = config(tmp_path, "run", model_name=str(tiny_model_dir), data_path=str(data))
     with pytest.raises(UserError, match="--on_policy needs the baked prompt: pass --x0_file"):
-        train.run_train(TrainConfig(**{**vars(cfg), "on_policy": 0.5}), echo=False)
+        train_command.run_train(TrainConfig(**{**vars(cfg), "on_policy": 0.5}), echo=False)
     (tmp_path / "x0.md").write_text(X0)
     cfg = TrainConfig(**{**vars(cfg), "on_policy": 0.5, "x0_file": str(tmp_path / "x0.md")})
     with pytest.raises(UserError, match="--on_policy needs the training questions"):
-        train.run_train(cfg, echo=False)
+        train_command.run_train(cfg, echo=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -329,7 +331,7 @@ def test_tensorboard_logs_step_loss_lr_and_epoch_kl(tiny_model, chatml_tok, tmp_
 
 
 def test_tensorboard_missing_is_one_clear_error(monkeypatch):
-    from promptbake.outputs import check_report_to
+    from promptbake.training.outputs import check_report_to
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(UserError, match=r"--report_to tensorboard needs the tensorboard package"):

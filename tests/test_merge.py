@@ -10,9 +10,9 @@ from test_adapters import IDS, logits, make_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from promptbake.adapters import attach_adapter
-from promptbake.chat import format_prompt
 from promptbake.cli import main
 from promptbake.models import load_model
+from promptbake.prompts import format_prompt
 
 
 @pytest.fixture(scope="module")

@@ -317,10 +317,10 @@ def test_qlora_trains_on_the_quantized_base_with_the_quantized_teacher(
     pytest.importorskip("bitsandbytes")
     from test_train import records
 
-    from promptbake.batches import collate
     from promptbake.configs import TrainConfig
-    from promptbake.objective import evaluate_kl
-    from promptbake.train import train
+    from promptbake.training.batches import collate
+    from promptbake.training.loop import train
+    from promptbake.training.objective import evaluate_kl
 
     model, tok = load_model(str(peaky_model_dir), "cpu", "float32", **{flag: True})
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer

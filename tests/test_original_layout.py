@@ -22,11 +22,11 @@ import pytest
 import tiny
 import torch
 
-from promptbake.chat import format_prompt
 from promptbake.cli import main
-from promptbake.data import make_trajectory, read_trajectories
 from promptbake.errors import UserError
 from promptbake.models import end_of_turn_ids
+from promptbake.prompts import format_prompt
+from promptbake.records import make_trajectory, read_trajectories
 
 X0 = "You are a pirate. Answer in one short sentence."
 QUESTIONS = ["Reply with one word: is fire hot?", "What colour is the sky?"]

@@ -7,9 +7,9 @@ from test_compare import DATA
 
 from promptbake.adapters import CHAIN_FILE, load_adapter
 from promptbake.cli import main
-from promptbake.data import read_trajectories
 from promptbake.models import load_model
 from promptbake.pursue import cross_model_kl
+from promptbake.records import read_trajectories
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ from test_adapters import make_adapter
 from test_compare import X0
 
 from promptbake.adapters import load_adapter
-from promptbake.chat import encode, format_prompt
+from promptbake.chat import HELP, NOT_UTF8, ChatState, chat, handle
 from promptbake.cli import main
-from promptbake.evaluate import answer_ids
-from promptbake.repl import HELP, NOT_UTF8, ChatConfig, ChatState, chat, handle
+from promptbake.configs import ChatConfig
+from promptbake.evaluation.conditions import answer_ids
+from promptbake.prompts import encode, format_prompt
 
 
 @pytest.fixture(scope="module")

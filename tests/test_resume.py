@@ -22,12 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import checkpoint_run
 
-from promptbake import checkpoint, objective, train
+from promptbake import train as train_command
 from promptbake.cli import main as cli_main
 from promptbake.configs import GenerateConfig, TrainConfig
 from promptbake.errors import UserError
 from promptbake.generate import run_generate
+from promptbake.training import checkpoint, objective
 
 QUESTIONS = [
     "What is the sky made of?",
@@ -136,7 +138,9 @@ def kl_curve(metrics: list[dict]) -> list[float]:
 def baseline(tiny_model_dir, trajectories, tmp_path_factory):
     """An uninterrupted 3-epoch run: (out_dir, metrics)."""
     out = tmp_path_factory.mktemp("baseline")
-    _, metrics = train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
+    _, metrics = train_command.run_train(
+        train_config(tiny_model_dir, trajectories, out), echo=False
+    )
     assert (
         metrics[-1]["val_kl"] < metrics[0]["val_kl"]
     )  # it learns, so the comparison means something
@@ -210,12 +214,12 @@ def test_training_interrupted_and_resumed_matches_uninterrupted(
     out = tmp_path / "run"
     patch_batch_kl(monkeypatch, at_call=4 + 2, action="interrupt")  # epoch 2, second batch
     with pytest.raises(KeyboardInterrupt):
-        train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
+        train_command.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     state = checkpoint.load_checkpoint(out)
     assert state["epoch"] == 1
     monkeypatch.undo()
 
-    _, metrics = train.run_train(
+    _, metrics = train_command.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
     )
     assert kl_curve(metrics) == pytest.approx(kl_curve(base_metrics), rel=1e-6)
@@ -238,7 +242,7 @@ def test_resume_without_restoring_the_optimizer_would_differ(
     out = tmp_path / "run"
     patch_batch_kl(monkeypatch, at_call=4 + 1, action="interrupt")
     with pytest.raises(KeyboardInterrupt):
-        train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
+        train_command.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     monkeypatch.undo()
     real_restore = checkpoint.restore
 
@@ -247,7 +251,9 @@ def test_resume_without_restoring_the_optimizer_would_differ(
         real_restore(state, model, optimizer, scheduler, lr)
 
     monkeypatch.setattr(checkpoint, "restore", forgetful)
-    train.run_train(train_config(tiny_model_dir, trajectories, out, resume=True), echo=False)
+    train_command.run_train(
+        train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
+    )
     a, b = lora_of(out), lora_of(base_out)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
@@ -275,7 +281,7 @@ def test_training_killed_with_sigkill_resumes(tiny_model_dir, trajectories, base
     assert state is not None and state["epoch"] >= 1
 
     # the same command with --resume true finishes it like the uninterrupted run
-    _, metrics = train.run_train(
+    _, metrics = train_command.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
     )
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
@@ -290,7 +296,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoint(
     out = tmp_path / "run"
     patch_batch_kl(monkeypatch, at_call=4 + 3, action="nan")  # epoch 2, batch 3 of 4
     with pytest.raises(UserError) as e:
-        train.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
+        train_command.run_train(train_config(tiny_model_dir, trajectories, out), echo=False)
     msg = str(e.value)
     assert "non-finite loss" in msg and "epoch 2, batch 3/4" in msg
     assert "checkpoint after epoch 1" in msg and "--resume true" in msg
@@ -302,7 +308,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_checkpoint(
     assert all(torch.isfinite(t).all() for t in lora_of(out).values())
     # and the run continues from it
     monkeypatch.undo()
-    _, metrics = train.run_train(
+    _, metrics = train_command.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True), echo=False
     )
     assert kl_curve(metrics) == pytest.approx(kl_curve(base_metrics), rel=1e-6)
@@ -313,7 +319,7 @@ def test_huge_learning_rate_is_caught_as_non_finite(tiny_model_dir, trajectories
     with pytest.raises(
         UserError, match=r"non-finite loss .* at epoch 1, batch [2-4]/4.*before any"
     ):
-        train.run_train(cfg, echo=False)
+        train_command.run_train(cfg, echo=False)
     assert checkpoint.load_checkpoint(tmp_path / "run") is None
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
@@ -332,7 +338,7 @@ def test_resume_refuses_a_checkpoint_of_another_setup(tiny_model_dir, trajectori
 
 def test_resume_with_nothing_to_resume_starts_fresh(tiny_model_dir, trajectories, tmp_path):
     out = tmp_path / "run"
-    _, metrics = train.run_train(
+    _, metrics = train_command.run_train(
         train_config(tiny_model_dir, trajectories, out, resume=True, num_epochs=1), echo=False
     )
     assert [m["epoch"] for m in metrics] == [0, 1]
@@ -346,8 +352,8 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    kw = dict(model=model, optimizer=opt, scheduler=sched, best=1.0, metrics=[], args={})
-    checkpoint.save_checkpoint(out, epoch=1, **kw)
+    run = checkpoint_run(out, model, opt, sched)
+    checkpoint.save_checkpoint(run, 1)
 
     def torn_save(obj, f, *a, **k):
         f.write(b"PK\x03\x04 half a file")
@@ -355,7 +361,7 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError):
-        checkpoint.save_checkpoint(out, epoch=2, **kw)
+        checkpoint.save_checkpoint(run, 2)
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(out)["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]  # no temp dir left
@@ -379,16 +385,10 @@ def test_checkpoint_restores_rng_and_learning_rate(tmp_path):
         opt.step()
         sched.step()
     torch.manual_seed(123)
-    checkpoint.save_checkpoint(
-        tmp_path,
-        model=model,
-        optimizer=opt,
-        scheduler=sched,
-        epoch=2,
-        best=0.5,
-        metrics=[{"epoch": 1}],
-        args={"learning_rate": 1e-2},
+    run = checkpoint_run(
+        tmp_path, model, opt, sched, best=0.5, metrics=[{"epoch": 1}], args={"learning_rate": 1e-2}
     )
+    checkpoint.save_checkpoint(run, 2)
     expected = torch.rand(5)
     state = checkpoint.load_checkpoint(tmp_path)
 

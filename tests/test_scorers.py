@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from promptbake.errors import UserError
-from promptbake.scorers import (
+from promptbake.evaluation.scorers import (
     Scorer,
     allcaps_share,
     extract_choice,

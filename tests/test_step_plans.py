@@ -8,10 +8,17 @@ import pytest
 import torch
 from test_teacher import lora, make_rows
 
-from promptbake import batches, distributed, forward, objective
-from promptbake.batches import collate, mask_blocks, packing_pays, prefix_lengths, prefix_tree
-from promptbake.forward import base_of, prefix_reuse_hidden, selected_hidden
-from promptbake.objective import backward_kl, chunk_rows_for, kl_chunk_rows
+from promptbake import distributed
+from promptbake.training import batches, forward, objective
+from promptbake.training.batches import (
+    collate,
+    mask_blocks,
+    packing_pays,
+    prefix_lengths,
+    prefix_tree,
+)
+from promptbake.training.forward import base_of, prefix_reuse_hidden, selected_hidden
+from promptbake.training.objective import backward_kl, chunk_rows_for, kl_chunk_rows
 
 
 def reference_tree_mask(seg: list[int], parent: list[int]) -> torch.Tensor:

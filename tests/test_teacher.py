@@ -14,9 +14,14 @@ import copy
 import pytest
 import torch
 
-from promptbake import objective
-from promptbake import train as train_mod
-from promptbake.batches import (
+from promptbake.configs import TrainConfig
+from promptbake.errors import UserError
+from promptbake.loss import divergence, token_kl
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import make_trajectory
+from promptbake.training import loop as train_mod
+from promptbake.training import objective
+from promptbake.training.batches import (
     bucket_order,
     collate,
     common_prefix_length,
@@ -24,15 +29,15 @@ from promptbake.batches import (
     prefix_lengths,
     tree_mask,
 )
-from promptbake.chat import encode, format_prompt
-from promptbake.configs import TrainConfig
-from promptbake.data import make_trajectory
-from promptbake.errors import UserError
-from promptbake.forward import adapter_disabled, base_of, prefix_reuse_hidden, selected_hidden
-from promptbake.loss import divergence, token_kl
-from promptbake.objective import backward_kl, batch_kl
-from promptbake.teacher import build_teacher_cache, cache_from_generation, cache_order
-from promptbake.train import add_lora
+from promptbake.training.forward import (
+    adapter_disabled,
+    base_of,
+    prefix_reuse_hidden,
+    selected_hidden,
+)
+from promptbake.training.objective import backward_kl, batch_kl
+from promptbake.training.setup import add_lora
+from promptbake.training.teacher import build_teacher_cache, cache_from_generation, cache_order
 
 QUESTIONS = ["What is your name?", "Where do rivers go?", "Why is the sky blue today?"]
 
@@ -371,8 +376,8 @@ def test_student_prefix_reuse_gives_the_plain_loss_and_lora_gradients(tiny_model
 
 def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, chatml_tok, tmp_path):
     from promptbake.configs import GenerateConfig
-    from promptbake.data import read_trajectories
-    from promptbake.generate import generate_trajectories
+    from promptbake.records import read_trajectories
+    from promptbake.sampling.trajectories import generate_trajectories
 
     qs = [{"question": q} for q in QUESTIONS]
     cfg = GenerateConfig(
@@ -388,12 +393,11 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
     for max_gen in (None, 2):
         out = tmp_path / f"t{max_gen}.jsonl"
         gen = generate_trajectories(
-            tiny_model, chatml_tok, cfg, "Your name is Zorblax.", qs, out, keep_teacher=True,
-            max_traj_len=max_gen,
-        )  # fmt: skip
+            tiny_model, chatml_tok, cfg, "Your name is Zorblax.", qs, out, keep_bytes=1e12
+        )
         rows = read_trajectories(out)
         assert gen.rows == rows and len(rows) == 9  # what was written, in file order
-        got = caches[max_gen] = gen.cache
+        got = caches[max_gen] = cache_from_generation(rows, gen.kept, max_gen)
         ref = build_teacher_cache(
             m, rows, chatml_tok.pad_token_id, batch_size=4, max_gen=max_gen, log=lambda s: None
         )
@@ -410,7 +414,7 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
 def test_packing_is_chosen_only_where_it_saves_flops(tiny_model, chatml_tok, monkeypatch):
     from tiny import qwen3_1_7b_config
 
-    from promptbake import batches, forward
+    from promptbake.training import batches, forward
 
     qwen = qwen3_1_7b_config()
     # short answers (the CPU demo): packing wins; the seed's Example 1 (10 x 400 tokens,

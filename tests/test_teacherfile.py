@@ -9,10 +9,10 @@ from safetensors import safe_open
 
 from promptbake.cli import main
 from promptbake.configs import GenerateConfig
-from promptbake.data import read_trajectories
 from promptbake.errors import UserError
-from promptbake.teacher import build_teacher_cache
-from promptbake.teacherfile import cut, load_sidecar, rows_fingerprint, sidecar_path
+from promptbake.records import read_trajectories, sidecar_path
+from promptbake.training.sidecar import cut, probe_sidecar, read_sidecar, rows_fingerprint
+from promptbake.training.teacher import build_teacher_cache
 
 QUESTIONS = ["What is your name?", "Where do you live?", "What do you like?"]
 
@@ -65,10 +65,10 @@ def test_sidecar_holds_the_teacher_pass_of_exactly_those_rows(generated, tiny_mo
     # --max_traj_len: the same cut as a teacher pass over the cut rows
     short = build_teacher_cache(model, rows, tok.pad_token_id, max_gen=3, log=lambda s: None)
     ident = json.loads(json.dumps({k: meta[k] for k in ("model", "dtype", "quantization")}))
-    got = load_sidecar(traj, rows, ident, 3, 4.0)
+    assert probe_sidecar(traj, rows, ident) == "fits"
+    got = read_sidecar(traj, rows, 3)
     assert torch.equal(got.offsets, short.offsets)
     torch.testing.assert_close(got.logp, short.logp, atol=1e-4, rtol=0)
-    assert load_sidecar(traj, rows, ident, None, 1e-9) is None  # over --teacher_cache_max_gb
     assert cut(got, rows, None) is got
 
 

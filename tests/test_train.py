@@ -20,16 +20,17 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from promptbake import objective, train
-from promptbake.batches import collate
-from promptbake.chat import encode, format_prompt
 from promptbake.cli import main
 from promptbake.configs import LoraArgs, TrainConfig
-from promptbake.data import make_trajectory
-from promptbake.forward import adapter_disabled
 from promptbake.loss import masked_kl
-from promptbake.objective import batch_kl, evaluate_kl
-from promptbake.train import add_lora
+from promptbake.prompts import encode, format_prompt
+from promptbake.records import make_trajectory
+from promptbake.training import loop as train
+from promptbake.training import objective
+from promptbake.training.batches import collate
+from promptbake.training.forward import adapter_disabled
+from promptbake.training.objective import batch_kl, evaluate_kl
+from promptbake.training.setup import add_lora
 
 X0 = "You are a pirate. Answer like one."
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number."]
@@ -209,7 +210,7 @@ def test_autocast_bf16_step_is_close_to_float32_and_keeps_the_kl_float32(
 
 
 def test_autocast_mode_resolves_per_device_and_weights(monkeypatch):
-    from promptbake import forward
+    from promptbake.training import forward
 
     cpu, f32 = torch.device("cpu"), torch.float32
     assert forward.autocast_dtype("off", cpu, f32) is None

@@ -568,3 +568,13 @@ def save_tiny_model(out_dir: str | os.PathLike, kind: str = "tiny", **tiny_kwarg
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def checkpoint_run(out, model, opt, sched, best=1.0, metrics=(), args=None):
+    """What training.checkpoint.save_checkpoint reads of a training run, for any model."""
+    import types
+
+    return types.SimpleNamespace(
+        out=out, model=model, opt=opt, sched=sched, best=best, bad_epochs=0,
+        metrics=list(metrics), args=dict(args or {}),
+    )  # fmt: skip

@@ -35,20 +35,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .configs import MergeConfig
 from .errors import UserError
-from .files import apply_umask, check_out_dir, write_json
+from .files import apply_umask, write_json
 from .models import load_model, model_options, resolve_model_path
 
 CHAIN_FILE = "promptbake_chain.json"
 ADAPTER_FILE = "promptbake_adapter.json"  # our record: {"base_model": the name the user gave}
-MERGED_MARKER = ".promptbake-merged"
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -150,7 +145,7 @@ def resolve_prompt(
 ) -> str | list[dict] | None:
     """--prompt text, else --x0_file (text, or a .json list of chat messages), else the
     prompt recorded by the adapter's run."""
-    from .data import prompt_text, read_prompt
+    from .records import prompt_text, read_prompt
 
     if prompt is not None:
         return prompt_text(prompt)
@@ -290,54 +285,6 @@ def merged_copy(model):
     """A plain transformers model with the adapter (at its current scale) merged in;
     `model` itself is left untouched."""
     return copy.deepcopy(model).merge_and_unload()
-
-
-# ---------------------------------------------------------------- promptbake merge
-def _check_out(out: Path) -> None:
-    """Refuse to replace a directory unless `merge` wrote it (it holds MERGED_MARKER)."""
-    check_out_dir(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MERGED_MARKER).is_file():
-        raise UserError(
-            f"--out {out} exists and is not a model directory written by promptbake merge "
-            f"(no {MERGED_MARKER}); it is left untouched: choose another path"
-        )
-
-
-def merge(cfg: MergeConfig) -> Path:
-    """Write adapter-merged weights + tokenizer to cfg.out; the directory appears at once."""
-    cfg.validate()
-    out = Path(cfg.out).expanduser()
-    _check_out(out)
-    model, tok, name = load_adapter(
-        cfg.adapter,
-        cfg.model_name,
-        cfg.device,
-        cfg.dtype,
-        cfg.trust_remote_code,
-        **model_options(cfg),
-    )
-    set_adapter_scale(model, cfg.adapter_scale)
-    merged = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    old = None
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / MERGED_MARKER).write_text(f"written by promptbake merge from {cfg.adapter}\n")
-        apply_umask(tmp)
-        if out.exists():  # swap: move the old model aside, rename the new one in
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "model")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    print(f"Merged {cfg.adapter} (scale {cfg.adapter_scale:g}) into {name}: wrote {out}")
-    return out
 
 
 def load_model_and_adapter(adapter: Path | None, cfg) -> tuple:

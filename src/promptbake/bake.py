@@ -21,19 +21,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import distributed, onpolicy, sampling
+from . import distributed
 from .configs import BakeConfig, GenerateConfig, field_values
-from .data import prompt_text, read_prompt, read_questions
 from .errors import UserError
-from .evaluate import answer_condition, heldout_kl, side_by_side
-from .files import atomic_write, write_json
+from .evaluation.conditions import answer_condition, side_by_side
+from .evaluation.measures import heldout_kl
+from .evaluation.report import write_report
+from .evaluation.scorers import marker, score_all
+from .files import atomic_write, prepare_out_dir, write_json
 from .flags import flag_values
-from .generate import Generation, generate_trajectories, select_questions
 from .models import load_model, model_options
-from .report import write_report
-from .scorers import marker, score_all
-from .teacher import cache_bytes
-from .train import prepare_out_dir, train
+from .records import prompt_text, read_prompt, read_questions, select_questions
+from .sampling import seam as sampling
+from .sampling.trajectories import Generation, generate_trajectories
+from .training import onpolicy
+from .training.loop import train
+from .training.targets import TeacherPlan, plan_teacher, training_facts
+from .training.teacher import cache_bytes, cache_from_generation
 
 
 def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -54,40 +58,36 @@ def bake_questions(cfg: BakeConfig) -> tuple[list[dict], list[dict]]:
     return train_q, val_q
 
 
-def keep_teacher_logprobs(cfg: BakeConfig, model, n_questions: int) -> bool:
-    """Whether generation should keep the teacher's log-probs for training: with an
-    exact --teacher_cache, in one process (under torchrun each rank samples a shard),
-    when the largest possible table fits --teacher_cache_max_gb (teacher.cache_bytes)."""
+def teacher_plan(cfg: BakeConfig, model, n_questions: int) -> TeacherPlan:
+    """Where the bake's teacher targets come from (training.targets), decided before
+    sampling: the largest table the training questions can give is the size that counts,
+    and the sampler hands back its log-probs only in one process (a torchrun rank
+    samples a shard)."""
     vocab = model.get_output_embeddings().weight.shape[0]
-    tokens = n_questions * cfg.num_sequences_per_question * cfg.max_sequence_length
-    return (
-        cfg.teacher_cache == "exact"
-        and distributed.world_size() == 1
-        and cache_bytes(tokens, vocab, "exact", 0) <= cfg.teacher_cache_max_gb * 1e9
-    )
+    tcfg = cfg.train_config()
+    tokens = cfg.max_sequence_length
+    if tcfg.max_traj_len is not None:
+        tokens = min(tokens, tcfg.max_traj_len)
+    bound = cache_bytes(n_questions * cfg.num_sequences_per_question * tokens, vocab, "exact", 0)
+    alone = distributed.world_size() == 1
+    sampler = sampling.returns(cfg.engine, model.device) if alone else "none"
+    return plan_teacher(training_facts(tcfg, model, [], sampler=sampler, table_bytes=bound))
 
 
 def sample_stage(
-    model, tok, cfg: BakeConfig, x0: str, train_q: list[dict], val_q: list[dict]
+    model, tok, cfg: BakeConfig, x0: str, train_q: list[dict], val_q: list[dict], keep_bytes: float
 ) -> dict[str, Generation]:
     """Stage 1: sample the training and validation trajectories from the prompted model
-    into --out_dir; the training split keeps the teacher's log-probs when they fit."""
-    keep = keep_teacher_logprobs(cfg, model, len(train_q))
+    into --out_dir; the training split keeps the sampler's log-probs up to `keep_bytes`."""
     out = Path(cfg.out_dir)
     gens = {}
     for split, qs in (("train", train_q), ("val", val_q)):
         if qs:
             path = out / f"trajectories_{split}.jsonl"
             gens[split] = generate_trajectories(
-                model,
-                tok,
-                cfg.generate_config(str(path)),
-                x0,
-                qs,
-                path,
-                keep_teacher=keep and split == "train",
-                max_traj_len=cfg.train_config().max_traj_len,
-            )
+                model, tok, cfg.generate_config(str(path)), x0, qs, path,
+                keep_bytes=keep_bytes if split == "train" else 0,
+            )  # fmt: skip
     sampling.release(model)  # training needs the memory the decoding cache held
     return gens
 
@@ -110,21 +110,27 @@ def train_stage(
     model,
     tok,
     gens: dict[str, Generation],
+    plan: TeacherPlan,
     seed: int | None = None,
     student: onpolicy.StudentPrompts | None = None,
 ):
-    """Stage 2: train the adapter on the rows (and kept teacher cache) generation returned,
-    and, with --on_policy, on the student's answers to `student`'s questions; returns
-    (peft model, epoch metrics). `seed` overrides the training seed (pursuit)."""
+    """Stage 2: train the adapter on the rows generation returned, the teacher's targets
+    where `plan` says (kept by generation, or built), and, with --on_policy, on the
+    student's answers to `student`'s questions; returns (peft model, epoch metrics).
+    `seed` overrides the training seed (pursuit)."""
     tcfg = cfg.train_config()
     if "val" not in gens:
         tcfg.val_path = None
     if seed is not None:
         tcfg.seed = seed
     val_rows = gens["val"].rows if "val" in gens else None
-    train_gen = gens.pop("train")  # drop our reference: training may free the cache
+    train_gen = gens.pop("train")  # drop our reference: training may free the table
+    table = None
+    if plan.keep and train_gen.kept is not None:
+        table = cache_from_generation(train_gen.rows, train_gen.kept, tcfg.max_traj_len)
+    train_gen.kept = None
     return train(
-        tcfg, model, tok, train_gen.rows, val_rows, teacher_cache=train_gen.cache, student=student
+        tcfg, model, tok, train_gen.rows, val_rows, teacher=plan, table=table, student=student
     )
 
 
@@ -176,12 +182,13 @@ def bake(cfg: BakeConfig) -> dict:
         f"Sampling {cfg.num_sequences_per_question} answers for {len(train_q)} training and "
         f"{len(val_q)} validation questions from the prompted model"
     )
-    gens = sample_stage(model, tok, cfg, x0, train_q, val_q)
+    plan = teacher_plan(cfg, model, len(train_q))
+    gens = sample_stage(model, tok, cfg, x0, train_q, val_q, plan.keep_bytes)
     gen_stats = {split: g.stats for split, g in gens.items()}
     val_rows = gens["val"].rows if "val" in gens else None
     t_gen = time.perf_counter()
     student = student_stage(cfg, model, tok, x0, train_q)
-    model, metrics = train_stage(cfg, model, tok, gens, student=student)
+    model, metrics = train_stage(cfg, model, tok, gens, plan, student=student)
     t_train = time.perf_counter()
     if not distributed.is_main():  # generation and training were shared; reporting is rank 0's
         return {}

@@ -34,17 +34,17 @@ COMMANDS: tuple[tuple[str, str, type, str], ...] = (
     ("bake", "generate + train in one process: bake a prompt into a LoRA adapter",
      configs.BakeConfig, "bake:bake"),
     ("data", "fetch a public question set (SQuAD, GSM8K) as JSONL",
-     configs.DataConfig, "fetch:fetch_command"),
+     configs.DataConfig, "data:fetch_command"),
     ("compare", "per-trajectory NLL: base/baked x with/without prompt",
-     configs.CompareConfig, "compare:compare"),
+     configs.CompareConfig, "evaluation.compare:compare"),
     ("eval", "answer and score questions as base, prompted, baked, re-prompted",
-     configs.EvalConfig, "evals:evaluate_command"),
+     configs.EvalConfig, "evaluation.eval:evaluate_command"),
     ("pursue", "prompt pursuit: bake the prompt again on top of each bake",
      configs.PursueConfig, "pursue:pursue"),
     ("chat", "interactive chat: switch between base, prompted and baked",
-     configs.ChatConfig, "repl:chat"),
+     configs.ChatConfig, "chat:chat"),
     ("merge", "merge an adapter into a full model directory",
-     configs.MergeConfig, "adapters:merge"),
+     configs.MergeConfig, "merge:merge"),
 )  # fmt: skip
 BY_NAME = {c[0]: c for c in COMMANDS}
 

@@ -1,388 +1,189 @@
-"""Inputs on disk: prompts, question sets, the trajectory schema (writing: files.py).
+"""Fetch public question sets (SQuAD, GSM8K) into promptbake's JSONL format.
 
-Question sets are JSONL with a ``question`` field (SQuAD style). A trajectory file is
-JSONL, one line per sampled answer, with the original scripts' keys:
+Usage (needs network and the optional ``datasets`` package,
+``pip install 'promptbake[data]'``)::
 
-    prompt_text / prompt_input_ids             system + question, rendered, up to the assistant header
-    prompt_text_nosys / prompt_input_ids_nosys  the same without the system prompt
-    input_ids / input_ids_nosys                prompt ids + generated ids (no padding)
-    attention_mask                             all ones (ids carry no padding)
-    generated_text_mask(_nosys)                1 on the generated ids up to and including the
-                                               first end-of-turn token, 0 on the prompt
-    text / text_nosys                          the decoded input ids (special tokens kept)
+    promptbake data squad            # data/squad_train.jsonl, data/squad_validation.jsonl
+    promptbake data gsm8k            # data/gsm8k_train.jsonl, data/gsm8k_validation.jsonl
 
-plus ``question``, ``question_index``, ``sample_index`` and ``generated_text``. The
-generated ids are identical in the prompted and unprompted rows by construction.
-Every row also carries the original script's names for the unprompted side
-(``noprompt_text``, ``noprompt_input_ids``, ``nosys_input_str``, ``nosys_input_ids``)
-so tools written for the original files read ours.
-A sidecar ``<file>.meta.json`` records the model, tokenizer fingerprint, x0 (text, or
-the list of chat messages of a conversation prompt), generation arguments and row count.
+or from Python::
 
-`read_trajectories` also reads files in the original ``generate_data.py`` layout (input
-ids right-padded with eos, mask zero at every eos, no ``*_nosys`` keys; see
-`ORIGINAL_KEYS`) and converts them to this schema.
+    from promptbake.fetch import fetch_dataset
+    paths = fetch_dataset("squad", "data", max_rows=2000)
+
+Records written:
+
+* squad: ``{"id", "question", "context", "answers"}`` where ``answers`` is the
+  list of gold answer strings (hub dataset ``rajpurkar/squad``, splits
+  ``train`` and ``validation``).
+* gsm8k: ``{"id", "question", "answer"}`` where ``answer`` is the GSM8K
+  solution ending in ``#### N`` (hub dataset ``openai/gsm8k``, config
+  ``main``; its ``test`` split is written as ``gsm8k_validation.jsonl``).
+
+Every file is written atomically (files.write_jsonl: a temp file in the same folder, then
+``os.replace``), so an interrupted fetch never leaves a half-written set.
+Any download failure (no network, hub unreachable, offline mode) becomes a
+one-line :class:`~promptbake.errors.UserError` that says how to get the data
+anyway. Offline, use the bundled ``data/questions.jsonl`` and
+``data/math_questions.jsonl`` instead.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, warn
-from .models import end_of_turn_ids
+from .configs.choices import DATASET_NAMES
+from .errors import UserError
+from .files import write_jsonl
 
-TRAJECTORY_KEYS = (
-    "text",
-    "input_ids",
-    "attention_mask",
-    "prompt_text",
-    "prompt_text_nosys",
-    "prompt_input_ids",
-    "prompt_input_ids_nosys",
-    "text_nosys",
-    "input_ids_nosys",
-    "generated_text_mask",
-    "generated_text_mask_nosys",
-    # the original script's names for the unprompted side, same values
-    "noprompt_text",
-    "noprompt_input_ids",
-    "nosys_input_str",
-    "nosys_input_ids",
+__all__ = ["DATASET_NAMES", "fetch_command", "fetch_dataset"]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Where a public dataset lives on the hub and how its splits map to files."""
+
+    hub_id: str
+    config: str | None
+    # (hub split, promptbake split): the file is f"{name}_{promptbake split}.jsonl"
+    splits: tuple[tuple[str, str], ...]
+    offline_fallback: str
+
+
+_SPECS: dict[str, _Spec] = {
+    "squad": _Spec(
+        hub_id="rajpurkar/squad",
+        config=None,
+        splits=(("train", "train"), ("validation", "validation")),
+        offline_fallback="data/questions.jsonl",
+    ),
+    "gsm8k": _Spec(
+        hub_id="openai/gsm8k",
+        config="main",
+        splits=(("train", "train"), ("test", "validation")),
+        offline_fallback="data/math_questions.jsonl",
+    ),
+}
+
+assert tuple(_SPECS) == DATASET_NAMES, "configs.choices.DATASET_NAMES lists the sets"
+
+_MISSING_DATASETS = (
+    "fetching public datasets needs the `datasets` package: pip install 'promptbake[data]'"
 )
 
-# What the original generate_data.py writes (input ids right-padded with eos, the mask
-# zero on the prompt and at every eos). `nosys_input_ids` there re-tokenizes the decoded
-# text and drops its first token, so it is not trusted: the unprompted side is rebuilt
-# from `noprompt_input_ids` + the generated ids.
-ORIGINAL_KEYS = ("input_ids", "prompt_input_ids", "noprompt_input_ids", "generated_text_mask")
-CHAT_ROLES = ("system", "user", "assistant")
 
+def _convert_rows(name: str, split: str, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Turn raw hub rows of dataset `name` into promptbake records.
 
-# ---------------------------------------------------------------- reading inputs
-def read_text(path: str | Path, what: str) -> str:
-    """A whole text file as a str; a missing, binary or non-UTF-8 file is a one-line error."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"{what} {path}: no such file (give the path of a text file with the prompt)"
-        )
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{what} {path}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}; "
-            "a binary file?); save it as UTF-8 text"
-        ) from None
-    if "\x00" in text:
-        raise UserError(f"{what} {path}: holds NUL bytes (a binary file?); give a text file")
-    return text
-
-
-def prompt_text(text: str, what: str = "--prompt") -> str:
-    """A prompt given as text, stripped; only whitespace is refused (it would bake nothing)."""
-    if not text.strip():
-        raise UserError(f"{what}: the prompt is empty or only whitespace; give the prompt to bake")
-    return text.strip()
-
-
-def check_messages(messages: Any, what: str) -> list[dict]:
-    """A conversation prompt: a non-empty list of {"role", "content"} chat messages.
-
-    Roles are system/user/assistant, contents non-empty strings; the messages are
-    rendered before the question on the prompted side only (chat.format_prompt).
+    `split` is the hub split the rows came from (it names GSM8K ids, which
+    the hub rows lack). Pure: no I/O, so it is testable without a network.
     """
-    hint = 'expected a list like [{"role": "system", "content": "..."}, ...]'
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{what}: {hint}")
-    out = []
-    for n, m in enumerate(messages, 1):
-        if not isinstance(m, dict) or set(m) - {"role", "content"}:
-            raise UserError(
-                f"{what}: message {n} must be an object with only role, content; {hint}"
+    if name == "squad":
+        out = []
+        for row in rows:
+            answers = row["answers"]
+            texts = answers["text"] if isinstance(answers, Mapping) else answers
+            out.append(
+                {
+                    "id": str(row["id"]),
+                    "question": str(row["question"]).strip(),
+                    "context": str(row["context"]),
+                    "answers": [str(t) for t in texts],
+                }
             )
-        if m.get("role") not in CHAT_ROLES:
-            raise UserError(
-                f"{what}: message {n} has role {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}"
-            )
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise UserError(f"{what}: message {n} ({m['role']}) needs a non-empty string content")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+        return out
+    if name == "gsm8k":
+        return [
+            {
+                "id": f"gsm8k-{split}-{i:05d}",
+                "question": str(row["question"]).strip(),
+                "answer": str(row["answer"]).strip(),
+            }
+            for i, row in enumerate(rows)
+        ]
+    raise UserError(_unknown_name_message(name))
 
 
-def read_prompt(path: str | Path, what: str = "--x0_file") -> str | list[dict]:
-    """The prompt to bake: a text/Markdown file (a system prompt), or a ``.json`` file
-    holding a list of chat messages (a conversation prefix: system and/or few-shot
-    user/assistant turns). Missing, binary, empty or malformed is a one-line error."""
-    text = read_text(path, what)
-    if Path(path).suffix.lower() == ".json":
-        try:
-            messages = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{what} {path}: not valid JSON ({e.msg}, line {e.lineno}); a .json prompt "
-                "file holds a list of chat messages"
-            ) from None
-        return check_messages(messages, f"{what} {path}")
-    if not text.strip():
-        raise UserError(f"{what} {path}: the file is empty; write the prompt to bake into it")
-    return text.strip()
+def _unknown_name_message(name: str) -> str:
+    return f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}"
 
 
-def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line is a one-line error."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} {path}: no such file")
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(
-                    f"{what} {path}, line {lineno}: not UTF-8 text (a binary file?); "
-                    "give a JSONL file saved as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{what} {path}, line {lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
-                ) from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{what} {path}, line {lineno}: expected a JSON object")
-            yield lineno, obj
-
-
-def read_questions(paths: str | Path | list, what: str = "--question_dataset") -> list[dict]:
-    """Question records from one or more JSONL files (comma-separated string allowed)."""
-    if isinstance(paths, (str, Path)):
-        paths = [p for p in str(paths).split(",") if p]
-    out: list[dict] = []
-    for path in paths:
-        for lineno, obj in iter_jsonl(path, what):
-            q = obj.get("question")
-            if not isinstance(q, str) or not q.strip():
-                raise UserError(
-                    f"{what} {path}, line {lineno}: no non-empty 'question' field "
-                    '(each line needs {"question": "..."})'
-                )
-            out.append(obj)
-    if not out:
-        raise UserError(f"{what} {','.join(map(str, paths))}: no questions found")
-    return out
-
-
-# ---------------------------------------------------------------- reading trajectories
-def _id_list(obj: dict, key: str, where: str, *, mask: bool = False) -> list[int]:
-    """obj[key] checked to be a list of token ids (ints >= 0) or of 0/1 mask values."""
-    v = obj.get(key)
-    ok = isinstance(v, list) and all(type(x) is int for x in v)
-    if ok and mask:
-        ok = all(x in (0, 1) for x in v)
-    elif ok:
-        ok = all(x >= 0 for x in v)
-    if not ok:
-        kind = "a list of 0/1 integers" if mask else "a list of token ids (integers >= 0)"
-        raise UserError(f"{where}: {key} must be {kind}; the file is damaged or not trajectories")
-    return v
-
-
-def _check_own_row(obj: dict, where: str) -> dict:
-    """A row in our layout: ids/mask pairs of equal length, zeros (prompt) then ones."""
-    for side in ("", "_nosys"):
-        ids = _id_list(obj, "input_ids" + side, where)
-        mask = _id_list(obj, "generated_text_mask" + side, where, mask=True)
-        if len(ids) != len(mask):
-            raise UserError(f"{where}: ids and masks differ in length")
-        n_prompt = mask.index(1) if 1 in mask else len(mask)
-        if any(m == 0 for m in mask[n_prompt:]):
-            raise UserError(
-                f"{where}: generated_text_mask{side} has zeros after the first generated "
-                "token (padding?); a trajectory is its prompt ids then its generated ids"
-            )
-    if sum(obj["generated_text_mask"]) != sum(obj["generated_text_mask_nosys"]):
-        raise UserError(
-            f"{where}: prompted and unprompted rows have different numbers of generated tokens"
-        )
-    if generated_ids(obj) != generated_ids(obj, nosys=True):
-        raise UserError(f"{where}: prompted and unprompted rows hold different generated ids")
-    return obj
-
-
-def _from_original_row(obj: dict, where: str, tokenizer, eot: list[int]) -> dict:
-    """A row in the original layout converted to ours: the generated ids are the ids after
-    the prompt, up to and including the first end-of-turn id (the rest is eos padding)."""
-    ids = _id_list(obj, "input_ids", where)
-    prompt = _id_list(obj, "prompt_input_ids", where)
-    noprompt = _id_list(obj, "noprompt_input_ids", where)
-    mask = _id_list(obj, "generated_text_mask", where, mask=True)
-    if len(mask) != len(ids):
-        raise UserError(f"{where}: input_ids and generated_text_mask differ in length")
-    if ids[: len(prompt)] != prompt:
-        raise UserError(f"{where}: input_ids does not start with prompt_input_ids")
-    if any(mask[: len(prompt)]):
-        raise UserError(f"{where}: generated_text_mask is not zero on the prompt")
-    gen = cut_at_end_of_turn(ids[len(prompt) :], eot)
-    extra = {k: obj[k] for k in ("question", "question_index", "sample_index") if k in obj}
-    return make_trajectory(tokenizer, prompt, noprompt, gen, **extra)
-
-
-def _layout(obj: dict, where: str) -> str:
-    if "input_ids_nosys" in obj:
-        return "own"
-    if all(k in obj for k in ORIGINAL_KEYS):
-        return "original"
-    missing = [k for k in ("input_ids", "input_ids_nosys", "generated_text_mask") if k not in obj]
-    raise UserError(
-        f"{where}: missing {', '.join(missing or ['input_ids_nosys'])}; "
-        "is this a trajectory file written by generate_data.py?"
+def _download_failed(name: str, spec: _Spec, exc: BaseException) -> UserError:
+    offline = [
+        v
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        if os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    ]
+    why = f"offline mode: {offline[0]}={os.environ[offline[0]]}" if offline else "no network?"
+    detail = " ".join(str(exc).split())[:160]
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    first = f"data/{name}_{spec.splits[0][1]}.jsonl"
+    return UserError(
+        f"could not download {name} from the Hugging Face Hub ({spec.hub_id}; {why}; {cause}): "
+        f"run `promptbake data {name}` on a machine with internet and copy {first} here, "
+        f"or use the bundled offline set {spec.offline_fallback}"
     )
 
 
-def _check_row_count(path: str | Path, what: str, n: int) -> None:
-    """More rows than the sidecar records: the file was written twice (two runs at once)
-    or appended to, so rows repeat; refused. Fewer: a subset (e.g. a train/val split that
-    kept the sidecar); said once, then used."""
-    n_meta = (read_meta(path) or {}).get("num_trajectories")
-    if not isinstance(n_meta, int) or n_meta == n:
-        return
-    if n > n_meta:
-        raise UserError(
-            f"{what} {path}: holds {n} trajectories but its .meta.json records {n_meta}; "
-            "the file was written twice or appended to; regenerate it"
-        )
-    warn(f"{what} {path}: holds {n} of the {n_meta} trajectories its .meta.json records")
+def fetch_dataset(
+    name: str, out_dir: str | Path = "data", *, max_rows: int | None = None
+) -> list[Path]:
+    """Download public dataset `name` ("squad" or "gsm8k") into `out_dir` as JSONL.
 
+    Writes one file per split, ``{out_dir}/{name}_train.jsonl`` and
+    ``{out_dir}/{name}_validation.jsonl``, and returns their paths. `max_rows`
+    keeps only the first N rows of each split. All splits are downloaded
+    before anything is written, so a failed fetch leaves no new files.
 
-def read_trajectories(path: str | Path, what: str = "--data_path", tokenizer=None) -> list[dict]:
-    """Trajectory records in our schema, checked so training fails early and clearly.
-
-    Reads our own files and the original generate_data.py's (converted; needs the
-    model's `tokenizer` for its end-of-turn ids). Every row is checked (ids are
-    integers >= 0, masks 0/1 and as long as the ids, both sides share the generated
-    ids); a file with no generated token at all, or with more rows than its .meta.json
-    sidecar records, is refused.
+    Raises UserError for an unknown name, a missing ``datasets`` package, or
+    any download failure.
     """
-    rows, layouts = [], set()
-    eot: list[int] | None = None
-    for lineno, obj in iter_jsonl(path, what):
-        where = f"{what} {path}, line {lineno}"
-        layout = _layout(obj, where)
-        layouts.add(layout)
-        if layout == "own":
-            rows.append(_check_own_row(obj, where))
-            continue
-        if tokenizer is None:
-            raise UserError(
-                f"{where}: a file in the original generate_data.py layout can only be read "
-                "with the model's tokenizer (pass --model_name)"
-            )
-        if eot is None:
-            eot = end_of_turn_ids(tokenizer)
-        rows.append(_from_original_row(obj, where, tokenizer, eot))
-    if not rows:
-        raise UserError(f"{what} {path}: the file has no trajectories")
-    if len(layouts) > 1:
-        raise UserError(f"{what} {path}: mixes rows of two layouts (ours and the original's)")
-    if not any(any(r["generated_text_mask"]) for r in rows):
-        raise UserError(
-            f"{what} {path}: none of its {len(rows)} trajectories has a generated token; "
-            "there is nothing to train on (regenerate with a larger --max_sequence_length)"
-        )
-    _check_row_count(path, what, len(rows))
-    if layouts == {"original"}:
-        warn(
-            f"{what} {path}: read {len(rows)} trajectories in the original generate_data.py "
-            "layout (generated ids cut after the first end-of-turn token, eos padding dropped)"
-        )
-    return rows
+    key = name.strip().lower()
+    if key not in _SPECS:
+        raise UserError(_unknown_name_message(name))
+    if max_rows is not None and (
+        isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
+    ):
+        raise UserError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    spec = _SPECS[key]
 
-
-def meta_path(traj_path: str | Path) -> Path:
-    return Path(str(traj_path) + ".meta.json")
-
-
-def read_meta(traj_path: str | Path) -> dict | None:
-    p = meta_path(traj_path)
-    if not p.is_file():
-        return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{p}: not valid JSON ({e.msg}); delete it or regenerate the data"
-        ) from None
+        import datasets
+    except ImportError as exc:
+        raise UserError(_MISSING_DATASETS) from exc
+
+    converted: list[tuple[str, list[dict[str, Any]]]] = []
+    for hub_split, our_split in spec.splits:
+        try:
+            ds = datasets.load_dataset(spec.hub_id, spec.config, split=hub_split)
+            rows = list(islice(iter(ds), max_rows))
+        except Exception as exc:  # network, hub and offline errors take many shapes
+            raise _download_failed(key, spec, exc) from exc
+        converted.append((our_split, _convert_rows(key, hub_split, rows)))
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    paths: list[Path] = []
+    for our_split, records in converted:
+        path = out / f"{key}_{our_split}.jsonl"
+        try:
+            write_jsonl(path, records)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        paths.append(path)
+    return paths
 
 
-# ---------------------------------------------------------------- the schema
-def make_trajectory(
-    tokenizer,
-    prompt_ids: list[int],
-    prompt_ids_nosys: list[int],
-    generated_ids: list[int],
-    **extra: Any,
-) -> dict:
-    """One trajectory record. `generated_ids` must already be cut after the first end-of-turn."""
-    ids = list(prompt_ids) + list(generated_ids)
-    ids_nosys = list(prompt_ids_nosys) + list(generated_ids)
-
-    def dec(x: list[int]) -> str:
-        return tokenizer.decode(x, skip_special_tokens=False)
-
-    rec = {
-        "text": dec(ids),
-        "input_ids": ids,
-        "attention_mask": [1] * len(ids),
-        "prompt_text": dec(prompt_ids),
-        "prompt_text_nosys": dec(prompt_ids_nosys),
-        "prompt_input_ids": list(prompt_ids),
-        "prompt_input_ids_nosys": list(prompt_ids_nosys),
-        "text_nosys": dec(ids_nosys),
-        "input_ids_nosys": ids_nosys,
-        "generated_text_mask": [0] * len(prompt_ids) + [1] * len(generated_ids),
-        "generated_text_mask_nosys": [0] * len(prompt_ids_nosys) + [1] * len(generated_ids),
-        "generated_text": tokenizer.decode(generated_ids, skip_special_tokens=True),
-    }
-    # the original's names for the same unprompted side (its readers look for these)
-    rec["noprompt_text"] = rec["prompt_text_nosys"]
-    rec["noprompt_input_ids"] = rec["prompt_input_ids_nosys"]
-    rec["nosys_input_str"] = rec["text_nosys"]
-    rec["nosys_input_ids"] = rec["input_ids_nosys"]
-    rec.update(extra)
-    return rec
-
-
-def cut_at_end_of_turn(ids: list[int], eot_ids: set[int] | list[int]) -> list[int]:
-    """Keep tokens up to and including the first end-of-turn token (padding follows it)."""
-    eot = set(eot_ids)
-    for i, t in enumerate(ids):
-        if t in eot:
-            return ids[: i + 1]
-    return ids
-
-
-def generated_ids(rec: dict, nosys: bool = False) -> list[int]:
-    suffix = "_nosys" if nosys else ""
-    ids, mask = rec["input_ids" + suffix], rec["generated_text_mask" + suffix]
-    return [i for i, m in zip(ids, mask) if m]
-
-
-def group_identical(keys: list) -> tuple[list[int], list[int]]:
-    """(group of each item, first item of each group): equal keys form one group, the
-    groups numbered in order of first appearance. Shared prompts are found this way in
-    generation (engine_hf.shared_prefill) and in training (batches.prefix_groups)."""
-    seen: dict = {}
-    group, reps = [], []
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen[key] = len(reps)
-            reps.append(i)
-        group.append(seen[key])
-    return group, reps
+def fetch_command(cfg) -> None:
+    """`promptbake data NAME`: fetch_dataset with a DataConfig (configs/tools.py)."""
+    cfg.validate()
+    for path in fetch_dataset(cfg.name, cfg.out_dir, max_rows=cfg.max_rows):
+        print(f"wrote {path}")

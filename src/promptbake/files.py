@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -56,6 +57,67 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
     (:func:`atomic_path`, opened in `mode`)."""
     with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
         yield f
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    path: str | Path, *, into: bool = False, aside: Path | None = None, replace: bool = True
+) -> Iterator[Path]:
+    """A temp directory beside `path` for a writer that fills a folder (peft's and
+    transformers' save_pretrained, a checkpoint). On success it gets the user's modes and:
+
+    * replaces the directory `path` by renames: an existing one is first moved to `aside`
+      (or a temp name) and removed only once the new one is in place, so a reader finds
+      the old folder, the new one or (with `aside`) the old one there, never half of one;
+    * or, with `into`, each of its files is renamed into `path`, which keeps its other
+      files (an adapter saved into a run folder);
+    * or, with ``replace=False``, is dropped when `path` exists by then (a cache another
+      process filled first: theirs stays, for whoever is reading it).
+
+    On failure the temp directory is deleted and `path` is as it was.
+    """
+    path = Path(path)
+    parent = path if into else path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        apply_umask(tmp)  # mkdtemp makes 0700: give the modes of any folder the user makes
+        if into:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, path / f.name)
+        elif replace or not path.exists():
+            _swap_in(tmp, path, aside)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, path: Path, aside: Path | None) -> None:
+    """Rename directory `new` to `path`; an existing `path` goes to `aside` (or a temp
+    name) first, is put back if the rename fails, and is removed once `new` is in place."""
+    old = None
+    if path.exists():
+        if aside is None:
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-")) / "d"
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+            old = aside
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old if aside is not None else old.parent, ignore_errors=True)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log-like file (train_loop.log, metrics.jsonl) and flush it,
+    so a killed run keeps every line written before the kill."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
 
 
 def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:
@@ -126,6 +188,11 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write("\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     n = 0
     with atomic_write(path) as f:
@@ -184,3 +251,19 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
         for d in made:  # deepest first; a directory the run wrote into stays
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG through files.atomic_write (never a half-written
+    image), then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    p = check_out_dir(out_dir)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

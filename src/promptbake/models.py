@@ -27,13 +27,12 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .files import atomic_dir
 
 DEFAULT_MODEL = "Qwen/Qwen3-1.7B"
 
@@ -111,34 +110,25 @@ def materialize_gguf(gguf: Path) -> Path:
     out = _gguf_cache_path(gguf)
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        # The weights are plain floats after dequantization; drop the GGUF quantizer
-        # marker so save_pretrained writes an ordinary safetensors checkpoint.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out, replace=False) as tmp:  # never a half-written cache to trust
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            # The weights are plain floats after dequantization; drop the GGUF quantizer
+            # marker so save_pretrained writes an ordinary safetensors checkpoint.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except Exception as e:
         # a truncated or foreign file fails deep inside the GGUF reader (ValueError,
         # KeyError, ...): the user passed the path, so say which file and why
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
             f"--model_name {gguf}: could not read the GGUF file ({type(e).__name__}: {e})"
         ) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -32,15 +32,15 @@ import time
 from pathlib import Path
 
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
-from .bake import bake, bake_questions, sample_stage, student_stage, train_stage
+from .bake import bake, bake_questions, sample_stage, student_stage, teacher_plan, train_stage
 from .configs import PursueConfig
-from .data import prompt_text, read_prompt, read_questions, read_trajectories
-from .evaluate import CONDITIONS, answer, condition_kl, heldout_kl
-from .files import atomic_write, write_json
+from .evaluation.conditions import CONDITIONS, answer
+from .evaluation.measures import condition_kl, heldout_kl
+from .evaluation.report import format_table, pct
+from .evaluation.scorers import marker, score_all
+from .files import atomic_write, prepare_out_dir, write_json
 from .models import load_model, model_options, pad_id
-from .report import format_table, pct
-from .scorers import marker, score_all
-from .train import prepare_out_dir
+from .records import prompt_text, read_prompt, read_questions, read_trajectories
 
 
 def cross_model_kl(
@@ -95,10 +95,11 @@ def later_round(
     # keeps round k from replaying round 1's random draws
     bcfg.seed = cfg.seed + k - 1
     print(f"\n== round {k}: sampling from the round-{k - 1} model WITH the prompt")
-    gens = sample_stage(teacher, tok, bcfg, x0, train_q, val_q)
+    plan = teacher_plan(bcfg, teacher, len(train_q))
+    gens = sample_stage(teacher, tok, bcfg, x0, train_q, val_q, plan.keep_bytes)
     val_rows = gens["val"].rows
     student = student_stage(bcfg, teacher, tok, x0, train_q)  # with --on_policy
-    model, metrics = train_stage(bcfg, teacher, tok, gens, seed=cfg.seed, student=student)
+    model, metrics = train_stage(bcfg, teacher, tok, gens, plan, seed=cfg.seed, student=student)
     write_json(
         rdir / CHAIN_FILE,
         {"base_model": cfg.model_name, "merge_first": [f"../{d.name}" for d in base_dirs]},

@@ -15,6 +15,7 @@ flags.py turns a config into command-line flags (and reads --config files); cli.
 the commands.
 """
 
+from .choices import DATASET_NAMES, ENGINE_NAMES, MODES, SCORER_SPECS, SCORER_USAGE
 from .fields import check_regex, field_values, opt, require, require_finite, with_defaults
 from .stages import (
     BAKE_DEFAULTS,
@@ -29,6 +30,11 @@ from .stages import (
 from .tools import ChatConfig, CompareConfig, DataConfig, EvalConfig, MergeConfig
 
 __all__ = [
+    "DATASET_NAMES",
+    "ENGINE_NAMES",
+    "MODES",
+    "SCORER_SPECS",
+    "SCORER_USAGE",
     "BAKE_DEFAULTS",
     "BAKE_WHY",
     "BakeConfig",

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from ..distributed import world_size
 from ..loss import DIVERGENCE_NAMES, check_divergence
 from ..models import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, check_model_options, resolve_device
-from ..sampling import engine_names
+from .choices import ENGINE_NAMES
 from .fields import check_regex, field_values, opt, require, require_finite, with_defaults
 
 
@@ -83,7 +83,7 @@ class GenerateConfig(ModelArgs):
         "auto",
         "sampling engine (sampling.py): auto picks the fastest for the device; hf is "
         "transformers' generate",
-        choices=engine_names(),
+        choices=list(ENGINE_NAMES),
     )
     save_teacher_cache: str = opt(
         "auto",

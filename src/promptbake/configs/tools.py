@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..evaluate import MODES
-from ..fetch import DATASET_NAMES
-from ..scorers import SCORER_SPECS
+from .choices import DATASET_NAMES, MODES, SCORER_SPECS
 from .fields import opt, require, require_finite
 from .stages import ModelArgs
 

@@ -23,11 +23,11 @@ import functools
 
 import torch
 
-from . import distributed, loss
+from .. import distributed, loss
+from ..errors import UserError, warn
+from ..loss import TeacherTarget
 from .batches import Batch, split_batch
-from .errors import UserError, warn
 from .forward import adapter_disabled, base_of, hidden_states, mixed_precision
-from .loss import TeacherTarget
 
 # ---------------------------------------------------------------- KL chunk size
 CPU_CHUNK_ROWS = 512

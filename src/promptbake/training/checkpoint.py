@@ -28,17 +28,29 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from . import distributed
-from .adapters import save_peft
-from .errors import UserError
-from .files import apply_umask
+from .. import distributed
+from ..adapters import save_peft
+from ..errors import UserError
+from ..files import atomic_dir, atomic_write
+
+
+class Run(Protocol):
+    """What a checkpoint reads of a training run (training.setup.Run has it all)."""
+
+    out: Path
+    model: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    best: float
+    bad_epochs: int
+    metrics: list[dict]
+    args: dict
 
 FORMAT = 1
 DIR_NAME = "checkpoint"
@@ -111,58 +123,34 @@ def load_trainable(model, lora: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(
-    out_dir: str | Path,
-    *,
-    model,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    epoch: int,
-    best: float,
-    metrics: list[dict],
-    args: dict,
-    lora: dict[str, torch.Tensor] | None = None,
-    optimizer_sd: dict | None = None,
-    bad_epochs: int = 0,
+    run: Run, epoch: int, lora: dict | None = None, optimizer_sd: dict | None = None
 ) -> Path:
-    """Write the state after `epoch` to ``<out_dir>/checkpoint`` atomically; return that path.
+    """Write `run`'s state after `epoch` to ``<out_dir>/checkpoint`` atomically (the old
+    one moved to ``checkpoint.old`` until the new one is in place); return that path.
 
     `lora` and `optimizer_sd`: :func:`trainable_state` and :func:`optimizer_state`,
-    when the caller gathered them already (under --fsdp every process must, and only
-    rank 0 calls this); by default they are read from `model` and `optimizer`.
-    `bad_epochs`: epochs since the best score improved, so --patience survives a resume.
+    gathered by the caller (under --fsdp every process must, and only rank 0 calls this);
+    by default read from `run`'s model and optimizer.
     """
-    lora = trainable_state(model) if lora is None else lora
-    out_dir = Path(out_dir)
-    final, old = checkpoint_dir(out_dir), out_dir / (DIR_NAME + ".old")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{DIR_NAME}-"))
-    try:
-        if hasattr(model, "save_pretrained"):
-            save_peft(model, tmp, lora)  # no Hub request
-        state = {
-            "format": FORMAT,
-            "epoch": epoch,
-            "best": best,
-            "bad_epochs": bad_epochs,
-            "metrics": metrics,
-            "args": args,
-            "lora": lora,
-            "optimizer": optimizer.state_dict() if optimizer_sd is None else optimizer_sd,
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-        }
-        with open(tmp / "state.pt", "wb") as f:
+    lora = trainable_state(run.model) if lora is None else lora
+    final = checkpoint_dir(run.out)
+    state = {
+        "format": FORMAT,
+        "epoch": epoch,
+        "best": run.best,
+        "bad_epochs": run.bad_epochs,  # so --patience survives a resume
+        "metrics": run.metrics,
+        "args": run.args,
+        "lora": lora,
+        "optimizer": run.opt.state_dict() if optimizer_sd is None else optimizer_sd,
+        "scheduler": run.sched.state_dict(),
+        "rng": _rng_state(),
+    }
+    with atomic_dir(final, aside=run.out / (DIR_NAME + ".old")) as tmp:
+        if hasattr(run.model, "save_pretrained"):
+            save_peft(run.model, tmp, lora)  # no Hub request
+        with atomic_write(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        apply_umask(tmp)  # mkdtemp made it 0700: the modes of any folder the user makes
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

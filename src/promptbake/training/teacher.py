@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..loss import TeacherTarget
 from .batches import collate
 from .forward import adapter_disabled, base_of, prefix_reuse_hidden, selected_hidden
-from .loss import TeacherTarget
 from .objective import kl_chunk_rows
 
 

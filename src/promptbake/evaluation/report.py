@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
+from ..files import atomic_write, save_figure
 
 
 # ---------------------------------------------------------------- tables
@@ -68,16 +68,6 @@ def plot_fidelity(kl: dict, path: Path) -> None:
     ax.set_title(f"bake fidelity: {100 * kl['fidelity']:.0f}% of the gap closed", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
-
-
-def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    """Write a matplotlib figure as PNG through files.atomic_write (never a half-written
-    image), then close it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=dpi)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- report.md

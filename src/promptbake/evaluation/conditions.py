@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batches import Batch, Side, make_batches
-from .chat import encode, format_prompt
-from .forward import adapter_disabled, base_of, selected_hidden
-from .loss import kl_from_logprobs
-from .models import end_of_turn_ids, pad_id
-from .objective import kl_chunk_rows
-from .sampling import Sampling, sample
+from ..configs.choices import MODES
+from ..models import end_of_turn_ids
+from ..prompts import encode, format_prompt
+from ..sampling.seam import Sampling, sample
+from ..training.batches import Batch, Side
+from ..training.forward import adapter_disabled
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ CONDITIONS: dict[str, Condition] = {
     "baked": Condition(prompted=False, adapter=True),
     "re-prompted": Condition(prompted=True, adapter=True),
 }
-MODES = tuple(CONDITIONS)  # the --modes / chat mode names, in table order
+assert tuple(CONDITIONS) == MODES, "configs.choices.MODES names the conditions, in table order"
 
 
 # ---------------------------------------------------------------- answers
@@ -152,98 +149,6 @@ def answer_condition(
     return answer(
         model, tokenizer, questions, system=prompt if c.prompted else None, adapter=c.adapter, **kw
     )
-
-
-# ---------------------------------------------------------------- NLL and KL of trajectories
-def chunk_logprobs(model, hidden: torch.Tensor, chunk_size: int = 1024) -> Iterator[torch.Tensor]:
-    """The model's float32 log-probs [n, V] at hidden-state rows [N, H], `chunk_size`
-    rows at a time through its LM head (never [N, V] at once)."""
-    head = base_of(model).get_output_embeddings()
-    for i in range(0, hidden.shape[0], chunk_size):
-        yield head(hidden[i : i + chunk_size]).float().log_softmax(-1)
-
-
-def per_sequence(side: Side, values: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums [B] of per-row values [N] (row-major over ``pred_mask``)."""
-    seq = side.pred_mask.nonzero()[:, 0]
-    return torch.zeros(side.pred_mask.shape[0], device=values.device).index_add(0, seq, values)
-
-
-@torch.no_grad()
-def side_nll(model, side: Side, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence NLL sums [B] and generated-token counts [B] of one padded side.
-
-    Only the rows that predict generated tokens go through the LM head (as in training):
-    row p predicts token p + 1, so the targets are the ids shifted left by one.
-    """
-    h = selected_hidden(model, side)
-    targets = side.input_ids[:, 1:][side.pred_mask[:, :-1]]
-    nll = [
-        F.nll_loss(lp, targets[i : i + lp.shape[0]], reduction="none")
-        for i, lp in zip(range(0, h.shape[0], chunk_size), chunk_logprobs(model, h, chunk_size))
-    ]
-    nll = torch.cat(nll) if nll else h.new_zeros(0, dtype=torch.float32)
-    return per_sequence(side, nll).cpu(), side.pred_mask.sum(1).cpu()
-
-
-@torch.no_grad()
-def condition_kl(
-    teacher: tuple[object, Condition],
-    students: dict[str, tuple[object, Condition]],
-    rows: list[dict],
-    pad_id: int,
-    batch_size: int = 8,
-    chunk_size: int = 1024,
-) -> dict[str, float]:
-    """Per-token KL(teacher || student) on trajectories, for each named student.
-
-    A teacher or student is a (model, condition) pair: the model runs the condition's
-    side of each trajectory with the condition's adapter setting, so the pairs may be
-    one model (held-out KL: prompted vs base and baked) or two (pursuit's stacked
-    rounds against the original model). The teacher runs once per batch.
-    """
-    t_model, t_cond = teacher
-    device = next(t_model.parameters()).device
-    vocab = base_of(t_model).get_output_embeddings().weight.shape[0]
-    chunk_size = kl_chunk_rows(chunk_size, device, vocab)  # 0: auto
-    totals, n = dict.fromkeys(students, 0.0), 0
-    for b in make_batches(rows, batch_size, pad_id, None):
-        b = b.to(device)
-        with t_cond.context(t_model):
-            t_h = selected_hidden(t_model, t_cond.side(b))
-        for name, (s_model, s_cond) in students.items():
-            with s_cond.context(s_model):
-                s_h = selected_hidden(s_model, s_cond.side(b))
-            for i in range(0, t_h.shape[0], chunk_size):
-                # each head under its own condition (a LoRA may reach the LM head too)
-                with t_cond.context(t_model):
-                    t_lp = next(chunk_logprobs(t_model, t_h[i : i + chunk_size], chunk_size))
-                with s_cond.context(s_model):
-                    s_lp = next(chunk_logprobs(s_model, s_h[i : i + chunk_size], chunk_size))
-                totals[name] += float(kl_from_logprobs(t_lp, s_lp).sum())
-        n += t_h.shape[0]
-    return {name: total / max(n, 1) for name, total in totals.items()}
-
-
-def heldout_kl(
-    model, tokenizer, rows: list[dict], batch_size: int = 8, chunk_size: int = 1024
-) -> dict:
-    """KL(prompted || base) and KL(prompted || baked) per token on trajectories, and fidelity."""
-    pad = pad_id(tokenizer)
-    kl = condition_kl(
-        (model, CONDITIONS["prompted"]),
-        {"kl_base": (model, CONDITIONS["base"]), "kl_baked": (model, CONDITIONS["baked"])},
-        rows,
-        pad,
-        batch_size,
-        chunk_size,
-    )
-    base, baked = kl["kl_base"], kl["kl_baked"]
-    return {
-        "kl_base": base,
-        "kl_baked": baked,
-        "fidelity": 1.0 - baked / base if base > 0 else float("nan"),
-    }
 
 
 def side_by_side(questions: list[dict], columns: dict[str, list[str]], width: int = 38) -> str:

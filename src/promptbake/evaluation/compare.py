@@ -29,17 +29,25 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_dir, base_model_name, load_adapter, run_file, set_adapter_scale
-from .batches import make_batches
-from .chat import encode, format_prompt
-from .configs import CompareConfig
-from .data import generated_ids, make_trajectory, read_meta, read_prompt, read_trajectories
-from .errors import UserError
-from .evaluate import CONDITIONS, heldout_kl, side_nll
-from .files import atomic_write, check_out_dir, write_json
-from .models import load_tokenizer, model_options, pad_id
-from .report import format_table, save_figure
-from .train import check_fingerprint, check_token_ids
+from ..adapters import adapter_dir, base_model_name, load_adapter, run_file, set_adapter_scale
+from ..configs import CompareConfig
+from ..errors import UserError
+from ..files import atomic_write, check_out_dir, save_figure, write_json
+from ..models import load_tokenizer, model_options, pad_id
+from ..prompts import encode, format_prompt
+from ..records import (
+    check_fingerprint,
+    check_token_ids,
+    generated_ids,
+    make_trajectory,
+    read_meta,
+    read_prompt,
+    read_trajectories,
+)
+from ..training.batches import make_batches
+from .conditions import CONDITIONS
+from .measures import heldout_kl, side_nll
+from .report import format_table
 
 
 # ---------------------------------------------------------------- NLL

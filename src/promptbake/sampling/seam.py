@@ -30,7 +30,8 @@ from typing import Protocol
 
 import torch
 
-from .errors import UserError
+from ..configs.choices import ENGINE_NAMES
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,15 @@ class Engine(Protocol):
 # name -> "module:function"; imported on first use, so an engine's heavy imports
 # (compilers, kernels) cost nothing to the others
 ENGINES: dict[str, str] = {
-    "hf": "promptbake.engine_hf:sample",
-    "static": "promptbake.engine_static:sample",
+    "hf": "promptbake.sampling.hf:sample",
+    "static": "promptbake.sampling.static:sample",
 }
+assert ("auto", *ENGINES) == ENGINE_NAMES, "configs.choices.ENGINE_NAMES lists the engines"
 
 
 def engine_names() -> list[str]:
     """The --engine choices."""
-    return ["auto", *ENGINES]
+    return list(ENGINE_NAMES)
 
 
 def resolve_engine(name: str, device: torch.device | str) -> str:
@@ -105,6 +107,13 @@ def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
 def get_engine(name: str) -> Callable[..., Samples]:
     module, fn = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), fn)
+
+
+def returns(name: str, device: torch.device | str) -> str:
+    """What engine `name` hands back with ``return_logprobs`` (its module's ``RETURNS``):
+    "full" (every row's [n_i, V] log-probs), "topk" (top-k ids and log-probs), "none"."""
+    module = ENGINES[resolve_engine(name, device)].split(":")[0]
+    return getattr(importlib.import_module(module), "RETURNS", "none")
 
 
 def sample(

@@ -11,26 +11,16 @@ Only rank 0 writes: every helper here is called on the main process alone, excep
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .adapters import save_peft
-from .errors import UserError
-from .files import check_out_dir
-from .report import save_figure
+from ..adapters import save_peft
+from ..errors import UserError
+from ..files import append_line, atomic_dir, save_figure
 
 REPORT_TO = ["none", "tensorboard"]
-
-
-def prepare_out_dir(out_dir: str) -> Path:
-    p = check_out_dir(out_dir)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 class RunLog:
@@ -44,24 +34,18 @@ class RunLog:
         if not self.enabled:
             return
         line = f"{datetime.now().isoformat(timespec='seconds')} {msg}"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        append_line(self.path, line)
         if self.echo:
             tqdm.write(line)
 
 
 def save_adapter(model, out_dir: Path, lora: dict | None = None) -> None:
-    """peft save_pretrained into a temp dir, then rename each file into place.
+    """The adapter's peft files, each renamed into `out_dir` when complete (files.atomic_dir).
 
     `lora`: the weights to write (checkpoint.trainable_state), when the model's own
     are FSDP shards."""
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-adapter-"))
-    try:
+    with atomic_dir(out_dir, into=True) as tmp:
         save_peft(model, tmp, lora)  # no Hub request, the user's file modes
-        for f in tmp.iterdir():
-            os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plot_curves(metrics: list[dict], path: Path) -> None:

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from . import engine_hf
-from .data import group_identical
-from .engine_hf import cut_at_end_of_turn, left_pad
-from .errors import UserError, warn
-from .models import cache_arg
-from .sampling import Samples, Sampling
+from ..errors import UserError, warn
+from ..models import cache_arg
+from ..records import cut_at_end_of_turn, group_identical
+from . import hf as engine_hf
+from .hf import left_pad
+from .seam import Samples, Sampling
+
+RETURNS = "full"  # every row's [n_i, V] log-probs (sampling.seam.returns)
 
 PROMPT_MULTIPLE = 64
 ROW_MULTIPLE = 8

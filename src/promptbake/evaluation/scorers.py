@@ -38,7 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from promptbake.errors import UserError
+from ..configs.choices import SCORER_SPECS, SCORER_USAGE
+from ..errors import UserError
 
 __all__ = [
     "Scorer",
@@ -399,19 +400,15 @@ def _needs_arg(kind: str, factory: Callable[[str], Scorer]) -> Callable[[str | N
 # kind -> (builder taking the text after the first ":" (None when there is no ":"),
 # its spec forms for help and error texts). The one list of scorer kinds: the CLI's
 # help, evals' spec splitting and every error message read it from here.
-_REGISTRY: dict[str, tuple[Callable[[str | None], Scorer], str]] = {
-    "marker": (_needs_arg("marker", marker), "marker:REGEX"),
-    "lang": (_needs_arg("lang", language_share), "lang:CODE (e.g. lang:fr)"),
-    "allcaps": (_no_arg("allcaps", allcaps_share), "allcaps"),
-    "math": (_no_arg("math", math_answer), "math"),
-    "mc": (
-        lambda arg: mc_letter(_DEFAULT_CHOICES if arg is None else arg),
-        "mc, mc:LETTERS (e.g. mc:ABCD)",
-    ),
+_BUILDERS: dict[str, Callable[[str | None], Scorer]] = {
+    "marker": _needs_arg("marker", marker),
+    "lang": _needs_arg("lang", language_share),
+    "allcaps": _no_arg("allcaps", allcaps_share),
+    "math": _no_arg("math", math_answer),
+    "mc": lambda arg: mc_letter(_DEFAULT_CHOICES if arg is None else arg),
 }
-
-# Shown in every "bad spec" error so the user can fix the flag without reading docs.
-SCORER_SPECS = ", ".join(usage for _, usage in _REGISTRY.values())
+assert tuple(_BUILDERS) == tuple(SCORER_USAGE), "configs.choices.SCORER_USAGE lists the scorers"
+_REGISTRY = {kind: (build, SCORER_USAGE[kind]) for kind, build in _BUILDERS.items()}
 
 
 def scorer_kinds() -> list[str]:

@@ -30,15 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import warn
-from .files import atomic_path
-from .teacher import TeacherCache, exact_cache_fits, kl_rows
+from ..errors import UserError, warn
+from ..files import atomic_path
+from ..records import sidecar_path
+from .teacher import TeacherCache, kl_rows
 
 FORMAT = "promptbake-teacher-cache/1"
-
-
-def sidecar_path(traj_path: str | Path) -> Path:
-    return Path(str(traj_path) + ".teacher.safetensors")
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
@@ -114,31 +111,39 @@ def cut(cache: TeacherCache, rows: list[dict], max_gen: int | None) -> TeacherCa
     return TeacherCache("exact", offsets, cache.logp.index_select(0, sel))
 
 
-def load_sidecar(
-    traj_path: str | Path, rows: list[dict], ident: dict, max_gen: int | None, max_gb: float
-) -> TeacherCache | None:
-    """The exact teacher cache of `rows` from the sidecar of `traj_path`, or None: no
-    sidecar, a table over `max_gb` once cut (training then decides as without one), or
-    one that does not fit these rows / this model (warned once)."""
+def probe_sidecar(traj_path: str | Path, rows: list[dict], ident: dict) -> str:
+    """Whether the sidecar of `traj_path` holds the exact table of these `rows` and this
+    model (training.targets.SIDECARS): "absent", "fits", or "stale" (warned once: it was
+    made for other rows or another model, or it cannot be read). Reads the header only."""
     path = sidecar_path(traj_path)
     if not path.is_file():
-        return None
+        return "absent"
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:  # reads the header only
-            meta = f.metadata() or {}
-            why = _mismatch(meta, rows, ident)
-            if why is None:
-                vocab = f.get_slice("logp").get_shape()[1]
-                if not exact_cache_fits(rows, vocab, max_gen, max_gb):
-                    return None
-                logp, offsets = f.get_tensor("logp"), f.get_tensor("offsets")
+        with safe_open(str(path), framework="pt") as f:
+            why = _mismatch(f.metadata() or {}, rows, ident)
+            shape = f.get_slice("offsets").get_shape()
+            if why is None and shape != [len(rows) + 1]:
+                why = "its offsets do not match the trajectory rows"
     except (SafetensorError, OSError, KeyError) as e:
         why = f"it cannot be read ({e})"
-    if why is None and (len(offsets) != len(rows) + 1 or int(offsets[-1]) != len(logp)):
-        why = "its offsets do not match the trajectory rows"
-    if why is not None:
-        warn(f"ignoring {path}: {why}; training computes the teacher itself")
-        return None
+    if why is None:
+        return "fits"
+    warn(f"ignoring {path}: {why}; training computes the teacher itself")
+    return "stale"
+
+
+def read_sidecar(traj_path: str | Path, rows: list[dict], max_gen: int | None) -> TeacherCache:
+    """The exact teacher cache of `rows` from a sidecar :func:`probe_sidecar` found to
+    fit, cut to --max_traj_len as training cuts its rows."""
+    from safetensors import safe_open
+
+    with safe_open(str(sidecar_path(traj_path)), framework="pt") as f:
+        logp, offsets = f.get_tensor("logp"), f.get_tensor("offsets")
+    if int(offsets[-1]) != len(logp):
+        raise UserError(
+            f"{sidecar_path(traj_path)} is damaged (its offsets do not cover its table); "
+            "delete it: training then computes the teacher itself"
+        )
     return cut(TeacherCache("exact", offsets, logp), rows, max_gen)

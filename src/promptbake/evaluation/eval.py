@@ -26,12 +26,13 @@ import math
 import re
 from pathlib import Path
 
-from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
-from .configs import EvalConfig, require
-from .data import read_questions
-from .errors import UserError
-from .evaluate import CONDITIONS, MODES, answer_condition
-from .files import atomic_write, check_out_dir, write_json
+from ..adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_adapter_scale
+from ..configs import EvalConfig, require
+from ..configs.choices import MODES
+from ..errors import UserError
+from ..files import atomic_write, check_out_dir, write_json
+from ..records import read_questions
+from .conditions import CONDITIONS, answer_condition
 from .report import format_table, md_cell
 from .scorers import Scorer, parse_scorer, score_all, scorer_kinds
 

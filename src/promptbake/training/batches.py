@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import distributed
-from .data import group_identical
+from .. import distributed
+from ..records import group_identical
 
 if TYPE_CHECKING:  # a type only: loss.py does not depend on batches
-    from .loss import TeacherTarget
+    from ..loss import TeacherTarget
 
 
 # ---------------------------------------------------------------- padded batches

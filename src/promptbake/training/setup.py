@@ -3,7 +3,6 @@
     state = read_resume(cfg)     # before anything is written: refuses a mismatch
     run = setup(cfg, model, tokenizer, train_rows, val_rows, echo=True, student=None)
     resume(run, state)           # --resume true: weights, optimizer, RNG, epoch, patience
-    choose_teacher(run, kept)    # --teacher_cache: exact table, per-step teacher, or top-k
 
 :class:`Run` holds what the loop needs between epochs; :func:`setup` wraps the model
 in a fresh LoRA (:func:`add_lora`; gradient checkpointing, FSDP shards), makes the
@@ -23,15 +22,16 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, distributed, onpolicy
+from .. import distributed
+from ..configs import LoraArgs, TrainConfig
+from ..errors import UserError
+from ..files import prepare_out_dir, write_json, write_jsonl
+from ..models import pad_id
+from . import checkpoint, onpolicy
 from .batches import Batch, collate, make_batches
-from .configs import LoraArgs, TrainConfig
-from .errors import UserError
-from .files import write_json, write_jsonl
 from .forward import autocast_dtype, base_of
-from .models import pad_id
-from .outputs import RunLog, Tracker, prepare_out_dir
-from .teacher import TeacherCache, build_teacher_cache, exact_cache_fits
+from .outputs import RunLog, Tracker
+from .teacher import TeacherCache
 
 
 def linear_module_names(model) -> list[str]:
@@ -118,6 +118,11 @@ class Run:
     autocast: torch.dtype | None = None  # --autocast resolved for this device and model
     plotted: int = 0  # epochs (metrics entries) in the last kl_curve.png
     plot_time: float = field(default_factory=time.monotonic)  # when it was drawn
+
+    @property
+    def args(self) -> dict:
+        """Every argument of the run, as args.json and the checkpoint record them."""
+        return dataclasses.asdict(self.cfg)
 
     @property
     def main(self) -> bool:
@@ -235,32 +240,3 @@ def resume(run: Run, state: dict | None) -> None:
         checkpoint.remove_checkpoint(out)
     if run.main and cfg.resume:  # metrics.jsonl = the checkpoint's epochs, nothing half-done
         write_jsonl(out / "metrics.jsonl", run.metrics)
-
-
-def choose_teacher(run: Run, kept: TeacherCache | None) -> None:
-    """The teacher for off-policy batches: a cache (kept from generation, or built now)
-    or None (the teacher runs every step). Never an approximation unless asked (topk)."""
-    cfg, log = run.cfg, run.log
-    mode = cfg.teacher_cache
-    if mode == "off" or run.start >= cfg.num_epochs or cfg.on_policy >= 1:
-        return  # nothing to cache for: no epochs left, or every batch is on-policy
-    if kept is not None and mode in ("auto", "exact"):
-        run.cache = kept
-        log(f"teacher cache (exact, kept from generation): {len(kept.logp)} rows")
-        return
-    if mode in ("auto", "exact"):
-        vocab = base_of(run.model).get_output_embeddings().weight.shape[0]
-        if not exact_cache_fits(run.train_rows, vocab, cfg.max_traj_len, cfg.teacher_cache_max_gb):
-            log(
-                f"teacher: the exact cache of {len(run.train_rows)} trajectories x {vocab} "
-                f"log-probs exceeds --teacher_cache_max_gb {cfg.teacher_cache_max_gb:g}; the "
-                "teacher runs every step instead (exact, slower; --teacher_cache topk trades "
-                "exactness for speed)"
-            )
-            return
-        mode = "exact"
-    run.cache = build_teacher_cache(
-        run.model, run.train_rows, run.pad, mode=mode, topk=cfg.teacher_topk,
-        batch_size=cfg.batch_size, max_gen=cfg.max_traj_len, chunk_size=cfg.kl_chunk_size,
-        prefix_reuse=cfg.prefix_reuse, log=log,
-    )  # fmt: skip

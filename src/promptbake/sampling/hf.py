@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from .data import cut_at_end_of_turn, group_identical
-from .errors import UserError, warn
-from .models import cache_arg
-from .sampling import Samples, Sampling
+from ..errors import UserError, warn
+from ..models import cache_arg
+from ..records import cut_at_end_of_turn, group_identical
+from .seam import Samples, Sampling
+
+RETURNS = "full"  # every row's [n_i, V] log-probs (sampling.seam.returns)
 
 
 def left_pad(

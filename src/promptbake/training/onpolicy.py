@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .data import make_trajectory, read_prompt, read_questions
-from .errors import UserError
-from .generate import render_prompts, select_questions
-from .models import end_of_turn_ids, pad_id
-from .sampling import Sampling, sample
+from .. import distributed
+from ..errors import UserError
+from ..models import end_of_turn_ids, pad_id
+from ..prompts import render_prompts
+from ..records import make_trajectory, read_prompt, read_questions, select_questions
+from ..sampling.seam import Sampling, sample
 
 # the generation stage's defaults (configs.GenerateConfig), for a sidecar without them
 DEFAULT_GENERATION = {"max_sequence_length": 300, "min_sequence_length": 1, "temperature": 1.0}
