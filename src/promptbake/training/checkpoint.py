@@ -52,6 +52,7 @@ class Run(Protocol):
     metrics: list[dict]
     args: dict
 
+
 FORMAT = 1
 DIR_NAME = "checkpoint"
 
