@@ -49,7 +49,7 @@ from bench.jobs import loadavg, log, machine_name
 from promptbake.bake import bake
 from promptbake.configs import BakeConfig
 from promptbake.errors import UserError
-from promptbake.evaluation.conditions import answer
+from promptbake.evaluation.conditions import Answering, answer
 from promptbake.evaluation.scorers import parse_scorer, score_all
 from promptbake.files import write_json, write_jsonl
 from promptbake.records import read_prompt, read_questions, read_trajectories, select_questions
@@ -246,14 +246,8 @@ class Evaluator:
         self.batches = make_batches(read_trajectories(path), 8, pad, None)
 
     def behaviour(self, model, system: str | None, adapter: bool) -> tuple[float, list[str]]:
-        answers = answer(
-            model,
-            self.tok,
-            self.heldout,
-            system=system,
-            adapter=adapter,
-            max_new_tokens=self.task.answer_tokens,
-        )
+        how = Answering(self.task.answer_tokens)
+        answers = answer(model, self.tok, self.heldout, system, adapter, how)
         return score_all(answers, self.heldout, self.scorer), answers
 
     def kl(self, model, adapter: bool) -> float:

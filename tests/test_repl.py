@@ -12,7 +12,7 @@ from promptbake.adapters import load_adapter
 from promptbake.chat import HELP, NOT_UTF8, ChatState, chat, handle
 from promptbake.cli import main
 from promptbake.configs import ChatConfig
-from promptbake.evaluation.conditions import answer_ids
+from promptbake.evaluation.conditions import Answering, answer_ids
 from promptbake.prompts import encode, format_prompt
 
 
@@ -84,7 +84,7 @@ def test_each_mode_keeps_its_own_conversation_and_clear_forgets_it(tiny_model, c
     state = ChatState(mode="base", scale=1.0, prompt=X0, has_adapter=False)
 
     def greedy(text: str) -> str:
-        return answer_ids(tiny_model, tok, [encode(tok, text)], max_new_tokens=5)[0]
+        return answer_ids(tiny_model, tok, [encode(tok, text)], Answering(5))[0]
 
     first = handle(q1, tiny_model, tok, cfg, state)
     a1 = greedy(format_prompt(None, q1, False, tok))  # the first turn: the training prompt

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import distributed
 from .configs import BakeConfig, GenerateConfig, field_values
 from .errors import UserError
-from .evaluation.conditions import answer_condition, side_by_side
+from .evaluation.conditions import Answering, answer_condition, side_by_side
 from .evaluation.measures import heldout_kl
 from .evaluation.report import write_report
 from .evaluation.scorers import marker, score_all
@@ -136,8 +136,9 @@ def train_stage(
 
 def heldout_answers(model, tok, cfg: BakeConfig, x0: str, heldout: list[dict]) -> dict:
     """Answers to the held-out questions under base, prompted and baked (evaluate.CONDITIONS)."""
+    how = Answering(cfg.answer_tokens, engine=cfg.engine)
     return {
-        label: answer_condition(model, tok, heldout, name, x0, max_new_tokens=cfg.answer_tokens)
+        label: answer_condition(model, tok, heldout, name, x0, how)
         for name, label in (
             ("base", "base (no prompt)"),
             ("prompted", "prompted"),

@@ -30,7 +30,7 @@ from .adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_a
 from .configs import ChatConfig
 from .configs.choices import MODES
 from .errors import UserError
-from .evaluation.conditions import CONDITIONS, answer_ids
+from .evaluation.conditions import CONDITIONS, Answering, answer_ids
 from .prompts import encode, format_prompt, manual_chatml
 
 HELP = __doc__.split("Commands:")[1].split("Piped input")[0].rstrip()
@@ -95,14 +95,8 @@ def reply(model, tok, cfg: ChatConfig, state: ChatState, question: str, mode: st
         tok, system, history, question, cfg.enable_thinking
     )
     with cond.context(model):
-        answer = answer_ids(
-            model,
-            tok,
-            [encode(tok, text)],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature or None,
-            seed=cfg.seed,
-        )[0]
+        how = Answering(cfg.max_new_tokens, cfg.temperature or None, seed=cfg.seed)
+        answer = answer_ids(model, tok, [encode(tok, text)], how)[0]
     history.append((question, answer))
     tag = f"{mode} x{state.scale:g}" if cond.adapter else mode
     return f"[{tag}] " + " ".join(answer.split())

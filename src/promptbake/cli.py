@@ -97,7 +97,7 @@ def run(name: str, args: argparse.Namespace) -> None:
 
 
 def interrupted_message(command: str | None) -> str:
-    """Ctrl-C outside a stage that says more (train.py does for training)."""
+    """Ctrl-C outside a stage that says more (training.loop says more for training)."""
     if command in ("generate", "bake", "pursue"):  # generation keeps its .partial file
         return "interrupted: partial output is kept and the same command resumes it"
     return "interrupted: nothing half-written was kept; the same command starts it again"

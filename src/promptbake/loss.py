@@ -1,4 +1,4 @@
-"""The baking objective: a divergence between P_teacher and P_student per generated token.
+"""The divergences: P_teacher against P_student at each generated token, pure functions.
 
 The teacher is the model WITH the prompt (adapter off), the student the model
 WITHOUT the prompt (adapter on). Everything here is a pure function of tensors.

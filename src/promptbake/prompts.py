@@ -33,7 +33,8 @@ def prompt_messages(prompt: Prompt | None, user_prompt: str) -> list[dict]:
 
 
 def manual_chatml(system_prompt: Prompt | None, user_prompt: str) -> str:
-    """ChatML by hand, for tokenizers that ship no chat template (seed troubleshooting 7)."""
+    """ChatML by hand, for tokenizers that ship no chat template (the migration
+    guide's fallback when apply_chat_template is missing)."""
     turns = prompt_messages(system_prompt, user_prompt)
     body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in turns)
     return body + "<|im_start|>assistant\n"

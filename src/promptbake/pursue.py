@@ -34,7 +34,7 @@ from pathlib import Path
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
 from .bake import bake, bake_questions, sample_stage, student_stage, teacher_plan, train_stage
 from .configs import PursueConfig
-from .evaluation.conditions import CONDITIONS, answer
+from .evaluation.conditions import CONDITIONS, Answering, answer
 from .evaluation.measures import condition_kl, heldout_kl
 from .evaluation.report import format_table, pct
 from .evaluation.scorers import marker, score_all
@@ -68,7 +68,9 @@ def marker_rates(
     scorer = marker(cfg.marker)
     return {
         name: score_all(
-            answer(model, tok, heldout, system=system, max_new_tokens=cfg.answer_tokens),
+            answer(
+                model, tok, heldout, system, how=Answering(cfg.answer_tokens, engine=cfg.engine)
+            ),
             heldout,
             scorer,
         )

@@ -378,7 +378,7 @@ def generated_ids(rec: dict, nosys: bool = False) -> list[int]:
 def group_identical(keys: list) -> tuple[list[int], list[int]]:
     """(group of each item, first item of each group): equal keys form one group, the
     groups numbered in order of first appearance. Shared prompts are found this way in
-    generation (engine_hf.shared_prefill) and in training (batches.prefix_groups)."""
+    generation (sampling.hf.shared_prefill) and in training (training.batches.prefix_groups)."""
     seen: dict = {}
     group, reps = [], []
     for i, key in enumerate(keys):

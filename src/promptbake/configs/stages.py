@@ -172,7 +172,7 @@ class TrainConfig(LoraArgs, ModelArgs):
         "best validation), written after every epoch; false: delete it and start over. Not "
         "given: refused when <out_dir> holds a checkpoint, so none is lost by accident",
     )
-    # speed-ups (teacher.py, forward.py); each can be switched off for the benchmark
+    # speed-ups (training/teacher.py, training/forward.py); each can be switched off for bench/
     teacher_cache: str = opt(
         "auto",
         "the frozen teacher's log-probs at the generated tokens: auto (computed once before "
@@ -322,28 +322,24 @@ BAKE_DEFAULTS: dict[str, Any] = {
     "on_policy": 0.0,
 }
 BAKE_WHY: dict[str, str] = {
-    "learning_rate": "2e-3, twice the paper's: at batch 4 and the paper's wall time the "
-    "held-out KL ratio was 0.170 / 0.229 / 0.274 / 0.488 (persona / style / knowledge / cot) "
-    "vs 0.204 / 0.266 / 0.238 / 0.660 at 3e-3 and 0.230 / 0.262 / 0.333 / 0.490 for the "
-    "paper's method; 3e-3 overshot on the cot bake. LoRA on the MLP projections as well "
-    "(--target_modules ...,gate_proj,up_proj,down_proj) learned faster per epoch but "
-    "each step took about a fifth longer, so at the paper's time it finished an epoch fewer",
-    "r": "rank 8 at scale alpha/r = 2; a 4x larger scale (alpha 64) at lr 1e-3 was "
-    "no better than the higher lr",
+    "learning_rate": "twice the paper's: the adapter learns in the time the paper's method "
+    "takes, without overshooting on the chain-of-thought bake as 3e-3 did; LoRA on the MLP "
+    "projections too learns more per epoch but finishes fewer epochs in that time "
+    "(numbers: README, bake defaults)",
+    "r": "rank 8 at scale alpha/r = 2: a larger scale was no better than the higher lr",
     "lora_alpha": "scale alpha/r = 2 (see -r); the seed's alpha 1 with r 32 (scale 1/32) "
     "learns very slowly",
-    "batch_size": "4: twice the optimizer steps of batch 8 in the same time; at lr 3e-3 and the paper's "
-    "wall time the held-out KL ratio was 0.183 vs 0.209 (persona) and 0.234 vs 0.257 "
-    "(knowledge) in bench-fidelity sweeps; batch 2 (lr 1.5e-3) was no better than 4",
+    "batch_size": "twice the optimizer steps of batch 8 in the same time, which lowered the "
+    "held-out KL; batch 2 was no better (README, bake defaults)",
     "num_epochs": "a ceiling: --patience stops earlier once validation KL stops improving; "
     "the best epoch's adapter is kept",
-    "patience": "3: validation KL on a few questions is noisy (it rose for 1-2 epochs and "
-    "then fell again in the bench runs), so 1-2 stops too early",
-    "divergence": "the paper's forward KL: reverse KL and JSD matter most for on-policy "
-    "batches (off by default, see --on_policy) and were not measured at equal time yet",
-    "on_policy": "0 here: on a CPU a student-sampled batch took ~6x as long as a cached "
-    "off-policy one (15 s vs 2.6 s per step, persona bake), so at equal time "
-    "on-policy batches mean far fewer steps; worth trying on a GPU (fast sampling)",
+    "patience": "validation KL on a few questions is noisy (it rises for an epoch or two "
+    "and falls again), so a shorter patience stops too early",
+    "divergence": "the paper's forward KL; reverse KL and JSD matter most for on-policy "
+    "batches (off by default, see --on_policy)",
+    "on_policy": "off here: on a CPU a student-sampled batch costs several cached "
+    "off-policy steps, so at equal time it means far fewer steps; worth trying on a GPU, "
+    "where sampling is fast",
 }
 
 

@@ -6,7 +6,7 @@
 
 For each trajectory of --data_file (default: the run's validation trajectories) the
 NLL of its generated tokens (sum over tokens of -log p(token | prefix)) under the
-four conditions of evaluate.CONDITIONS (base, prompted, baked, re-prompted; the
+four conditions of evaluation.conditions.CONDITIONS (base, prompted, baked, re-prompted; the
 seed's compare_models.py); the samples came from "prompted".
 
 Writes to --out_dir (default <adapter>/compare): <prefix>compare.json (every
@@ -78,7 +78,7 @@ def override_prompt(
 ) -> list[dict]:
     """The trajectories with their prompted side re-rendered under another system prompt.
 
-    The prompt is rendered from the record's question with the chat template (chat.py),
+    The prompt is rendered from the record's question with the chat template (prompts.py),
     then the record's own generated ids are appended: the same tokens are scored, only
     the conditioning changes. The unprompted side is kept as it was.
     """

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..configs.choices import MODES
 from ..models import end_of_turn_ids
-from ..prompts import encode, format_prompt
+from ..prompts import Prompt, encode, format_prompt
 from ..sampling.seam import Sampling, sample
 from ..training.batches import Batch, Side
 from ..training.forward import adapter_disabled
@@ -66,36 +66,43 @@ assert tuple(CONDITIONS) == MODES, "configs.choices.MODES names the conditions, 
 
 
 # ---------------------------------------------------------------- answers
+@dataclass(frozen=True)
+class Answering:
+    """How answers are drawn: greedy unless `temperature`, `batch_size` questions at a
+    time, from torch seed `seed`, with the sampling `engine` (sampling.seam)."""
+
+    max_new_tokens: int = 64
+    temperature: float | None = None
+    batch_size: int = 16
+    seed: int = 0
+    engine: str = "auto"
+    enable_thinking: bool | None = None  # Qwen3's switch, passed to the chat template
+    progress: bool = False
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+
+
+GREEDY = Answering()  # the default: greedy, 64 new tokens
+
+
 @torch.no_grad()
-def answer_ids(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    temperature: float | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    engine: str = "auto",
-) -> list[str]:
+def answer_ids(model, tokenizer, prompts: list[list[int]], how: Answering = GREEDY) -> list[str]:
     """Decoded answers to already rendered prompts (token ids), in order, through the
-    sampling seam; greedy unless `temperature` is set. The adapter is as the caller set it."""
+    sampling seam. The adapter is as the caller set it."""
     # sort by length so batches pad little; restore order at the end
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     eot = end_of_turn_ids(tokenizer, model)
-    settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
-    torch.manual_seed(seed)
-    for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="answering"):
-        idx = order[i : i + batch_size]
+    torch.manual_seed(how.seed)
+    steps = range(0, len(order), how.batch_size)
+    for i in tqdm(steps, disable=not how.progress, desc="answering"):
+        idx = order[i : i + how.batch_size]
         gens = sample(
-            model,
-            [prompts[j] for j in idx],
-            settings,
-            pad_id=tokenizer.pad_token_id,
-            eot_ids=eot,
-            engine=engine,
-        ).new_ids
+            model, [prompts[j] for j in idx], how.sampling,
+            pad_id=tokenizer.pad_token_id, eot_ids=eot, engine=how.engine,
+        ).new_ids  # fmt: skip
         for j, g in zip(idx, gens):
             out[j] = tokenizer.decode(g, skip_special_tokens=True).strip()
     return out
@@ -105,50 +112,37 @@ def answer(
     model,
     tokenizer,
     questions: list[dict],
-    system: str | None = None,
+    system: Prompt | None = None,
     adapter: bool = True,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    enable_thinking: bool | None = None,
-    temperature: float | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    engine: str = "auto",
+    how: Answering = GREEDY,
 ) -> list[str]:
-    """Answer each question (greedy unless `temperature` is set), with or without the system
-    prompt and with or without the adapter. Returns the decoded answers, in order."""
+    """Answer each question with or without the system prompt and with or without the
+    adapter. Returns the decoded answers, in order."""
+    think = how.enable_thinking
     prompts = [
         encode(
-            tokenizer,
-            format_prompt(system, q["question"], system is not None, tokenizer, enable_thinking),
+            tokenizer, format_prompt(system, q["question"], system is not None, tokenizer, think)
         )
         for q in questions
     ]
     with Condition(system is not None, adapter).context(model):
-        return answer_ids(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens,
-            batch_size,
-            temperature,
-            seed,
-            progress,
-            engine,
-        )
+        return answer_ids(model, tokenizer, prompts, how)
 
 
 def answer_condition(
-    model, tokenizer, questions: list[dict], condition: str, prompt: str | None = None, **kw
+    model,
+    tokenizer,
+    questions: list[dict],
+    condition: str,
+    prompt: Prompt | None = None,
+    how: Answering = GREEDY,
 ) -> list[str]:
     """:func:`answer` under one of :data:`CONDITIONS` (`prompt` is the system prompt of
-    the prompted ones); keyword arguments as :func:`answer`'s."""
+    the prompted ones)."""
     c = CONDITIONS[condition]
     if c.prompted and prompt is None:
         raise ValueError(f"condition {condition} needs the prompt")
-    return answer(
-        model, tokenizer, questions, system=prompt if c.prompted else None, adapter=c.adapter, **kw
-    )
+    return answer(model, tokenizer, questions, prompt if c.prompted else None, c.adapter, how)
 
 
 def side_by_side(questions: list[dict], columns: dict[str, list[str]], width: int = 38) -> str:

@@ -5,7 +5,7 @@
     promptbake eval --adapter runs/cot --questions data/math_questions.jsonl \\
         --scorer math --adapter_scale 0,0.5,1,1.5          # a "half-baking" curve
 
-Modes (--modes, comma-separated): the four conditions of evaluate.CONDITIONS,
+Modes (--modes, comma-separated): the four conditions of evaluation.conditions.CONDITIONS,
 base, prompted (the behaviour we baked), baked and re-prompted.
 
 With several --adapter_scale values the two adapter modes are run at each scale
@@ -31,8 +31,9 @@ from ..configs import EvalConfig, require
 from ..configs.choices import MODES
 from ..errors import UserError
 from ..files import atomic_write, check_out_dir, write_json
+from ..prompts import Prompt
 from ..records import read_questions
-from .conditions import CONDITIONS, answer_condition
+from .conditions import CONDITIONS, GREEDY, Answering, answer_condition
 from .report import format_table, md_cell
 from .scorers import Scorer, parse_scorer, score_all, scorer_kinds
 
@@ -83,14 +84,9 @@ def run_eval(
     questions: list[dict],
     scorers: list[Scorer],
     runs: list[tuple[str, str, float]],
-    prompt: str | None,
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
+    prompt: Prompt | None,
+    how: Answering = GREEDY,
     num_samples: int = 1,
-    batch_size: int = 16,
-    enable_thinking: bool | None = None,
-    seed: int = 0,
 ) -> dict:
     """Answer and score every run; returns {label: {"mode", "scale", "scores", "answers"}}."""
     examples = [q for q in questions for _ in range(num_samples)]
@@ -103,18 +99,7 @@ def run_eval(
             )
         if adapter_on:
             set_adapter_scale(model, scale)
-        answers = answer_condition(
-            model,
-            tokenizer,
-            examples,
-            mode,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            enable_thinking=enable_thinking,
-            temperature=temperature or None,
-            seed=seed,
-        )
+        answers = answer_condition(model, tokenizer, examples, mode, prompt, how)
         results[label] = {
             "mode": mode,
             "scale": scale if adapter_on else None,
@@ -196,20 +181,11 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         model, tokenizer = load_model_and_adapter(adapter, cfg)
     runs = plan_runs(modes, scales)
     print(f"Answering {len(questions)} questions x {cfg.num_samples} under {len(runs)} settings")
-    results = run_eval(
-        model,
-        tokenizer,
-        questions,
-        scorers,
-        runs,
-        prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        num_samples=cfg.num_samples,
-        batch_size=cfg.batch_size,
-        enable_thinking=cfg.enable_thinking,
-        seed=cfg.seed,
-    )
+    how = Answering(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature or None,
+        batch_size=cfg.batch_size, seed=cfg.seed, enable_thinking=cfg.enable_thinking,
+    )  # fmt: skip
+    results = run_eval(model, tokenizer, questions, scorers, runs, prompt, how, cfg.num_samples)
     print(results_table(results, scorers))
     record = {
         "adapter": str(adapter) if adapter else None,

@@ -82,7 +82,8 @@ def sample_batch(
     model's own (temperature 1, unprocessed) next-token distribution at its n_i kept
     tokens: exactly the teacher's targets at those positions, a by-product of sampling
     (teacher.cache_from_generation). On CUDA out-of-memory the batch is generated in
-    two halves (recursively) with a warning, instead of crashing (seed troubleshooting 2).
+    two halves (recursively) with a warning, instead of crashing (the guide's
+    "CUDA out of memory" remedy without changing --batch_size).
     """
     static = sampling.get("cache_implementation") == "static"
     ids, mask = left_pad(prompts, pad_id, 64 if static else 1)

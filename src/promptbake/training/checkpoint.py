@@ -5,7 +5,7 @@
     promptbake train ... --out_dir runs/x --resume false  # deletes it, starts over
     promptbake train ... --out_dir runs/x                 # refused: say true or false
 
-After every epoch train.py writes ``<out_dir>/checkpoint/``:
+After every epoch training.loop writes ``<out_dir>/checkpoint/``:
 
     adapter_config.json, adapter_model.safetensors   the adapter after that epoch (peft format)
     state.pt   LoRA weights, optimizer, scheduler, torch/CUDA/python/numpy RNG states,

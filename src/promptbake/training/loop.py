@@ -1,14 +1,14 @@
-"""Stage 2: train a LoRA so the unprompted model matches the prompted one.
+"""The training loop: a LoRA so that the unprompted model matches the prompted one.
 
-    python train_loop.py --model_name smollm2-135m --data_path data/zorblax.jsonl \\
-        --val_path data/zorblax_val.jsonl --out_dir results/zorblax -r 8 --lora_alpha 16
+    model, metrics = train(cfg, model, tok, train_rows, val_rows, teacher=plan, table=table)
 
-:func:`run_train` reads and checks the inputs and loads the model; :func:`train` is
+The train command (train.py; train_loop.py) reads and checks the inputs, loads the model
+and decides the teacher plan (targets.py); bake.py does the same in one process. :func:`train` is
 ``setup -> fit_epoch -> validate -> end_epoch``, as plain functions over one
 :class:`Run`. For every trajectory the teacher is the model with the adapter disabled
 reading (system + question + answer); the student is the same model with the adapter
 enabled reading (question + answer). The loss is the full-vocabulary divergence at
-every generated token (objective.py, loss.py), computed only on the hidden states of
+every generated token (objective.py, ../loss.py), computed only on the hidden states of
 the rows that predict a generated token: the LM head never runs on the prompt, and the
 [tokens x vocab] tensors are built a chunk at a time.
 
@@ -36,10 +36,9 @@ A step does not wait for the device: KL sums stay on it, token counts come from 
 host's batches, and the non-finite check reads the PREVIOUS step's loss (the device
 has the current one queued by then). It still stops before anything is saved.
 
-Speed-ups, each a switch (measured in bench/README.md): --teacher_cache (default auto)
-computes the frozen teacher once when its exact table fits in memory, else the teacher
-runs every step (``promptbake bake`` keeps it from generation, so the teacher never
-runs), --prefix_reuse runs each shared prompt prefix once per batch, for teacher and
+Speed-ups, each a switch (measured in bench/README.md): the teacher's targets come from
+a table when one fits (targets.py: kept from generation, the sidecar, or one pass
+before epoch 1), else the teacher runs every step; --prefix_reuse runs each shared prompt prefix once per batch, for teacher and
 student (forward.py), --length_bucketing batches similar lengths,
 --gradient_checkpointing trades compute for memory; on CUDA out-of-memory a step is
 redone in row slices with the same gradient (backward_kl) instead of crashing.

@@ -1,12 +1,12 @@
-"""The objective on a batch: the divergence at every generated token, its backward,
-held-out KL.
+"""A batch's loss: run teacher and student, take the divergence (loss.py) at every
+generated token, backpropagate it; and the held-out KL of a set of batches.
 
     kl, per_seq, parts = backward_kl(model, batch, chunk_size, teacher=target,
                                      divergence="jsd", beta=0.5)
 
 ``chunk_size`` 0 picks the LM-head chunk for the device (:func:`kl_chunk_rows`). Rows,
 per-sequence sums and packing plans come from the batch's host-built plans
-(batches.Plan): nothing in a step reads a value back from the device.
+(training.batches.Plan): nothing in a step reads a value back from the device.
 
 :func:`batch_kl` runs the teacher (adapter off, no grad; or reads its cached target)
 and the student (adapter on) and hands their hidden states to ``loss.divergence``
@@ -122,7 +122,7 @@ def backward_kl(
 
     The rows run in `parts` slices whose gradients add up (the same gradient as one
     pass). On CUDA out-of-memory the step is redone with twice as many slices, instead
-    of crashing (seed troubleshooting 2, without changing --batch_size); the caller
+    of crashing (the guide's \"CUDA out of memory\" remedy, without changing --batch_size); the caller
     keeps the returned `parts` for the following steps.
     """
     n = batch.prompted.input_ids.shape[0]

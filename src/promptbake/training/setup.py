@@ -1,4 +1,4 @@
-"""A training run's state and its setup, before the first step (train.py runs it).
+"""A training run's state and its setup, before the first step (loop.train runs it).
 
     state = read_resume(cfg)     # before anything is written: refuses a mismatch
     run = setup(cfg, model, tokenizer, train_rows, val_rows, echo=True, student=None)

@@ -2,10 +2,9 @@
 
     python generate_data.py ... --traj_out_file T      # also writes T.teacher.safetensors
     python train_loop.py --data_path T ...             # trains on it: no teacher pass
-    python -m pytest tests/test_teacherfile.py -q
 
 While sampling, generation computes the prompted model's full next-token distribution
-at every generated token: exactly the teacher that training distils (teacher.py,
+at every generated token: exactly the teacher that training distils (training/teacher.py,
 cache_from_generation). ``promptbake bake`` keeps it in memory; the two-script path
 (generate_data.py, then train_loop.py) hands it over in a sidecar next to the
 trajectories, ``<traj file>.teacher.safetensors``: the float32 table [tokens x vocab]

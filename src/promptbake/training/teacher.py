@@ -1,39 +1,30 @@
-"""Teacher-side speed-ups for training: shared-prefix reuse and an opt-in teacher cache.
+"""The teacher's log-prob table: the frozen teacher's targets, computed once for all epochs.
 
-    promptbake train ... --prefix_reuse true --teacher_cache exact   # or topk
-    python -m pytest tests/test_teacher.py -q
+    cache = build_teacher_cache(model, rows, pad_id, mode="exact")     # one teacher pass
+    cache = cache_from_generation(rows, kept)      # the sampler's log-probs: no pass at all
+    cache.target(row_indices)                      # a batch's rows, as a loss.TeacherTarget
 
-The teacher is the frozen base model reading (system prompt + question + answer). Two
-facts make most of its work redundant:
+The teacher is the prompted base model (adapter off), and it never changes, so its
+distributions at the generated positions are the same in every epoch. training/targets.py
+decides whether a table is used and which; this module builds and reads it.
 
-* **Prefix reuse** (``--prefix_reuse``, exact). The sequences sampled for one question
-  share their whole prompted prefix (system prompt + question, ``prompt_input_ids``).
-  :func:`prefix_reuse_hidden` runs the decoder once per distinct prefix, keeps its KV
-  cache, repeats the cache for the rows that share it and runs only the generated
-  suffixes on top of it, with positions continuing after each row's own prefix. Its
-  output equals ``forward.selected_hidden`` (tests check 1e-5 in float32). It pays off
-  when a batch holds several rows of a question: the teacher-cache pass sorts rows by
-  question for that reason; in shuffled training batches rows rarely share a prefix.
-* **Teacher cache** (``--teacher_cache``). The base model never changes, so its
-  distributions at the generated positions are the same in every epoch. With
-  ``exact`` (or ``auto``, the default), :func:`build_teacher_cache` computes them once,
-  before epoch 1, as float32 log-probabilities [tokens x vocab] on the CPU, and every
-  later step only runs the student: ``loss.divergence`` against the
-  cached rows, equal to the uncached loss. When that table would exceed
-  ``--teacher_cache_max_gb`` (:func:`exact_cache_fits`), the training loop runs the
-  teacher every step instead: exact too, only slower. Only ``topk``, asked for by
-  name, keeps the teacher's top-k log-probs, their ids and the log of the remaining
-  (tail) mass, and computes the KL against that coarser distribution:
+* ``exact``: float32 log-probabilities [tokens x vocab] on the CPU; every step then runs
+  only the student against the cached rows (``loss.divergence``), equal to the uncached
+  loss. Built by :func:`build_teacher_cache` (rows visited grouped by prompt, so the
+  packed forward of training/forward.py runs each shared prompt once), or taken from
+  what generation computed while sampling (:func:`cache_from_generation`).
+* ``topk``, only when asked for by name: the teacher's top-k log-probs, their ids and
+  the log of the remaining (tail) mass; the divergence is then taken against that
+  coarser distribution:
 
       KL_k = sum_{i in top-k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
 
   where q_tail is the student's mass outside the teacher's top-k. This is an
-  APPROXIMATION: it is the KL between the two distributions with the tail merged into
-  one bin, a lower bound on the full KL (data processing), equal to it when the
-  teacher puts no mass outside its top-k. The student's total mass outside the top-k
-  is still trained (q_tail counts every such token), but not how it spreads that mass
-  among them; in bench/ (SmolLM2, k=64) it ended with a visibly higher held-out KL
-  than the exact cache.
+  APPROXIMATION: the KL between the two distributions with the tail merged into one
+  bin, a lower bound on the full KL (data processing), equal to it when the teacher
+  puts no mass outside its top-k. The student's total mass outside the top-k is still
+  trained (q_tail counts every such token), but not how it spreads that mass among
+  them; bench/README.md measures what it costs in held-out KL.
 """
 
 from __future__ import annotations
