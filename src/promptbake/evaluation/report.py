@@ -9,7 +9,7 @@ KL(prompted || baked)), marker rates and a side-by-side table of held-out answer
 (base / prompted / baked). Everything it shows comes from summary.json, so a report
 can be rebuilt from a finished run:
 
-    python -m promptbake.report runs/zorblax
+    python -m promptbake.evaluation.report runs/zorblax
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     """Rebuild report.md from a finished run directory (summary.json + args.json)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m promptbake.report RUN_DIR", file=sys.stderr)
+        print("usage: python -m promptbake.evaluation.report RUN_DIR", file=sys.stderr)
         return 2
     out = Path(argv[0])
     if not (out / "summary.json").is_file():
