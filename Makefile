@@ -45,9 +45,10 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-# the GPU job (bench/gpu.py): one CUDA GPU, no network; runs with the machine's own python
-# (its torch/transformers/peft), no venv and no installs. Prints one line without CUDA.
-GPU_PYTHON ?= $(PYTHON)
+# the GPU job (bench/gpu.py): one CUDA GPU, no network, no installs. Runs with the project's
+# .venv/bin/python when there is one, else the machine's $(PYTHON); GPU_PYTHON=... picks
+# another. Where that python has no torch, or the machine no CUDA, it prints one line, exits 0.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 BENCH_GPU_ARGS ?=
 bench-gpu:
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=src $(GPU_PYTHON) -m bench.gpu $(BENCH_GPU_ARGS)

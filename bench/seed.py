@@ -35,45 +35,39 @@ from pathlib import Path
 
 import torch
 
-from bench.jobs import Job, heldout, load, loadavg, log, ratio
+from bench.common import heldout, load, loadavg, log, ratio
+from bench.jobs import Job, job_generate_config, job_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ("ours", "original")
 
 
-def _shared_generate_flags(job: Job, model: str, out: Path) -> list[str]:
-    return [
-        "--model_name", model,
-        "--x0_file", job.x0_file,
-        "--question_dataset", job.train_questions,
-        "--num_questions", str(job.n_train_q),
-        "--num_sequences_per_question", str(job.n_seq),
-        "--max_sequence_length", str(job.max_new_tokens),
-        "--min_sequence_length", str(job.min_new_tokens),
-        "--temperature", str(job.temperature),
-        "--batch_size", str(job.gen_batch_size),
-        "--traj_out_file", str(out),
-    ]  # fmt: skip
+# the settings both pipelines' processes get, as flags; everything else is each
+# script's default (ours: train_loop.py's teacher cache, prefix reuse, ...)
+GENERATE_FLAGS = (
+    "model_name", "x0_file", "question_dataset", "num_questions",
+    "num_sequences_per_question", "max_sequence_length", "min_sequence_length",
+    "temperature", "batch_size", "traj_out_file",
+)  # fmt: skip
+TRAIN_FLAGS = (
+    "model_name", "data_path", "out_dir", "num_epochs", "batch_size", "r", "lora_alpha",
+    "learning_rate",
+)  # fmt: skip
 
 
-def _shared_train_flags(job: Job, model: str, data: Path, out: Path) -> list[str]:
-    return [
-        "--model_name", model,
-        "--data_path", str(data),
-        "--out_dir", str(out),
-        "--num_epochs", str(job.epochs),
-        "--batch_size", str(job.batch_size),
-        "-r", str(job.r),
-        "--lora_alpha", str(job.lora_alpha),
-        "--learning_rate", str(job.learning_rate),
-    ]  # fmt: skip
+def as_flags(cfg, names: tuple[str, ...]) -> list[str]:
+    """The config's fields `names` as the seed's scripts spell them (`-r`, `--name`)."""
+    out = []
+    for name in names:
+        out += ["-r" if name == "r" else f"--{name}", str(getattr(cfg, name))]
+    return out
 
 
 def commands(pipeline: str, job: Job, model: str, d: Path) -> list[tuple[str, list[str]]]:
     """[(stage, argv)] of one pipeline's processes, writing into directory `d`."""
     traj, adapter = d / "traj.jsonl", d / "adapter"
-    gen = _shared_generate_flags(job, model, traj)
-    train = _shared_train_flags(job, model, traj, adapter)
+    gen = as_flags(job_generate_config(job, traj, model_name=model), GENERATE_FLAGS)
+    train = as_flags(job_train_config(job, traj, adapter, model_name=model), TRAIN_FLAGS)
     if pipeline == "ours":
         return [
             ("generate", [sys.executable, "generate_data.py", *gen]),
@@ -163,7 +157,6 @@ def evaluate(job: Job, model_name: str, dirs: dict, workdir: Path) -> dict:
     held-out trajectories (sampled here from the prompted base model)."""
     from peft import PeftModel
 
-    from promptbake.configs import GenerateConfig
     from promptbake.models import load_model
     from promptbake.records import read_prompt, read_questions, select_questions
     from promptbake.sampling.trajectories import generate_trajectories
@@ -174,19 +167,7 @@ def evaluate(job: Job, model_name: str, dirs: dict, workdir: Path) -> dict:
         base, tok, _ = load(job)
     val_q = select_questions(read_questions(job.heldout_questions), job.n_val_q, job.seed)
     path = workdir / "heldout.jsonl"
-    cfg = GenerateConfig(
-        model_name=model_name,
-        x0_file=job.x0_file,
-        question_dataset=job.heldout_questions,
-        traj_out_file=str(path),
-        num_questions=job.n_val_q,
-        num_sequences_per_question=job.n_seq,
-        max_sequence_length=job.max_new_tokens,
-        min_sequence_length=job.min_new_tokens,
-        temperature=job.temperature,
-        batch_size=job.gen_batch_size,
-        seed=job.seed,
-    )
+    cfg = job_generate_config(job, path, heldout=True, model_name=model_name)
     x0 = read_prompt(job.x0_file)
     rows = generate_trajectories(base, tok, cfg, x0, val_q, path, progress=False).rows
     out = {"base": heldout(base, tok, rows, job.kl_chunk_size)}

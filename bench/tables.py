@@ -1,5 +1,8 @@
-"""The benchmark's tables: Markdown and console text from the results of bench/jobs.py,
-and the results section of bench/README.md rebuilt from bench/results/*.json."""
+"""The benchmark's tables: Markdown and console text from the results of bench/run.py's
+jobs, and the results section of bench/README.md rebuilt from bench/results/*.json.
+
+    python -c "from bench.tables import update_readme; update_readme()"   # after editing
+"""
 
 from __future__ import annotations
 
@@ -21,118 +24,142 @@ def fmt(x, digits: int = 1) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown for one machine's results."""
+    """Markdown for one machine's results: each job's section, in the order of bench.run."""
     lines = [f"### {results['machine']}", ""]
     if "date" in results:
-        load = ""
-        if results.get("cpu"):
-            load = (
-                f"; load average (1, 5, 15 min) before / after the CPU job: "
-                f"{results['cpu'].get('load_before')} / {results['cpu'].get('load_after')}"
-            )
-        lines.append(
-            f"{results['date']}, torch {results['torch']}, {results['threads']} threads, "
-            f"{results['cpus']} CPUs{load}"
-        )
-    cpu = results.get("cpu")
-    if cpu:
-        j = cpu["job"]
-        lines += [
-            "",
-            f"CPU job: {j['model']}, {j['n_train_q']} questions x {j['n_seq']} samples x "
-            f"<= {j['max_new_tokens']} tokens, {j['epochs']} epochs, batch {j['batch_size']}, "
-            f"held-out: {j['n_val_q']} questions x {j['n_seq']}.",
-            "",
-            "Wall-clock seconds; the last column is the same ratio in process CPU time.",
-            "",
-            "| | original | ours | ratio | ratio (CPU time) |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        g, t, e, r = cpu["generation"], cpu["training"], cpu["end_to_end"], cpu["ratios"]
-        rc, ew, ld = r["cpu_time"], e["seconds"], cpu["load"]
-        ours = t.get("ours", t["plain"])
-        lines += [
-            f"| generated tokens/s | {fmt(g['original']['tokens_per_s'])} | "
-            f"{fmt(g['ours']['tokens_per_s'])} | {fmt(r['generated_tokens_per_s'], 2)}x | "
-            f"{fmt(rc['generated_tokens_per_s'], 2)}x |",
-            f"| training tokens/s | {fmt(t['original']['tokens_per_s'])} | "
-            f"{fmt(ours['tokens_per_s'])} | {fmt(r['training_tokens_per_s'], 2)}x | "
-            f"{fmt(rc['training_tokens_per_s'], 2)}x |",
-            f"| model loads (s) | 2 x {fmt(ld['original']['seconds'])} | "
-            f"{fmt(ld['ours']['seconds'])} | | |",
-            f"| end-to-end bake (s) | {fmt(ew['original'])} | {fmt(ew['ours'])} | "
-            f"{fmt(r['end_to_end_speedup'], 2)}x | {fmt(rc['end_to_end_speedup'], 2)}x |",
-            f"| end-to-end without loads (s) | {fmt(ew['original_no_load'])} | "
-            f"{fmt(ew['ours_no_load'])} | {fmt(r['end_to_end_speedup_no_load'], 2)}x | "
-            f"{fmt(rc['end_to_end_speedup_no_load'], 2)}x |",
-            f"| held-out KL/token (base model: {fmt(cpu['heldout_kl_base'], 4)}) | "
-            f"{fmt(t['original']['heldout_kl'], 4)} | {fmt(ours['heldout_kl'], 4)} | | |",
-        ]
-        mem = results.get("memory")
-        if mem:
-            d = mem["default_chunk"]
-            lines.append(
-                f"| loss-step peak memory, V=151,936 (MB) | {fmt(d['naive_bytes'] / 1e6, 0)} | "
-                f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% | |"
-            )
-        lines += [
-            "",
-            "Training ablation (same trajectories, same epochs, same initial weights):",
-            "",
-            "| variant | what | train s | CPU s | KL tokens/s | vs original | vs original "
-            "(CPU time) | held-out KL |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        o = t["original"]
-        for name, v in t.items():
-            lines.append(
-                f"| {name} | {v['description']} | {fmt(v['seconds'])} | "
-                f"{fmt(v['cpu_seconds'])} | {fmt(v['tokens_per_s'])} | "
-                f"{fmt(v['tokens_per_s'] / o['tokens_per_s'], 2)}x | "
-                f"{fmt(v['tokens_per_cpu_s'] / o['tokens_per_cpu_s'], 2)}x | "
-                f"{fmt(v['heldout_kl'], 4)} |"
-            )
-        p = cpu.get("padding_share")
-        if p:
-            lines += [
-                "",
-                f"Padding share of training batches: shuffled {100 * p['shuffled']:.0f}%, "
-                f"length-bucketed {100 * p['bucketed']:.0f}%.",
-            ]
+        lines.append(run_line(results))
+    if results.get("cpu"):
+        lines += cpu_table(results["cpu"], results.get("memory"))
+        lines += ablation_table(results["cpu"])
     if results.get("seed"):
         lines += seed_table(results["seed"])
-    mem = results.get("memory")
-    if mem:
-        lines += ["", "Loss-step peak memory (bench/memory.py, float32, V=151,936):", ""]
-        lines += ["| shape (B x T, N, chunk) | naive MB | chunked MB | ratio |"]
-        lines += ["|---|---:|---:|---:|"]
-        for k in ("default_chunk", "double_chunk", "half_chunk"):
-            if k in mem:
-                d = mem[k]
-                lines.append(
-                    f"| {d['batch']} x {d['prompt'] + d['gen']}, {d['batch'] * d['gen']}, "
-                    f"{d['chunk']} | {fmt(d['naive_bytes'] / 1e6, 0)} | "
-                    f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% |"
-                )
-    gpu = results.get("gpu")
-    if gpu:
-        lines.append("")
-        if "skipped" in gpu:
-            lines.append(f"GPU job: {gpu['skipped']}.")
-        else:
-            r = gpu["ratios"]
-            roof = gpu.get("roofline", {})
-            lines += [
-                "GPU job (random Qwen3-1.7B, bf16, 100 x 25 x 300):",
-                "",
-                f"- generation {fmt(gpu['generation_ours']['tokens_per_s'], 0)} tokens/s "
-                f"({fmt(100 * roof.get('fraction', float('nan')), 0)}% of the HBM roofline), "
-                f"{fmt(r['generated_tokens_per_s'], 2)}x the original",
-                f"- training {fmt(r['training_tokens_per_s'], 2)}x the original",
-                f"- generate + 1 epoch: {fmt(gpu['end_to_end_ours_s'], 0)} s "
-                f"({fmt(r['end_to_end_speedup'], 2)}x the original, estimated from a subset)",
-            ]
+    if results.get("memory"):
+        lines += memory_table(results["memory"])
+    if results.get("gpu"):
+        lines += gpu_lines(results["gpu"])
     return "\n".join(lines)
+
+
+def run_line(results: dict) -> str:
+    """When and how the results were measured (and the machine's load around the CPU job)."""
+    load = ""
+    if results.get("cpu"):
+        load = (
+            f"; load average (1, 5, 15 min) before / after the CPU job: "
+            f"{results['cpu'].get('load_before')} / {results['cpu'].get('load_after')}"
+        )
+    return (
+        f"{results['date']}, torch {results['torch']}, {results['threads']} threads, "
+        f"{results['cpus']} CPUs{load}"
+    )
+
+
+def cpu_table(cpu: dict, mem: dict | None) -> list[str]:
+    """The CPU job (bench/cpu.py): original against ours, and the memory job's ratio."""
+    j = cpu["job"]
+    lines = [
+        "",
+        f"CPU job: {j['model']}, {j['n_train_q']} questions x {j['n_seq']} samples x "
+        f"<= {j['max_new_tokens']} tokens, {j['epochs']} epochs, batch {j['batch_size']}, "
+        f"held-out: {j['n_val_q']} questions x {j['n_seq']}.",
+        "",
+        "Wall-clock seconds; the last column is the same ratio in process CPU time.",
+        "",
+        "| | original | ours | ratio | ratio (CPU time) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    g, t, e, r = cpu["generation"], cpu["training"], cpu["end_to_end"], cpu["ratios"]
+    rc, ew, ld = r["cpu_time"], e["seconds"], cpu["load"]
+    ours = t.get("ours", t["plain"])
+    lines += [
+        f"| generated tokens/s | {fmt(g['original']['tokens_per_s'])} | "
+        f"{fmt(g['ours']['tokens_per_s'])} | {fmt(r['generated_tokens_per_s'], 2)}x | "
+        f"{fmt(rc['generated_tokens_per_s'], 2)}x |",
+        f"| training tokens/s | {fmt(t['original']['tokens_per_s'])} | "
+        f"{fmt(ours['tokens_per_s'])} | {fmt(r['training_tokens_per_s'], 2)}x | "
+        f"{fmt(rc['training_tokens_per_s'], 2)}x |",
+        f"| model loads (s) | 2 x {fmt(ld['original']['seconds'])} | "
+        f"{fmt(ld['ours']['seconds'])} | | |",
+        f"| end-to-end bake (s) | {fmt(ew['original'])} | {fmt(ew['ours'])} | "
+        f"{fmt(r['end_to_end_speedup'], 2)}x | {fmt(rc['end_to_end_speedup'], 2)}x |",
+        f"| end-to-end without loads (s) | {fmt(ew['original_no_load'])} | "
+        f"{fmt(ew['ours_no_load'])} | {fmt(r['end_to_end_speedup_no_load'], 2)}x | "
+        f"{fmt(rc['end_to_end_speedup_no_load'], 2)}x |",
+        f"| held-out KL/token (base model: {fmt(cpu['heldout_kl_base'], 4)}) | "
+        f"{fmt(t['original']['heldout_kl'], 4)} | {fmt(ours['heldout_kl'], 4)} | | |",
+    ]
+    if mem:
+        d = mem["default_chunk"]
+        lines.append(
+            f"| loss-step peak memory, V=151,936 (MB) | {fmt(d['naive_bytes'] / 1e6, 0)} | "
+            f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% | |"
+        )
+    return lines
+
+
+def ablation_table(cpu: dict) -> list[str]:
+    """The CPU job's training variants against the original, and the padding shares."""
+    lines = [
+        "",
+        "Training ablation (same trajectories, same epochs, same initial weights):",
+        "",
+        "| variant | what | train s | CPU s | KL tokens/s | vs original | vs original "
+        "(CPU time) | held-out KL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    t = cpu["training"]
+    o = t["original"]
+    for name, v in t.items():
+        lines.append(
+            f"| {name} | {v['description']} | {fmt(v['seconds'])} | "
+            f"{fmt(v['cpu_seconds'])} | {fmt(v['tokens_per_s'])} | "
+            f"{fmt(v['tokens_per_s'] / o['tokens_per_s'], 2)}x | "
+            f"{fmt(v['tokens_per_cpu_s'] / o['tokens_per_cpu_s'], 2)}x | "
+            f"{fmt(v['heldout_kl'], 4)} |"
+        )
+    p = cpu.get("padding_share")
+    if p:
+        lines += [
+            "",
+            f"Padding share of training batches: shuffled {100 * p['shuffled']:.0f}%, "
+            f"length-bucketed {100 * p['bucketed']:.0f}%.",
+        ]
+    return lines
+
+
+def memory_table(mem: dict) -> list[str]:
+    """The memory job (bench/memory.py): peak MB of one loss step per shape."""
+    lines = ["", "Loss-step peak memory (bench/memory.py, float32, V=151,936):", ""]
+    lines += ["| shape (B x T, N, chunk) | naive MB | chunked MB | ratio |"]
+    lines += ["|---|---:|---:|---:|"]
+    for k in ("default_chunk", "double_chunk", "half_chunk"):
+        if k in mem:
+            d = mem[k]
+            lines.append(
+                f"| {d['batch']} x {d['prompt'] + d['gen']}, {d['batch'] * d['gen']}, "
+                f"{d['chunk']} | {fmt(d['naive_bytes'] / 1e6, 0)} | "
+                f"{fmt(d['chunked_bytes'] / 1e6, 0)} | {fmt(100 * d['ratio'], 1)}% |"
+            )
+    return lines
+
+
+def gpu_lines(gpu: dict) -> list[str]:
+    """The GPU job (bench/gpu_measure.py: run_gpu), or why it was skipped."""
+    if "skipped" in gpu:
+        return ["", f"GPU job: {gpu['skipped']}."]
+    r = gpu["ratios"]
+    roof = gpu.get("roofline", {})
+    return [
+        "",
+        "GPU job (random Qwen3-1.7B, bf16, 100 x 25 x 300):",
+        "",
+        f"- generation {fmt(gpu['generation_ours']['tokens_per_s'], 0)} tokens/s "
+        f"({fmt(100 * roof.get('fraction', float('nan')), 0)}% of the HBM roofline), "
+        f"{fmt(r['generated_tokens_per_s'], 2)}x the original",
+        f"- training {fmt(r['training_tokens_per_s'], 2)}x the original",
+        f"- generate + 1 epoch: {fmt(gpu['end_to_end_ours_s'], 0)} s "
+        f"({fmt(r['end_to_end_speedup'], 2)}x the original, estimated from a subset)",
+    ]
 
 
 def seed_table(s: dict) -> list[str]:

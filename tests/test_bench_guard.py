@@ -18,9 +18,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench`
 
+from bench import cpu as bench_cpu  # noqa: E402
+from bench import gpu_measure as bench_gpu  # noqa: E402
 from bench import jobs as bench_jobs  # noqa: E402
 from bench import tables as bench_tables  # noqa: E402
-from bench.original import add_lora_original, generate_original, step_kl  # noqa: E402
+from bench.original import (  # noqa: E402
+    OriginalSampling,
+    OriginalTraining,
+    add_lora_original,
+    generate_original,
+    step_kl,
+)
 from promptbake.prompts import encode, format_prompt  # noqa: E402
 from promptbake.records import make_trajectory  # noqa: E402
 from promptbake.training.batches import collate  # noqa: E402
@@ -98,7 +106,8 @@ def test_optimized_loss_equals_the_naive_full_logit_kl(peft_model, chatml_tok, v
 
 def test_original_generation_is_one_question_per_batch(tiny_model, chatml_tok):
     qs = [{"question": "Who are you?"}, {"question": "Name a colour."}]
-    rows, stats = generate_original(tiny_model, chatml_tok, "Be brief.", qs, 3, 5, seed=1)
+    s = OriginalSampling(n_seq=3, max_new_tokens=5, seed=1)
+    rows, stats = generate_original(tiny_model, chatml_tok, "Be brief.", qs, s)
     assert len(rows) == 6 and stats["new_tokens"] == sum(
         sum(r["generated_text_mask"]) for r in rows
     )
@@ -109,14 +118,14 @@ def test_original_generation_is_one_question_per_batch(tiny_model, chatml_tok):
 def test_gpu_job_skips_with_a_message_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the job would run")
-    res = bench_jobs.run_gpu(bench_jobs.GpuJob())
+    res = bench_gpu.run_gpu(bench_jobs.GpuJob())
     assert "no CUDA device" in res["skipped"]
     assert "GPU job: skipped" in bench_tables.table({"machine": "m", "gpu": res})
 
 
 def test_harness_runs_end_to_end_on_a_tiny_model(tmp_path):
     job = dataclasses.replace(bench_jobs.QUICK, variants=["plain", "+cache_exact", "ours"])
-    res = bench_jobs.run_cpu(job, tmp_path)
+    res = bench_cpu.run_cpu(job, tmp_path)
     t = res["training"]
     assert set(t) == {"original", "plain", "+cache_exact", "ours"}
     # the same maths and the same batches: the original and plain train identically
@@ -134,16 +143,16 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
     """The GPU job's own code (ours vs the original's subset, ratios, table) on the CPU."""
     chatml_tok.padding_side = "left"
     job = bench_jobs.GpuJob(
-        n_questions=3,
+        n_train_q=3,
         n_seq=2,
         max_new_tokens=5,
         min_new_tokens=2,
         gen_batch_size=4,
-        train_batch_size=2,
+        batch_size=2,
         original_questions=1,
         original_train_steps=2,
     )
-    res = bench_jobs.run_gpu(job, tiny_model, chatml_tok, torch.device("cpu"))
+    res = bench_gpu.run_gpu(job, tiny_model, chatml_tok, torch.device("cpu"))
     assert res["generation_ours"]["new_tokens"] >= 3 * 2 * 2  # min_new_tokens honoured
     assert res["train_original_subset"]["tokens_per_s"] > 0
     assert res["end_to_end_ours_s"] > 0 and set(res["ratios"]) == {
@@ -152,6 +161,62 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
         "end_to_end_speedup",
     }
     assert "GPU job (random Qwen3-1.7B" in bench_tables.table({"machine": "m", "gpu": res})
+
+
+def test_bench_gpu_rates_run_on_a_tiny_model(tiny_model, chatml_tok, tmp_path):
+    """`make bench-gpu`'s (b) and (c) (bench/gpu_measure.py) on the CPU: the code the
+    card runs, less the CUDA calls."""
+    from promptbake.files import write_jsonl
+
+    chatml_tok.padding_side = "left"
+    gen = bench_gpu.generation(tiny_model, chatml_tok, 3, 4, bandwidth=1e9)
+    assert gen["batch"] == 3 and gen["new_tokens"] == 3 * 4  # every row decodes all 4
+    assert 0 < gen["roofline_fraction"] and gen["engine"]
+    traj = tmp_path / "traj.jsonl"
+    write_jsonl(traj, [r for seed in range(4) for r in rows_for(chatml_tok, seed)])  # 24 rows
+    tr = bench_gpu.training(tiny_model, chatml_tok, traj, tmp_path, 2, peak_flops=1e12)
+    assert tr["ours_tokens_per_s"] > 0 and tr["original_tokens_per_s"] > 0
+    assert tr["ratio"] == pytest.approx(tr["ours_tokens_per_s"] / tr["original_tokens_per_s"])
+
+
+def test_one_mapping_from_a_job_to_its_configs(tmp_path):
+    """Ours and the original get a job's settings through the same configs."""
+    job = bench_jobs.Job()
+    g = bench_jobs.job_generate_config(job, tmp_path / "t.jsonl")
+    assert (g.model_name, g.question_dataset, g.num_questions) == (
+        job.model,
+        job.train_questions,
+        job.n_train_q,
+    )
+    h = bench_jobs.job_generate_config(job, tmp_path / "h.jsonl", heldout=True)
+    assert (h.question_dataset, h.num_questions) == (job.heldout_questions, job.n_val_q)
+    assert OriginalSampling.of(g) == OriginalSampling(
+        n_seq=job.n_seq,
+        max_new_tokens=job.max_new_tokens,
+        min_new_tokens=job.min_new_tokens,
+        temperature=job.temperature,
+        batch_size=job.gen_batch_size,
+        seed=job.seed,
+    )
+    t = bench_jobs.job_train_config(job, "d.jsonl", "out", prefix_reuse=False)
+    assert (t.num_epochs, t.batch_size, t.learning_rate, t.r, t.lora_alpha) == (
+        job.epochs,
+        job.batch_size,
+        job.learning_rate,
+        job.r,
+        job.lora_alpha,
+    )
+    assert t.prefix_reuse is False and t.kl_chunk_size == job.kl_chunk_size
+    assert OriginalTraining.of(t) == OriginalTraining(
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        learning_rate=job.learning_rate,
+        r=job.r,
+        lora_alpha=job.lora_alpha,
+        seed=job.seed,
+    )
+    gpu = bench_jobs.job_train_config(bench_jobs.GpuJob(), "d.jsonl", "out")
+    assert (gpu.kl_chunk_size, gpu.r, gpu.lora_alpha, gpu.learning_rate) == (0, 32, 1.0, 1e-4)
 
 
 def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys):

@@ -26,6 +26,21 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
     assert sorted(gpu.RESULTS.glob("gpu-*.json")) == before
 
 
+def test_without_torch_it_says_so_in_one_line_and_exits_0():
+    """`make bench-gpu` on a python that has no torch (torch hidden here): one line, no
+    traceback, exit 0."""
+    hide = "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['bench.gpu']; "
+    run = "runpy.run_module('bench.gpu', run_name='__main__')"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.run(
+        [sys.executable, "-c", hide + run], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    (line,) = p.stdout.strip().splitlines()
+    assert line.startswith(f"bench-gpu: no torch in {sys.executable}; nothing measured")
+
+
 def test_table_marks_targets_met_and_missed():
     res = {
         "card": "NVIDIA H200",
