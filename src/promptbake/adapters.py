@@ -283,8 +283,11 @@ def set_adapter_scale(model, scale: float) -> None:
 
 def merged_copy(model):
     """A plain transformers model with the adapter (at its current scale) merged in;
-    `model` itself is left untouched."""
-    return copy.deepcopy(model).merge_and_unload()
+    `model` itself is left untouched. Its weights exist only in memory (engines that load
+    from a folder, vLLM, sample it with the hf engine instead)."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged._promptbake_in_memory = True
+    return merged
 
 
 def load_model_and_adapter(adapter: Path | None, cfg) -> tuple:

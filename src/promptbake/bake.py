@@ -30,7 +30,7 @@ from .evaluation.report import write_report
 from .evaluation.scorers import marker, score_all
 from .files import atomic_write, prepare_out_dir, write_json
 from .flags import flag_values
-from .models import load_model, model_options
+from .models import load_model, model_options, peak_gpu_memory
 from .records import prompt_text, read_prompt, read_questions, select_questions
 from .sampling import seam as sampling
 from .sampling.trajectories import Generation, generate_trajectories
@@ -127,7 +127,8 @@ def train_stage(
     train_gen = gens.pop("train")  # drop our reference: training may free the table
     table = None
     if plan.keep and train_gen.kept is not None:
-        table = cache_from_generation(train_gen.rows, train_gen.kept, tcfg.max_traj_len)
+        rows, kept = train_gen.rows, train_gen.kept
+        table = cache_from_generation(rows, kept, tcfg.max_traj_len, tcfg.teacher_topk)
     train_gen.kept = None
     return train(
         tcfg, model, tok, train_gen.rows, val_rows, teacher=plan, table=table, student=student
@@ -207,6 +208,8 @@ def bake(cfg: BakeConfig) -> dict:
         "generation": gen_stats,
         "epochs": metrics,
     }
+    if peak_gpu_memory(model) is not None:
+        summary["peak_gpu_memory"] = peak_gpu_memory(model)
     if val_rows:
         summary["heldout_kl"] = heldout_kl(model, tok, val_rows, cfg.batch_size, cfg.kl_chunk_size)
     if heldout:

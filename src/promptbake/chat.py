@@ -95,7 +95,9 @@ def reply(model, tok, cfg: ChatConfig, state: ChatState, question: str, mode: st
         tok, system, history, question, cfg.enable_thinking
     )
     with cond.context(model):
-        how = Answering(cfg.max_new_tokens, cfg.temperature or None, seed=cfg.seed)
+        how = Answering(
+            cfg.max_new_tokens, cfg.temperature or None, seed=cfg.seed, engine=cfg.engine
+        )
         answer = answer_ids(model, tok, [encode(tok, text)], how)[0]
     history.append((question, answer))
     tag = f"{mode} x{state.scale:g}" if cond.adapter else mode

@@ -21,7 +21,7 @@ from . import distributed
 from .configs import GenerateConfig
 from .errors import UserError
 from .files import check_writable, exclusive_lock
-from .models import load_model, model_options
+from .models import load_model, model_options, peak_gpu_memory
 from .records import read_prompt, read_questions, select_questions
 from .sampling.seam import returns
 from .sampling.trajectories import Generation, generate_trajectories
@@ -84,4 +84,7 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
         f"{stats['tokens_per_s']:.1f} tok/s)"
     )
     print(f"Dataset saved to {out}")
+    peak = peak_gpu_memory(model)
+    if peak is not None:
+        print(peak[0].upper() + peak[1:])
     return stats

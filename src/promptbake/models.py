@@ -288,6 +288,15 @@ def load_model(
     return model, tok
 
 
+def peak_gpu_memory(model) -> str | None:
+    """ "peak GPU memory X GB" of this process on `model`'s CUDA device (what the
+    migration guide's Step 4 reads off nvidia-smi), or None off CUDA."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
+
+
 def pad_id(tokenizer) -> int:
     """The id that fills padded positions: the tokenizer's pad id, else 0. Padded positions
     are masked out of attention and loss, so any valid id will do."""

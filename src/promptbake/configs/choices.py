@@ -10,7 +10,7 @@ implementation, or the other way round, fails at once.
 from __future__ import annotations
 
 # sampling engines (sampling/): auto picks one for the device
-ENGINE_NAMES: tuple[str, ...] = ("auto", "hf", "static")
+ENGINE_NAMES: tuple[str, ...] = ("auto", "hf", "static", "vllm")
 
 # the four conditions a model is run under (evaluation/conditions.py), in table order
 MODES: tuple[str, ...] = ("base", "prompted", "baked", "re-prompted")

@@ -81,9 +81,17 @@ class GenerateConfig(ModelArgs):
     compile: bool = opt(True, "with --cache_implementation static on CUDA: torch.compile decoding")
     engine: str = opt(
         "auto",
-        "sampling engine (sampling.py): auto picks the fastest for the device; hf is "
-        "transformers' generate",
+        "sampling engine (sampling/): hf is transformers' generate, static a compiled "
+        "static-cache decode step (CUDA), vllm the vLLM engine (pip install "
+        "'promptbake[vllm]'; it returns top-k log-probs only, so training computes the exact "
+        "teacher itself); auto takes vllm on CUDA when installed, else static on CUDA, else hf",
         choices=list(ENGINE_NAMES),
+    )
+    vllm_memory: float | None = opt(
+        None,
+        "with --engine vllm: the share of the GPU memory vLLM may hold (default 0.3, leaving "
+        "the rest to training in the same process); on a CPU the share of RAM for its KV "
+        "cache (default: 1 GB)",
     )
     save_teacher_cache: str = opt(
         "auto",
@@ -123,7 +131,11 @@ class GenerateConfig(ModelArgs):
         )
         require(self.top_p is None or 0 < self.top_p <= 1, "--top_p must be in (0, 1]")
         require(self.top_k is None or self.top_k >= 0, "--top_k must be >= 0")
-        require_finite(self, "save_teacher_cache_max_gb")
+        require_finite(self, "save_teacher_cache_max_gb", "vllm_memory")
+        require(
+            self.vllm_memory is None or 0 < self.vllm_memory < 1,
+            f"--vllm_memory is a share in (0, 1), got {self.vllm_memory}",
+        )
         require(self.save_teacher_cache_max_gb > 0, "--save_teacher_cache_max_gb must be > 0")
 
 

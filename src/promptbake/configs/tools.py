@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .choices import DATASET_NAMES, MODES, SCORER_SPECS
+from .choices import DATASET_NAMES, ENGINE_NAMES, MODES, SCORER_SPECS
 from .fields import opt, require, require_finite
 from .stages import ModelArgs
 
@@ -60,6 +60,11 @@ class EvalConfig(ModelArgs):
     num_samples: int = opt(1, "answers per question (only with --temperature > 0)")
     batch_size: int = opt(16, "questions answered at once")
     enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    engine: str = opt(
+        "auto",
+        "sampling engine for the answers: hf, static (CUDA), vllm, or auto (see generate --help)",
+        choices=list(ENGINE_NAMES),
+    )
     out_dir: str | None = opt(None, "where eval.json and eval.md go; default <adapter>/eval")
     model_name: str | None = opt(
         None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
@@ -97,6 +102,11 @@ class ChatConfig(ModelArgs):
     max_new_tokens: int = opt(128, "new tokens per answer")
     temperature: float = opt(0.0, "0: greedy; > 0: sample at this temperature")
     enable_thinking: bool | None = opt(None, "Qwen3 thinking switch for the chat template")
+    engine: str = opt(
+        "auto",
+        "sampling engine for the answers: hf, static (CUDA), vllm, or auto (see generate --help)",
+        choices=list(ENGINE_NAMES),
+    )
     model_name: str | None = opt(
         None, "base model; default: the one recorded with the adapter (adapter_config/args.json)"
     )

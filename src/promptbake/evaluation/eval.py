@@ -184,6 +184,7 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     how = Answering(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature or None,
         batch_size=cfg.batch_size, seed=cfg.seed, enable_thinking=cfg.enable_thinking,
+        engine=cfg.engine,
     )  # fmt: skip
     results = run_eval(model, tokenizer, questions, scorers, runs, prompt, how, cfg.num_samples)
     print(results_table(results, scorers))

@@ -24,6 +24,8 @@ Contract of an engine, whatever it does inside:
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,12 +48,24 @@ class Sampling:
     # options of the hf engine: transformers' static cache (compiled on CUDA)
     cache_implementation: str = "dynamic"
     compile: bool = True
+    # option of the vllm engine: the share of GPU memory (on a CPU: of RAM) it may hold
+    vllm_memory: float | None = None
 
 
 @dataclass
 class Samples:
+    """One batch's rows. With ``return_logprobs``, an engine whose ``RETURNS`` is "full"
+    fills ``logprobs`` (each row's [n_i, V] float32 CPU log-probs), one whose ``RETURNS``
+    is "topk" fills ``topk`` (each row's (ids [n_i, k] int64, log-probs [n_i, k] float32),
+    the k most likely tokens by rank)."""
+
     new_ids: list[list[int]]
-    logprobs: list[torch.Tensor] | None = None  # each [n_i, V] float32, on the CPU
+    logprobs: list[torch.Tensor] | None = None
+    topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def kept(self) -> list | None:
+        """What the engine handed back per row, whichever form it has."""
+        return self.logprobs if self.logprobs is not None else self.topk
 
 
 class Engine(Protocol):
@@ -72,6 +86,7 @@ class Engine(Protocol):
 ENGINES: dict[str, str] = {
     "hf": "promptbake.sampling.hf:sample",
     "static": "promptbake.sampling.static:sample",
+    "vllm": "promptbake.sampling.vllm:sample",
 }
 assert ("auto", *ENGINES) == ENGINE_NAMES, "configs.choices.ENGINE_NAMES lists the engines"
 
@@ -81,13 +96,27 @@ def engine_names() -> list[str]:
     return list(ENGINE_NAMES)
 
 
+_LOGGED: set = set()  # auto choices already logged in this process
+
+
 def resolve_engine(name: str, device: torch.device | str) -> str:
-    """``auto``: static (a compiled static-cache decode step) on CUDA, hf elsewhere."""
+    """``auto``: vllm on CUDA when it is installed, else static (a compiled static-cache
+    decode step) on CUDA, hf elsewhere; the choice is logged once per process."""
     if name != "auto":
         if name not in ENGINES:
             raise ValueError(f"unknown sampling engine {name!r}; choose from {engine_names()}")
         return name
-    return "static" if torch.device(device).type == "cuda" else "hf"
+    cuda = torch.device(device).type == "cuda"
+    if not cuda:
+        choice, why = "hf", "not on CUDA"
+    elif importlib.util.find_spec("vllm") is not None:
+        choice, why = "vllm", "CUDA, and vllm is installed"
+    else:
+        choice, why = "static", "CUDA, vllm not installed"
+    if cuda and choice not in _LOGGED:  # off CUDA auto is always hf: nothing to say
+        _LOGGED.add(choice)
+        print(f"sampling engine: {choice} (--engine auto: {why})", file=sys.stderr, flush=True)
+    return choice
 
 
 def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -86,6 +86,7 @@ def sampling_settings(cfg: GenerateConfig) -> Sampling:
         top_k=cfg.top_k,
         cache_implementation=cfg.cache_implementation,
         compile=cfg.compile,
+        vllm_memory=cfg.vllm_memory,
     )
 
 
@@ -247,7 +248,8 @@ class _Kept:
         if self.rows is None:
             return
         self.rows.update(zip(batch, logprobs))
-        self.nbytes += sum(t.numel() * t.element_size() for t in logprobs)
+        tensors = [t for row in logprobs for t in (row if isinstance(row, tuple) else (row,))]
+        self.nbytes += sum(t.numel() * t.element_size() for t in tensors)
         if self.nbytes > self.budget:
             self.rows = None
 
@@ -268,7 +270,7 @@ def _sample_into(f, work: _Work, todo: list[int], kept: _Kept | None, pbar) -> t
             pad_id=tok.pad_token_id, eot_ids=eot, return_logprobs=keep, engine=cfg.engine,
         )  # fmt: skip
         if keep:
-            kept.add(batch, out.logprobs)
+            kept.add(batch, out.kept())
         new = [
             make_trajectory(
                 tok,

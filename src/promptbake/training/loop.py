@@ -58,6 +58,7 @@ from .. import distributed
 from ..configs import TrainConfig
 from ..errors import Interrupted, UserError
 from ..files import append_line
+from ..models import peak_gpu_memory
 from . import checkpoint, objective, onpolicy
 from .batches import Batch, bucket_order, collate
 from .outputs import plot_curves, save_adapter
@@ -386,6 +387,9 @@ def train(
         run.tracker.close()
     kind = "validation" if run.val_rows else "training"
     run.log(f"done: best {kind} KL {run.best:.4f}; adapter in {run.out}")
+    peak = peak_gpu_memory(run.model)
+    if peak is not None:
+        run.log(peak)
     return run.model, run.metrics
 
 

@@ -106,6 +106,7 @@ def student_prompts(
         temperature=float(a["temperature"]),
         top_p=a.get("top_p"),
         top_k=a.get("top_k"),
+        vllm_memory=a.get("vllm_memory"),
     )
     prompts = render_prompts(
         tokenizer, source.x0, source.questions, source.gen_args.get("enable_thinking")

@@ -105,28 +105,38 @@ def cache_order(rows: list[dict]) -> list[int]:
 
 
 def cache_from_generation(
-    rows: list[dict], logprobs: dict, max_gen: int | None = None
+    rows: list[dict], logprobs: dict, max_gen: int | None = None, topk: int | None = None
 ) -> TeacherCache | None:
-    """The exact teacher cache of `rows`, from the log-probs saved while sampling them
-    (generate.generate_trajectories(logprobs=...)); None if any row has none.
+    """The teacher cache of `rows` from the log-probs kept while sampling them
+    (sampling.trajectories: Generation.kept, by (question_index, sample_index)); None if
+    any row has none.
 
-    The teacher is the prompted base model, the model that sampled the answers: at
-    each sampled token, generation already computed the teacher's full distribution
-    (raw logits, before temperature or top-p). Keeping them saves the whole teacher
-    pass; they equal that pass's log-probs up to float rounding (batch shapes and the
-    incremental KV cache differ; tests check 1e-4).
+    The teacher is the prompted base model, the model that sampled the answers: at each
+    sampled token, generation already computed the teacher's distribution (raw logits,
+    before temperature or top-p). A full row ([n, V], the hf and static engines) gives
+    the exact table: it equals a teacher pass up to float rounding (tests check 1e-4). A
+    top-k row ((ids, log-probs) [n, k], the vllm engine) gives the top-k + tail table,
+    the approximation of ``--teacher_cache topk``, cut to its `topk` best tokens.
     """
     parts = []
     for r in rows:
         lp = logprobs.get((r.get("question_index"), r.get("sample_index")))
         n = kl_rows(r, max_gen)
-        if lp is None or lp.shape[0] < n or sum(r["generated_text_mask"]) != lp.shape[0]:
+        size = None if lp is None else (lp[1] if isinstance(lp, tuple) else lp).shape[0]
+        if size is None or size != sum(r["generated_text_mask"]):
             return None
-        parts.append(lp[:n])
-    counts = torch.tensor([p.shape[0] for p in parts], dtype=torch.long)
+        parts.append(lp[:n] if not isinstance(lp, tuple) else (lp[0][:n], lp[1][:n]))
+    counts = torch.tensor([(p[1] if isinstance(p, tuple) else p).shape[0] for p in parts])
     offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
     offsets[1:] = counts.cumsum(0)
-    return TeacherCache("exact", offsets, torch.cat(parts))
+    if not parts or not isinstance(parts[0], tuple):
+        return TeacherCache("exact", offsets, torch.cat(parts))
+    k = parts[0][1].shape[1] if topk is None else min(topk, parts[0][1].shape[1])
+    idx = torch.cat([p[0][:, :k] for p in parts]).int()
+    logp = torch.cat([p[1][:, :k] for p in parts]).float()
+    # the tail: log of the mass outside the top-k (-inf when there is none)
+    tail = torch.log((-torch.expm1(torch.logsumexp(logp, -1))).clamp(min=0))
+    return TeacherCache("topk", offsets, logp, idx, tail)
 
 
 def exact_cache_fits(rows: list[dict], vocab: int, max_gen: int | None, max_gb: float) -> bool:
