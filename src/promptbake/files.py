@@ -7,7 +7,10 @@
 Every output of promptbake goes through here, so that a crash or a refused run never
 leaves a half-written file, outputs get the modes the user's umask gives any file they
 write, an output location is checked before any expensive work, and two runs never
-write one file at once.
+write one file at once. Outputs never replace what the tool did not write: no output is
+an input (:func:`check_not_inputs`), and a folder without the tool's marker keeps any
+file a run would write there (:func:`check_run_dir`); one run at a time writes a run
+folder (:func:`run_dir_lock`).
 """
 
 from __future__ import annotations
