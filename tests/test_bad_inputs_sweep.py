@@ -454,6 +454,9 @@ CLASS_1 = [
         lambda c: ["compare", "--adapter", str(run_copy(c)), "--data_file", str(trajectories(c)),
                    "--path_prefix", "x_", "--out_dir", str(project(c, {"x_compare.md": "m"}))],
         rf"holds x_compare\.md, which a run writes, but {NOT_OURS}", keep=("proj/x_compare.md",)),
+    Row("bake: refused after its folder was prepared (no such model): no folder is left",
+        lambda c: [*bake(c), "--model_name", str(c.tmp / "no-model")],
+        r"--model_name \S+/no-model"),
     # what still works
     Row("train: a folder holding only other files is used, and marked",
         lambda c: [*train(c), "--out_dir", str(project(c, {"notes.txt": "mine"}))],

@@ -329,11 +329,17 @@ def check_run_dir(path: str | Path, writes: Iterable[str], flag: str = "--out_di
 def run_dir_lock(path: str | Path, flag: str = "--out_dir") -> Iterator[Path]:
     """One run at a time in a run folder (:func:`exclusive_lock` on
     ``<folder>/.promptbake-run.lock``): a second run into it is refused at once, naming
-    the holder's pid. A folder the lock created is removed again if the run leaves it
-    empty (a refused run)."""
-    lock = Path(path) / (RUN_MARKER + ".lock")
+    the holder's pid. A folder the lock created is removed again if the run leaves
+    nothing in it but its marker (a run refused after :func:`prepare_out_dir`)."""
+    folder = Path(path)
+    made = not folder.exists()
+    lock = folder / (RUN_MARKER + ".lock")
     with exclusive_lock(path, flag, lock_file=lock) as held:
-        yield held
+        try:
+            yield held
+        finally:  # still holding the lock: no other run is using the folder
+            if made and {e.name for e in folder.iterdir()} <= {RUN_MARKER, lock.name}:
+                (folder / RUN_MARKER).unlink(missing_ok=True)
 
 
 def _identity(path: Path) -> tuple:
