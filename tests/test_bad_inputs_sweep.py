@@ -565,11 +565,13 @@ CLASS_2 = [
 
 # ================================================================ 3. damage is detected
 def damaged_run(damage):
-    """The shared run copied, `damage(run folder)`, then --resume true for one more epoch."""
+    """The shared run copied, `damage(run folder)`, then --resume true for one more epoch
+    (on the data it was trained on: a checkpoint of other data is refused)."""
 
     def setup(c: Ctx) -> list[str]:
         damage(run_copy(c))
-        return train(c, "--resume", "true", "--num_epochs", "2")
+        data = str(c.built["gen"] / "t.jsonl")
+        return train(c, "--resume", "true", "--num_epochs", "2", "--data_path", data)
 
     return setup
 
@@ -583,6 +585,21 @@ def lora_bytes_in_state(run: Path) -> None:
 def adapter_bytes(run: Path) -> None:
     w = run / "checkpoint" / "adapter_model.safetensors"
     flip16(w, safetensors_data(w) + 16)
+
+
+def older_checkpoint(run: Path) -> None:
+    """The checkpoint as an older promptbake wrote it: no checksums, none recorded."""
+    import torch
+
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    del state["checksums"]
+    torch.save(state, run / "checkpoint" / "state.pt")
+    (run / "checkpoint" / "checksums.json").unlink()
+
+
+def resumed(c: Ctx) -> None:
+    log = (c.tmp / "run" / "train_loop.log").read_text()
+    assert "resumed from" in log and "after epoch 1" in log and "epoch 2:" in log
 
 
 def sidecar_bytes(c: Ctx) -> list[str]:
@@ -671,6 +688,10 @@ CLASS_3 = [
     Row("checkpoint: its checksums.json deleted",
         damaged_run(lambda r: (r / "checkpoint" / "checksums.json").unlink()),
         rf"{CK} has no checksums\.json .*; {CK_FIX}", keep=("run/checkpoint/state.pt",)),
+    Row("checkpoint: an older promptbake's, without checksums (resumed, with a warning)",
+        damaged_run(older_checkpoint),
+        rf"{CK} was written by an older promptbake, without checksums: resuming from it "
+        r"unchecked", ends="warned", after=resumed),
     Row("checkpoint: a file its checksums name is missing",
         damaged_run(lambda r: (r / "checkpoint" / "adapter_config.json").unlink()),
         rf"{CK}/adapter_config\.json is missing from the checkpoint; {CK_FIX}"),

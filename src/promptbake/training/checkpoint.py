@@ -13,7 +13,10 @@ After every epoch train.py writes ``<out_dir>/checkpoint/``:
                metrics so far, and the arguments of the run
     checksums.json   the sha256 of each file above, written last: a file changed or
                damaged after the save (a flipped byte of a LoRA tensor loads fine) is
-               refused on resume (:func:`check_checksums`), never resumed silently
+               refused on resume (:func:`check_checksums`), never resumed silently;
+               so is a missing checksums.json (state.pt says it was written). Only a
+               checkpoint of an older promptbake, which had none, resumes unchecked,
+               with a warning
 
 The directory is written under a temporary name and swapped in by renames, so a crash
 leaves either the previous checkpoint or the new one, never a half-written one: the
@@ -39,7 +42,7 @@ import torch
 
 from .. import distributed
 from ..adapters import save_peft
-from ..errors import UserError
+from ..errors import UserError, warn
 from ..files import atomic_dir, atomic_write, sha256_file, write_json
 from ..records import read_json
 
@@ -150,6 +153,7 @@ def save_checkpoint(
         "optimizer": run.opt.state_dict() if optimizer_sd is None else optimizer_sd,
         "scheduler": run.sched.state_dict(),
         "rng": _rng_state(),
+        "checksums": CHECKSUMS,  # this checkpoint has them (an older one had none)
     }
     with atomic_dir(final, aside=run.out / (DIR_NAME + ".old")) as tmp:
         if hasattr(run.model, "save_pretrained"):
@@ -210,7 +214,11 @@ def load_checkpoint(out_dir: str | Path, map_location: Any = "cpu") -> dict | No
             ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise UserError(f"{path} is not a promptbake checkpoint; delete {d} to start over")
-        check_checksums(d)
+        if state.get("checksums") is None and not (d / CHECKSUMS).exists():
+            warn(f"{d} was written by an older promptbake, without checksums: resuming "
+                 "from it unchecked")  # fmt: skip
+        else:
+            check_checksums(d)
         return state
     return None
 
