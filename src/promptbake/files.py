@@ -408,9 +408,9 @@ def check_not_inputs(
         if writes is not None:
             targets += [(t, True) for t in _written(o, tuple(writes), ins)]
         for target, inside in targets:
-            ident = _identity(target)
+            ident, t_res = _identity(target), target.resolve()
             for what, p in ins:
-                if _identity(p) == ident or (inside and p.resolve().is_relative_to(target)):
+                if _identity(p) == ident or (inside and p.resolve().is_relative_to(t_res)):
                     shown = f" (it writes {target})" if inside else ""
                     raise UserError(
                         f"{flag} {out}{shown} would overwrite the input {what}; an output is "

@@ -181,8 +181,8 @@ def check_checksums(folder: Path) -> None:
     path = folder / CHECKSUMS
     if not path.is_file():
         raise UserError(
-            f"{folder} has no {CHECKSUMS} (an older promptbake's checkpoint, or damaged), so "
-            f"its files cannot be checked; {fix}"
+            f"{folder} has no {CHECKSUMS}, though its state.pt records one (damaged), so its "
+            f"files cannot be checked; {fix}"
         )
     record = read_json(path, hint=fix, fields={"sha256": dict}, required=("sha256",))
     for name, digest in sorted(record["sha256"].items()):

@@ -20,10 +20,10 @@ teacher pass, as without a sidecar. The header also records the sha256 of the ta
 (:func:`table_sha256`); a table damaged on disk after it was written (a changed byte
 still loads) is ignored the same way, with a warning naming the file: the table is a
 cache of what training can compute itself from the intact trajectories, so the run
-stays correct, only slower, and the user learns of the damage. Generation writes the file only when the table
-fits ``--save_teacher_cache_max_gb`` (``--save_teacher_cache auto``, the default) or
-``always``; a Qwen3-sized vocabulary makes it hundreds of GB for the seed's full job,
-so it is then simply not written.
+stays correct, only slower, and the user learns of the damage. Generation writes the
+file only when the table fits ``--save_teacher_cache_max_gb`` (``--save_teacher_cache
+auto``, the default) or ``always``; a Qwen3-sized vocabulary makes it hundreds of GB
+for the seed's full job, so it is then simply not written.
 """
 
 from __future__ import annotations
