@@ -8,6 +8,11 @@ folder, a checkpoint to resume, the trajectories and their sidecars, the tokeniz
 loads the model, decides where the teacher's targets come from (training.targets: a
 table generate_data.py wrote next to --data_path, one built before epoch 1, or the
 teacher every step) and hands all of it to the training loop (training.loop.train).
+
+--out_dir is a run folder (files.py): refused when the tool did not write it (no
+``.promptbake-run``) and it holds a file the run writes (training.outputs.RUN_WRITES:
+README.md, args.json, ...), or when it or a file written there is an input; it is
+locked for the whole run, so a second run into it is refused at once.
 """
 
 from __future__ import annotations
