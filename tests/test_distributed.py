@@ -29,8 +29,8 @@ from promptbake.configs import GenerateConfig, LoraArgs, TrainConfig
 from promptbake.errors import UserError
 from promptbake.files import write_json
 from promptbake.generate import run_generate
-from promptbake.models import load_tokenizer, tokenizer_fingerprint
-from promptbake.records import read_prompt, read_trajectories
+from promptbake.models import load_model, load_tokenizer, tokenizer_fingerprint
+from promptbake.records import read_prompt, read_questions, read_trajectories, select_questions
 from promptbake.sampling.trajectories import _resume_key
 from promptbake.training import batches, checkpoint, objective, setup
 
@@ -113,10 +113,13 @@ def seed_interrupted_run(cfg: GenerateConfig, out: Path) -> None:
     """What a 2-process run killed after one batch per rank leaves behind: the resume key
     and a shard per rank (batch 0 on rank 0; batch 1 and half a line of batch 3 on rank 1)."""
     ref = (Path(cfg.traj_out_file)).read_bytes().splitlines(keepends=True)
+    model, tok = load_model(cfg.model_name, cfg.device, cfg.dtype)
     key = _resume_key(
         GenerateConfig(**{**vars(cfg), "traj_out_file": str(out)}),
-        tokenizer_fingerprint(load_tokenizer(cfg.model_name)),
+        tokenizer_fingerprint(tok),
         read_prompt(cfg.x0_file),
+        select_questions(read_questions(cfg.question_dataset), cfg.num_questions, cfg.seed),
+        model,
     )
     write_json(f"{out}.partial.key.json", {**key, "world_size": 2})
     Path(f"{out}.partial.rank0").write_bytes(b"".join(ref[0:4]))

@@ -34,13 +34,14 @@ pursuit's own output directory are followed.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 from .files import apply_umask, write_json
 from .models import load_model, model_options, resolve_model_path
+from .records import read_json
 
 CHAIN_FILE = "promptbake_chain.json"
 ADAPTER_FILE = "promptbake_adapter.json"  # our record: {"base_model": the name the user gave}
@@ -58,6 +59,12 @@ def adapter_dir(path: str | Path, what: str = "--adapter") -> Path:
         if sorted(p.glob("epoch_*/adapter_config.json")):
             hint = " (it has epoch_N/ checkpoints: pass one of those)"
         raise UserError(f"{what} {path}: no adapter_config.json, not a LoRA adapter{hint}")
+    config = read_record(p / "adapter_config.json")  # peft would fail on it in a traceback
+    if config.get("peft_type") != "LORA":
+        raise UserError(
+            f"{what} {path}: adapter_config.json has peft_type {config.get('peft_type')!r}, "
+            "not 'LORA': not a LoRA adapter promptbake wrote"
+        )
     check_weights(p, what)
     return p
 
@@ -84,11 +91,26 @@ def check_weights(p: Path, what: str = "--adapter") -> None:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
+# the fields of a run's records that are read back, and their JSON types
+RECORD_FIELDS: dict[str, Any] = {
+    "base_model": str,  # promptbake_adapter.json, promptbake_chain.json
+    "merge_first": list,  # promptbake_chain.json
+    "base_model_name_or_path": (str, type(None)),  # adapter_config.json
+    "peft_type": str,
+    "model_name": str,  # args.json
+    "data_path": (str, type(None)),
+    "val_path": (str, type(None)),
+    "prompt": (str, list),  # summary.json
+    "x0": (str, list),  # .meta.json
+}
+
+
+def read_record(path: Path) -> dict:
+    """A run's JSON record (read_json: one line when it is damaged or of the wrong shape)."""
+    return read_json(
+        path, hint="the run folder is damaged: restore the file, or train it again",
+        fields=RECORD_FIELDS,
+    )  # fmt: skip
 
 
 def run_dirs(adapter: Path) -> list[Path]:
@@ -110,14 +132,14 @@ def base_model_name(adapter: str | Path, override: str | None = None) -> str:
         return override
     p = adapter_dir(adapter)
     for record in (p / CHAIN_FILE, p / ADAPTER_FILE):
-        if record.is_file() and _read_json(record).get("base_model"):
-            return _read_json(record)["base_model"]
-    name = _read_json(p / "adapter_config.json").get("base_model_name_or_path")
+        if record.is_file() and read_record(record).get("base_model"):
+            return read_record(record)["base_model"]
+    name = read_record(p / "adapter_config.json").get("base_model_name_or_path")
     if name:
         return name
     args = run_file(p, "args.json")
-    if args is not None and _read_json(args).get("model_name"):
-        return _read_json(args)["model_name"]
+    if args is not None and read_record(args).get("model_name"):
+        return read_record(args)["model_name"]
     raise UserError(
         f"--adapter {adapter}: cannot tell which base model it belongs to (no "
         "base_model_name_or_path in adapter_config.json, no args.json); pass --model_name"
@@ -127,16 +149,16 @@ def base_model_name(adapter: str | Path, override: str | None = None) -> str:
 def run_prompt(adapter: str | Path) -> str | None:
     """The prompt a run baked, from its summary.json or trajectory metadata, if recorded."""
     summary = run_file(adapter, "summary.json")
-    if summary is not None and _read_json(summary).get("prompt"):
-        return _read_json(summary)["prompt"]
+    if summary is not None and read_record(summary).get("prompt"):
+        return read_record(summary)["prompt"]
     for name in ("trajectories_train.jsonl.meta.json", "trajectories_val.jsonl.meta.json"):
         meta = run_file(adapter, name)
-        if meta is not None and _read_json(meta).get("x0"):
-            return _read_json(meta)["x0"]
+        if meta is not None and read_record(meta).get("x0"):
+            return read_record(meta)["x0"]
     args = run_file(adapter, "args.json")
-    data = _read_json(args).get("data_path") if args is not None else None
+    data = read_record(args).get("data_path") if args is not None else None
     if data and Path(data + ".meta.json").is_file():
-        return _read_json(Path(data + ".meta.json")).get("x0")
+        return read_record(Path(data + ".meta.json")).get("x0")
     return None
 
 
@@ -204,7 +226,7 @@ def chain_entries(p: Path) -> list[Path]:
         return []
     root = p.resolve().parent
     dirs = []
-    for entry in _read_json(chain).get("merge_first", []):
+    for entry in read_record(chain).get("merge_first", []):
         d = (p / str(entry)).resolve()
         if Path(str(entry)).is_absolute() or not d.is_relative_to(root) or d == p.resolve():
             raise UserError(

@@ -18,6 +18,7 @@ own answers to the training questions are sampled during training (student_stage
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -28,7 +29,14 @@ from .evaluation.conditions import Answering, answer_condition, side_by_side
 from .evaluation.measures import heldout_kl
 from .evaluation.report import write_report
 from .evaluation.scorers import marker, score_all
-from .files import atomic_write, prepare_out_dir, write_json
+from .files import (
+    atomic_write,
+    check_not_inputs,
+    check_run_dir,
+    prepare_out_dir,
+    run_dir_lock,
+    write_json,
+)
 from .flags import flag_values
 from .models import load_model, model_options, peak_gpu_memory
 from .records import prompt_text, read_prompt, read_questions, select_questions
@@ -36,6 +44,7 @@ from .sampling import seam as sampling
 from .sampling.trajectories import Generation, generate_trajectories
 from .training import onpolicy
 from .training.loop import train
+from .training.outputs import RUN_WRITES
 from .training.targets import TeacherPlan, plan_teacher, training_facts
 from .training.teacher import cache_bytes, cache_from_generation
 
@@ -166,11 +175,38 @@ def report_answers(out: Path, cfg: BakeConfig, summary: dict, cols: dict, heldou
         }
 
 
+# What a bake writes into --out_dir besides a training run's files (files.check_run_dir);
+# trajectories_*.jsonl* covers each split's .meta.json, .partial, .partial.key.json, .lock
+BAKE_WRITES = (
+    *RUN_WRITES, "trajectories_train.jsonl*", "trajectories_val.jsonl*", "summary.json",
+    "report.md", "answers.md", "fidelity.png",
+)  # fmt: skip
+
+
+def bake_inputs(cfg: BakeConfig) -> list[tuple[str, str | None]]:
+    """Every input file of a bake, for files.check_not_inputs."""
+    return [
+        ("--x0_file", cfg.x0_file),
+        ("--question_dataset", cfg.question_dataset),
+        ("--heldout", cfg.heldout),
+        ("--model_name", cfg.model_name),  # a local model folder (a hub id is none)
+    ]
+
+
 def bake(cfg: BakeConfig) -> dict:
     cfg.validate()
     x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
     train_q, val_q = bake_questions(cfg)
+    # before any work: a folder promptbake did not write keeps its files, no output is
+    # an input, and one run at a time writes the folder (rank 0 holds the lock)
+    check_run_dir(cfg.out_dir, BAKE_WRITES)
+    check_not_inputs([("--out_dir", cfg.out_dir, BAKE_WRITES)], bake_inputs(cfg))
+    with run_dir_lock(cfg.out_dir) if distributed.is_main() else contextlib.nullcontext():
+        return _bake(cfg, x0, heldout, train_q, val_q)
+
+
+def _bake(cfg: BakeConfig, x0, heldout: list[dict], train_q: list[dict], val_q: list[dict]):
     out = prepare_out_dir(cfg.out_dir)
 
     t_start = time.perf_counter()

@@ -20,11 +20,11 @@ from pathlib import Path
 from . import distributed
 from .configs import GenerateConfig
 from .errors import UserError
-from .files import check_writable, exclusive_lock
+from .files import check_not_inputs, check_writable, exclusive_lock
 from .models import load_model, model_options, peak_gpu_memory
 from .records import read_prompt, read_questions, select_questions
 from .sampling.seam import returns
-from .sampling.trajectories import Generation, generate_trajectories
+from .sampling.trajectories import Generation, generate_trajectories, side_files
 from .training.sidecar import model_identity, quantization, save_sidecar
 from .training.targets import sidecar_keep
 from .training.teacher import cache_bytes, cache_from_generation
@@ -63,6 +63,15 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     if out.is_dir():
         raise UserError(f"--traj_out_file {out} is a directory; give a .jsonl file path")
     check_writable(out, "--traj_out_file")  # before the model loads
+    # no output, the file or one written beside it, is an input (files.check_not_inputs)
+    check_not_inputs(
+        [("--traj_out_file", p, None) for p in (out, *side_files(out))],
+        [
+            ("--x0_file", cfg.x0_file),
+            ("--question_dataset", cfg.question_dataset),
+            ("--model_name", cfg.model_name),  # a local model folder or .gguf (a hub id is none)
+        ],
+    )
     # one writer per output for the whole run: a second run at once is refused (exit 2)
     main = distributed.is_main()
     with exclusive_lock(out, "--traj_out_file") if main else contextlib.nullcontext():

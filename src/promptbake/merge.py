@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapters import load_adapter, set_adapter_scale
+from .adapters import adapter_dir, base_model_name, load_adapter, set_adapter_scale
 from .configs import MergeConfig
 from .errors import UserError
-from .files import atomic_dir, check_out_dir, write_text
+from .files import atomic_dir, check_not_inputs, check_out_dir, write_text
 from .models import model_options
 
 MERGED_MARKER = ".promptbake-merged"
@@ -38,6 +38,11 @@ def merge(cfg: MergeConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out).expanduser()
     _check_out(out)
+    # --out is replaced whole: neither it nor anything in it may be an input (the adapter,
+    # its base model: --model_name or the one it records)
+    adapter_dir(cfg.adapter)  # a damaged adapter folder is refused before any model loads
+    base = base_model_name(cfg.adapter, cfg.model_name)
+    check_not_inputs([("--out", out, ("*",))], [("--adapter", cfg.adapter), ("--model_name", base)])
     model, tok, name = load_adapter(
         cfg.adapter,
         cfg.model_name,

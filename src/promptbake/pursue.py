@@ -27,18 +27,36 @@ round_k/ for k > 1 holds promptbake_chain.json listing rounds 1..k-1, so
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from pathlib import Path
 
+from . import distributed
 from .adapters import CHAIN_FILE, attach_adapter, merged_copy
-from .bake import bake, bake_questions, sample_stage, student_stage, teacher_plan, train_stage
+from .bake import (
+    BAKE_WRITES,
+    bake,
+    bake_inputs,
+    bake_questions,
+    sample_stage,
+    student_stage,
+    teacher_plan,
+    train_stage,
+)
 from .configs import PursueConfig
 from .evaluation.conditions import CONDITIONS, Answering, answer
 from .evaluation.measures import condition_kl, heldout_kl
 from .evaluation.report import format_table, pct
 from .evaluation.scorers import marker, score_all
-from .files import atomic_write, prepare_out_dir, write_json
+from .files import (
+    atomic_write,
+    check_not_inputs,
+    check_run_dir,
+    prepare_out_dir,
+    run_dir_lock,
+    write_json,
+)
 from .models import load_model, model_options, pad_id
 from .records import prompt_text, read_prompt, read_questions, read_trajectories
 
@@ -159,10 +177,26 @@ def write_result(out: Path, result: dict) -> None:
         f.write(render_markdown(result))
 
 
+# What a pursuit writes into --out_dir, and into each round_k/ (files.check_run_dir)
+PURSUE_WRITES = ("pursuit.json", "pursuit.md", "round_*")
+ROUND_WRITES = (*BAKE_WRITES, CHAIN_FILE, "pursuit_round.json")
+
+
 def pursue(cfg: PursueConfig) -> dict:
     cfg.validate()
     x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
+    # before any work: folders promptbake did not write keep their files, no output is an
+    # input, and one pursuit at a time writes the folder
+    check_run_dir(cfg.out_dir, PURSUE_WRITES)
+    for k in range(1, cfg.rounds + 1):
+        check_run_dir(Path(cfg.out_dir) / f"round_{k}", ROUND_WRITES)
+    check_not_inputs([("--out_dir", cfg.out_dir, PURSUE_WRITES)], bake_inputs(cfg))
+    with run_dir_lock(cfg.out_dir) if distributed.is_main() else contextlib.nullcontext():
+        return _pursue(cfg, x0, heldout)
+
+
+def _pursue(cfg: PursueConfig, x0, heldout: list[dict]) -> dict:
     out = prepare_out_dir(cfg.out_dir)
     t0 = time.perf_counter()
 

@@ -310,16 +310,83 @@ def meta_path(traj_path: str | Path) -> Path:
     return Path(str(traj_path) + ".meta.json")
 
 
+# the fields of a .meta.json that are read back, and their JSON types
+META_FIELDS: dict[str, Any] = {
+    "num_trajectories": int,
+    "tokenizer_fingerprint": str,
+    "model_name": (str, type(None)),
+    "x0": (str, list),
+    "args": dict,
+    "end_of_turn_ids": list,
+}
+
+
 def read_meta(traj_path: str | Path) -> dict | None:
+    """The .meta.json of a trajectory file (None when there is none), checked."""
     p = meta_path(traj_path)
     if not p.is_file():
         return None
+    return read_json(p, hint="delete it or regenerate the data", fields=META_FIELDS)
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false",
+               int: "a number", float: "a number", type(None): "null"}  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def read_json(
+    path: str | Path,
+    what: str = "",
+    *,
+    hint: str = "restore it, or delete it and write it again",
+    fields: dict[str, Any] | None = None,
+    required: tuple[str, ...] = (),
+) -> dict:
+    """The JSON object in a file the tool reads back (a .meta.json, args.json,
+    summary.json, adapter_config.json, a resume key, a checkpoint's checksums): one
+    line naming the file, what is wrong (missing, unreadable, not UTF-8, corrupt or
+    truncated JSON, a list where an object belongs, a field of the wrong type) and
+    `hint`, never a traceback. `fields`: {key: type or tuple of types} checked where
+    present; `required`: keys that must be present."""
+    where = f"{what} {path}" if what else str(path)
+
+    def bad(problem: str) -> UserError:
+        return UserError(f"{where}: {problem}; {hint}")
+
+    p = Path(path)
+    if not p.is_file():
+        raise bad("no such file")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+    except OSError as e:
+        raise bad(f"cannot be read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"not UTF-8 text (byte {e.start}); the file is damaged") from None
+    if not text.strip():
+        raise bad("the file is empty (truncated?)")
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(
-            f"{p}: not valid JSON ({e.msg}); delete it or regenerate the data"
+        raise bad(
+            f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); the file is "
+            "damaged or truncated"
         ) from None
+    if not isinstance(obj, dict):
+        raise bad(f"holds {_kind(obj)} where a JSON object belongs")
+    for key in required:
+        if key not in obj:
+            raise bad(f"has no {key!r} field")
+    for key, types in (fields or {}).items():
+        if key in obj and not isinstance(obj[key], types):
+            want = types if isinstance(types, tuple) else (types,)
+            wanted = " or ".join(dict.fromkeys(_JSON_KINDS.get(t, t.__name__) for t in want))
+            raise bad(f"its {key!r} is {_kind(obj[key])}, expected {wanted}")
+    return obj
 
 
 # ---------------------------------------------------------------- the schema

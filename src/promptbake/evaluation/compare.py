@@ -23,16 +23,29 @@ any template (no token-id surgery tied to one tokenizer).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from ..adapters import adapter_dir, base_model_name, load_adapter, run_file, set_adapter_scale
+from ..adapters import (
+    adapter_dir,
+    base_model_name,
+    load_adapter,
+    read_record,
+    run_file,
+    set_adapter_scale,
+)
 from ..configs import CompareConfig
 from ..errors import UserError
-from ..files import atomic_write, check_out_dir, save_figure, write_json
+from ..files import (
+    atomic_write,
+    check_not_inputs,
+    check_run_dir,
+    prepare_out_dir,
+    save_figure,
+    write_json,
+)
 from ..models import load_tokenizer, model_options, pad_id
 from ..prompts import encode, format_prompt
 from ..records import (
@@ -182,7 +195,7 @@ def default_data_file(adapter: str) -> str:
     if found is None:
         args = run_file(adapter, "args.json")
         if args is not None:
-            val = json.loads(args.read_text(encoding="utf-8")).get("val_path")
+            val = read_record(args).get("val_path")
             if val and Path(val).is_file():
                 return val
         raise UserError(
@@ -203,7 +216,18 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
         read_prompt(cfg.prompt_override, "--prompt_override") if cfg.prompt_override else None
     )
     out = Path(cfg.out_dir) if cfg.out_dir else adapter / "compare"
-    check_out_dir(out)
+    p = cfg.path_prefix
+    writes = (f"{p}compare.json", f"{p}compare.md", f"{p}nll_*_vs_*.png")
+    check_run_dir(out, writes)  # a folder promptbake did not write keeps its files
+    check_not_inputs(
+        [("--out_dir", out, writes)],
+        [
+            ("--adapter", str(adapter)),
+            ("--data_file", data_file),
+            ("--prompt_override", cfg.prompt_override),
+            ("--model_name", cfg.model_name),
+        ],
+    )
     if model is None:
         model, tokenizer, _ = load_adapter(
             adapter,
@@ -229,8 +253,7 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     print(table)
     print(fidelity_line(kl))
 
-    out.mkdir(parents=True, exist_ok=True)
-    p = cfg.path_prefix
+    prepare_out_dir(out)
     result = {
         "adapter": str(adapter),
         "data_file": data_file,

@@ -30,7 +30,7 @@ from ..adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_
 from ..configs import EvalConfig, require
 from ..configs.choices import MODES
 from ..errors import UserError
-from ..files import atomic_write, check_out_dir, write_json
+from ..files import atomic_write, check_not_inputs, check_run_dir, prepare_out_dir, write_json
 from ..prompts import Prompt
 from ..records import read_questions
 from .conditions import CONDITIONS, GREEDY, Answering, answer_condition
@@ -164,6 +164,9 @@ def render_markdown(cfg: EvalConfig, results: dict, scorers, questions, prompt) 
     return "\n".join(lines) + "\n"
 
 
+EVAL_WRITES = ("eval.json", "eval.md")  # what eval writes into --out_dir
+
+
 def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     """The `promptbake eval` command; pass `model`/`tokenizer` to skip loading."""
     cfg.validate()
@@ -176,7 +179,16 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         questions = questions[: cfg.num_questions]
     prompt = resolve_prompt(cfg.x0_file, cfg.prompt, cfg.adapter)
     out = Path(cfg.out_dir) if cfg.out_dir else (adapter / "eval" if adapter else Path("eval"))
-    check_out_dir(out)
+    check_run_dir(out, EVAL_WRITES)  # a folder promptbake did not write keeps its files
+    check_not_inputs(
+        [("--out_dir", out, EVAL_WRITES)],
+        [
+            ("--adapter", cfg.adapter),
+            ("--questions", cfg.questions),
+            ("--x0_file", cfg.x0_file),
+            ("--model_name", cfg.model_name),
+        ],
+    )
     if model is None:
         model, tokenizer = load_model_and_adapter(adapter, cfg)
     runs = plan_runs(modes, scales)
@@ -204,7 +216,7 @@ def evaluate_command(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         "results": results,
         "question_records": questions,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out)
     write_json(out / "eval.json", record)
     with atomic_write(out / "eval.md") as f:
         f.write(render_markdown(cfg, results, scorers, questions, prompt))

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..files import atomic_write, save_figure
+from ..records import read_json
 
 
 # ---------------------------------------------------------------- tables
@@ -179,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (out / "summary.json").is_file():
         print(f"error: {out}/summary.json not found (not a finished bake run)", file=sys.stderr)
         return 2
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    args = out / "args.json"
-    settings = json.loads(args.read_text(encoding="utf-8")) if args.is_file() else {}
+    hint = "restore it, or bake the run again"
+    try:
+        summary = read_json(out / "summary.json", hint=hint)
+        args = out / "args.json"
+        settings = read_json(args, hint=hint) if args.is_file() else {}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {write_report(out, settings, summary)}")
     return 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -40,7 +41,7 @@ from ..errors import UserError
 from ..files import atomic_write, write_json
 from ..models import end_of_turn_ids, tokenizer_fingerprint
 from ..prompts import render_prompts
-from ..records import make_trajectory, meta_path, read_trajectories, sidecar_path
+from ..records import make_trajectory, meta_path, read_json, read_trajectories, sidecar_path
 from .seam import Sampling, sample
 
 
@@ -94,10 +95,50 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
-def _resume_key(cfg: GenerateConfig, fingerprint: str, x0: str | list[dict]) -> dict:
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def model_identity(model_name: str, model) -> dict:
+    """What says which model samples: its name (a local path made absolute, so ./m and
+    /abs/m match) and a hash of its config (what the weights' shapes and the
+    architecture depend on; the tokenizer's fingerprint is the key's too)."""
+    p = Path(model_name).expanduser()
+    config = getattr(model, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    volatile = ("_name_or_path", "transformers_version", "_commit_hash")
+    values = {k: v for k, v in values.items() if k not in volatile}
+    return {
+        "name": str(p.resolve()) if p.exists() else model_name,
+        "config_sha256": _sha256_json(json.loads(json.dumps(values, default=str))),
+    }
+
+
+def _resume_key(
+    cfg: GenerateConfig, fingerprint: str, x0: str | list[dict], questions: list[dict], model
+) -> dict:
+    """What an unfinished run must share with the one that continues it: the arguments,
+    and the CONTENT of every input (the prompt, the question records actually used, the
+    model and its tokenizer), so an input edited after a kill is never mixed into one
+    file with rows sampled from the old one."""
     args = dataclasses.asdict(cfg)
     args.pop("traj_out_file")
-    return {"args": args, "tokenizer_fingerprint": fingerprint, "x0": x0}
+    return {
+        "args": args,
+        "tokenizer_fingerprint": fingerprint,
+        "x0": x0,
+        "questions_sha256": _sha256_json(questions),
+        "model": model_identity(cfg.model_name, model),
+    }
+
+
+# the key's entries that are inputs (content), with what to call them in a refusal
+_KEY_INPUTS = {
+    "x0": "the prompt",
+    "questions_sha256": "the question records",
+    "model": "the model",
+    "tokenizer_fingerprint": "the tokenizer",
+}
 
 
 def _completed(partial: Path, batches: list[list[tuple[int, int]]]) -> tuple[list[dict], int]:
@@ -125,15 +166,35 @@ def _shard_path(partial: Path, rank: int) -> Path:
     return Path(f"{partial}.rank{rank}")
 
 
+def side_files(out_path: str | Path) -> list[Path]:
+    """The files a generation writes beside <out_path>: its .meta.json, the teacher
+    sidecar, the unfinished run's .partial and resume key, and the writer's lock."""
+    partial = Path(f"{out_path}.partial")
+    return [
+        meta_path(out_path), sidecar_path(out_path), partial, Path(f"{partial}.key.json"),
+        Path(f"{out_path}.lock"),
+    ]  # fmt: skip
+
+
 def _check_resume_key(partial: Path, key_path: Path, key: dict) -> None:
-    """Refuse to continue an unfinished run made with other arguments (or process count)."""
-    old = json.loads(key_path.read_text()) if key_path.exists() else None
-    if old == json.loads(json.dumps(key)):
+    """Refuse to continue an unfinished run made with other arguments, other inputs (an
+    edited question file, prompt or model) or another process count."""
+    fix = "delete the .partial file (and its .key.json) to start over"
+    old = read_json(key_path, hint=fix) if key_path.exists() else None
+    key = json.loads(json.dumps(key))
+    if old == key:
         return
     if old is not None:
-        same = {k: v for k, v in old.items() if k != "world_size"} == json.loads(
-            json.dumps({k: v for k, v in key.items() if k != "world_size"})
-        )
+        same = {k: v for k, v in old.items() if k != "world_size"} == {
+            k: v for k, v in key.items() if k != "world_size"
+        }
+        changed = [what for k, what in _KEY_INPUTS.items() if old.get(k) != key.get(k)]
+        if old.get("args") == key["args"] and changed:
+            raise UserError(
+                f"{partial} is an unfinished run, but the inputs changed since it was "
+                f"started ({', '.join(changed)}); rows of the old and new inputs must not mix "
+                f"in one file: restore them and rerun to finish it, or {fix}"
+            )
         if same:
             raise UserError(
                 f"{partial} is an unfinished run made by {old.get('world_size', 1)} "
@@ -194,7 +255,9 @@ class _Run:
     fresh: bool  # a new run in one process: its leftovers are removed if it fails early
 
 
-def _open_run(cfg: GenerateConfig, fingerprint: str, x0: str, out_path: Path, batches) -> _Run:
+def _open_run(
+    cfg: GenerateConfig, fingerprint: str, x0: str, questions, model, out_path: Path, batches
+) -> _Run:
     """Check or write the resume key and find the finished part of `own`.
 
     Under torchrun, rank r samples batches r, r + world, ... into its own shard file
@@ -203,7 +266,7 @@ def _open_run(cfg: GenerateConfig, fingerprint: str, x0: str, out_path: Path, ba
     """
     partial = Path(str(out_path) + ".partial")
     key_path = Path(str(partial) + ".key.json")
-    key = _resume_key(cfg, fingerprint, x0)
+    key = _resume_key(cfg, fingerprint, x0, questions, model)
     distributed.init(cfg.device)
     world = distributed.world_size()
     mine = list(range(distributed.rank(), len(batches), world))
@@ -341,7 +404,7 @@ def generate_trajectories(
     batches = plan_batches(
         [len(p[0]) for p in prompts], cfg.num_sequences_per_question, cfg.batch_size
     )
-    run = _open_run(cfg, fingerprint, x0, out_path, batches)
+    run = _open_run(cfg, fingerprint, x0, questions, model, out_path, batches)
     main = distributed.is_main()
     # kept log-probs only when they will cover every row: one process, nothing resumed
     alone = not run.done and distributed.world_size() == 1

@@ -11,6 +11,12 @@ After every epoch training.loop writes ``<out_dir>/checkpoint/``:
     state.pt   LoRA weights, optimizer, scheduler, torch/CUDA/python/numpy RNG states,
                epoch, best validation score, epochs since it improved (--patience),
                metrics so far, and the arguments of the run
+    checksums.json   the sha256 of each file above, written last: a file changed or
+               damaged after the save (a flipped byte of a LoRA tensor loads fine) is
+               refused on resume (:func:`check_checksums`), never resumed silently;
+               so is a missing checksums.json (state.pt says it was written). Only a
+               checkpoint of an older promptbake, which had none, resumes unchecked,
+               with a warning
 
 The directory is written under a temporary name and swapped in by renames, so a crash
 leaves either the previous checkpoint or the new one, never a half-written one: the
@@ -36,8 +42,9 @@ import torch
 
 from .. import distributed
 from ..adapters import save_peft
-from ..errors import UserError
-from ..files import atomic_dir, atomic_write
+from ..errors import UserError, warn
+from ..files import atomic_dir, atomic_write, sha256_file, write_json
+from ..records import read_json
 
 
 class Run(Protocol):
@@ -146,13 +153,47 @@ def save_checkpoint(
         "optimizer": run.opt.state_dict() if optimizer_sd is None else optimizer_sd,
         "scheduler": run.sched.state_dict(),
         "rng": _rng_state(),
+        "checksums": CHECKSUMS,  # this checkpoint has them (an older one had none)
     }
     with atomic_dir(final, aside=run.out / (DIR_NAME + ".old")) as tmp:
         if hasattr(run.model, "save_pretrained"):
             save_peft(run.model, tmp, lora)  # no Hub request
         with atomic_write(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
+        write_checksums(tmp)
     return final
+
+
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: Path) -> None:
+    """<folder>/checksums.json: the sha256 of every file in the checkpoint folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+    write_json(folder / CHECKSUMS, {"format": FORMAT, "sha256": sums})
+
+
+def check_checksums(folder: Path) -> None:
+    """Refuse a checkpoint whose files differ from the checksums recorded at its save
+    (one line naming the file): damage on disk, or a file edited since."""
+    fix = f"delete {folder} (or rerun with --resume false) to start over"
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        raise UserError(
+            f"{folder} has no {CHECKSUMS}, though its state.pt records one (damaged), so its "
+            f"files cannot be checked; {fix}"
+        )
+    record = read_json(path, hint=fix, fields={"sha256": dict}, required=("sha256",))
+    for name, digest in sorted(record["sha256"].items()):
+        p = folder / name
+        if not p.is_file():
+            raise UserError(f"{p} is missing from the checkpoint; {fix}")
+        if sha256_file(p) != digest:
+            raise UserError(
+                f"{p} does not match the sha256 recorded when the checkpoint was saved (damaged "
+                f"or changed since); {fix}"
+            )
 
 
 def load_checkpoint(out_dir: str | Path, map_location: Any = "cpu") -> dict | None:
@@ -173,6 +214,11 @@ def load_checkpoint(out_dir: str | Path, map_location: Any = "cpu") -> dict | No
             ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise UserError(f"{path} is not a promptbake checkpoint; delete {d} to start over")
+        if state.get("checksums") is None and not (d / CHECKSUMS).exists():
+            warn(f"{d} was written by an older promptbake, without checksums: resuming "
+                 "from it unchecked")  # fmt: skip
+        else:
+            check_checksums(d)
         return state
     return None
 

@@ -22,6 +22,15 @@ from ..files import append_line, atomic_dir, save_figure
 
 REPORT_TO = ["none", "tensorboard"]
 
+# What a training run writes into --out_dir (glob patterns), for files.check_run_dir: a
+# folder promptbake did not write that holds one of these is refused, left untouched.
+# save_peft writes the adapter files and peft's README.md model card.
+RUN_WRITES = (
+    "args.json", "train_loop.log", "metrics.jsonl", "kl_curve.png", "adapter_config.json",
+    "adapter_model.safetensors", "README.md", "promptbake_adapter.json", "checkpoint",
+    "checkpoint.old", "epoch_*", "tensorboard",
+)  # fmt: skip
+
 
 class RunLog:
     """Timestamped lines to <out_dir>/train_loop.log, echoed to the console; does

@@ -15,10 +15,14 @@ records a fingerprint of the rows' token ids and which positions were generated
 (:func:`rows_fingerprint`), the model name, its dtype and quantization. Training
 compares them with what it read and loaded; on any difference (an edited or
 regenerated trajectory file, another model or dtype) it warns once and runs its own
-teacher pass, as without a sidecar. Generation writes the file only when the table
-fits ``--save_teacher_cache_max_gb`` (``--save_teacher_cache auto``, the default) or
-``always``; a Qwen3-sized vocabulary makes it hundreds of GB for the seed's full job,
-so it is then simply not written.
+teacher pass, as without a sidecar. The header also records the sha256 of the table
+(:func:`table_sha256`); a table damaged on disk after it was written (a changed byte
+still loads) is ignored the same way, with a warning naming the file: the table is a
+cache of what training can compute itself from the intact trajectories, so the run
+stays correct, only slower, and the user learns of the damage. Generation writes the
+file only when the table fits ``--save_teacher_cache_max_gb`` (``--save_teacher_cache
+auto``, the default) or ``always``; a Qwen3-sized vocabulary makes it hundreds of GB
+for the seed's full job, so it is then simply not written.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, warn
+from ..errors import warn
 from ..files import atomic_path
 from ..records import sidecar_path
 from .teacher import TeacherCache, kl_rows
@@ -69,13 +73,29 @@ def quantization(cfg) -> str:
     return "8bit" if cfg.load_in_8bit else "4bit" if cfg.load_in_4bit else "none"
 
 
+def table_sha256(logp: torch.Tensor, offsets: torch.Tensor) -> str:
+    """The sha256 of a table's tensors: dtypes, shapes and bytes (no copy of the table)."""
+    h = hashlib.sha256()
+    for t in (logp, offsets):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{list(t.shape)};".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_sidecar(traj_path: str | Path, cache: TeacherCache, rows: list[dict], ident: dict) -> Path:
     """Write `cache` (exact, every generated token of `rows`) next to `traj_path`:
     to a temp file, renamed into place when complete."""
     from safetensors.torch import save_file
 
     path = sidecar_path(traj_path)
-    meta = {"format": FORMAT, "rows": rows_fingerprint(rows), **ident}
+    meta = {
+        "format": FORMAT,
+        "rows": rows_fingerprint(rows),
+        "sha256": table_sha256(cache.logp, cache.offsets),
+        **ident,
+    }
     with atomic_path(path) as tmp:
         # save_file streams the tensors to disk (no second in-memory copy of the table)
         save_file({"logp": cache.logp.contiguous(), "offsets": cache.offsets}, str(tmp), meta)
@@ -91,6 +111,8 @@ def _mismatch(meta: dict, rows: list[dict], ident: dict) -> str | None:
             return f"it was made with {key} {meta.get(key)!r}, this run has {value!r}"
     if meta.get("rows") != rows_fingerprint(rows):
         return "the trajectory file was changed or regenerated after it was written"
+    if not meta.get("sha256"):
+        return "it records no checksum of its table (an older promptbake wrote it)"
     return None
 
 
@@ -133,16 +155,29 @@ def probe_sidecar(traj_path: str | Path, rows: list[dict], ident: dict) -> str:
     return "stale"
 
 
-def read_sidecar(traj_path: str | Path, rows: list[dict], max_gen: int | None) -> TeacherCache:
+def read_sidecar(
+    traj_path: str | Path, rows: list[dict], max_gen: int | None
+) -> TeacherCache | None:
     """The exact teacher cache of `rows` from a sidecar :func:`probe_sidecar` found to
-    fit, cut to --max_traj_len as training cuts its rows."""
-    from safetensors import safe_open
+    fit, cut to --max_traj_len as training cuts its rows; None, with one warning, when
+    the table is damaged (its sha256 differs from the recorded one): training then
+    computes the teacher itself (see the module docstring)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(sidecar_path(traj_path)), framework="pt") as f:
-        logp, offsets = f.get_tensor("logp"), f.get_tensor("offsets")
-    if int(offsets[-1]) != len(logp):
-        raise UserError(
-            f"{sidecar_path(traj_path)} is damaged (its offsets do not cover its table); "
-            "delete it: training then computes the teacher itself"
-        )
+    path = sidecar_path(traj_path)
+    why = None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("sha256")
+            logp, offsets = f.get_tensor("logp"), f.get_tensor("offsets")
+    except (SafetensorError, OSError, KeyError) as e:
+        why = f"it cannot be read ({e})"
+    else:
+        if table_sha256(logp, offsets) != recorded:
+            why = "its table does not match the sha256 recorded when it was written (damaged)"
+        elif len(offsets) != len(rows) + 1 or int(offsets[-1]) != len(logp):
+            why = "its offsets do not cover its table (damaged)"
+    if why is not None:
+        warn(f"ignoring {path}: {why}; training computes the teacher itself (delete the file)")
+        return None
     return cut(TeacherCache("exact", offsets, logp), rows, max_gen)
