@@ -10,8 +10,9 @@ and the shared adapter is unchanged afterwards (names, bytes, modes): nothing
 half-written, nothing deleted. The non-error items check their documented behaviour
 instead (14: no Hub request, 15: file modes from the umask, 11: what Ctrl-C keeps).
 ``EXTRA_ROWS`` are the same checks for the other commands an item names; they are not
-counted in the 26. Rows that another file also covers reuse its builders
-(test_bad_inputs_data.py, test_bad_inputs_adapters.py).
+counted in the 26. Rows that another file also covers share its builders, which live in
+tiny.py (with test_bad_inputs_data.py and test_bad_inputs_adapters.py); conftest.py's
+``hub_blocked`` fixture serves row 14.
 
 Models: the tiny random Qwen3 saved to a directory (conftest ``tiny_model_dir``), so a row
 that loads one takes a second.
@@ -31,18 +32,19 @@ from typing import Any
 import pytest
 import tiny
 import torch
-from test_adapters import (
-    hub_blocked,  # noqa: F401  (a fixture, fetched by row 14)
-    make_adapter,
-)
-from test_bad_inputs_adapters import (
+from tiny import (
+    BINARY,
     chain_entry,
+    float_mask,
     foreign_adapter,
+    make_adapter,
     merge_into,
+    negative_id,
+    null_ids,
     pickle_only,
     truncated,
+    write_rows,
 )
-from test_bad_inputs_data import BINARY, float_mask, negative_id, null_ids, rows, write_rows
 
 from promptbake.chat import NOT_UTF8
 from promptbake.cli import main
@@ -70,7 +72,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def built(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter for the tiny Qwen3 and another base model it does not fit
-    (the keys test_bad_inputs_adapters' builders expect)."""
+    (the keys tiny.py's adapter builders expect)."""
     root = tmp_path_factory.mktemp("bad_inputs_table")
     other = tiny.save_tiny_model(root / "other_base", kind="tiny", seed=1, hidden_size=32)
     return {"adapter": make_adapter(tiny_model_dir, root / "adapter"), "other": other}
@@ -93,7 +95,7 @@ def questions(ctx: Ctx, content: bytes | None = None) -> Path:
 def trajectories(ctx: Ctx, edit=None, n_gen: int = 2) -> Path:
     """Two trajectory rows of the tiny tokenizer, with a sidecar naming it."""
     tok = tiny.chatml_tokenizer("tiny")
-    recs = rows(tok, n_gen)
+    recs = tiny.small_rows(tok, n_gen)
     if edit:
         edit(recs)
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tok), "num_trajectories": len(recs)}
@@ -182,7 +184,7 @@ def refused(setup, *fragments: str):
 
 
 def adapters_row(builder):
-    """A test_bad_inputs_adapters builder, called the way it expects."""
+    """An adapter builder of tiny.py's bad-input section, called the way it expects."""
     return lambda ctx: builder(ctx.built, ctx.tmp, ctx.model_dir)
 
 
@@ -438,7 +440,7 @@ EXTRA_ROWS = [
     ("11", "bake: the same command redoes it; --resume true continues", bake_redo_and_resume),
     ("13", "more rows than the sidecar records", refused(
         lambda c: train(c, "--data_path", str(write_rows(
-            c.tmp / "twice.jsonl", rows(tiny.chatml_tokenizer("tiny")) * 2,
+            c.tmp / "twice.jsonl", tiny.small_rows(tiny.chatml_tokenizer("tiny")) * 2,
             {"tokenizer_fingerprint": tokenizer_fingerprint(tiny.chatml_tokenizer("tiny")),
              "num_trajectories": 2}))), "holds 4", "records 2")),
 ]  # fmt: skip

@@ -11,7 +11,7 @@ recomputed every step (``--teacher_cache off``) must give the same training curv
 
 import json
 
-from test_compare import DATA
+from tiny import DATA
 
 from promptbake.cli import main
 from promptbake.configs import BakeConfig

@@ -16,38 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
-import torch
+from tiny import assert_one_error, copy_traj, messages, run_train
 
 from promptbake.cli import main
-from promptbake.configs import GenerateConfig
-from promptbake.sampling.trajectories import generate_trajectories
 
 REPO = Path(__file__).resolve().parent.parent
 X0 = "You are a pirate."
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number."]
-
-
-def messages(stderr: str) -> list[str]:
-    """stderr lines, without tqdm progress-bar redraws (model loading shows one)."""
-    parts = re.split(r"[\r\n]+", stderr)
-    return [p for p in parts if p.strip() and not re.search(r"\d+%\|", p)]
-
-
-def assert_one_error(capsys, rc: int, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = messages(err)
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ")
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
-    return lines[0]
-
-
-def files_under(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
 # ---------------------------------------------------------------- generate_data.py
@@ -159,48 +134,6 @@ def test_more_questions_than_exist_warns_and_succeeds(gen_dir, tiny_model_dir, c
 
 
 # ---------------------------------------------------------------- train_loop.py
-@pytest.fixture(scope="module")
-def traj(tmp_path_factory):
-    """A trajectory file (+ sidecar) from the tiny model, as generate_data.py writes it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("traj")
-    tok = tiny.chatml_tokenizer("tiny")
-    cfg = GenerateConfig(
-        num_questions=3,
-        num_sequences_per_question=2,
-        max_sequence_length=4,
-        batch_size=6,
-        x0_file="x0.md",
-        question_dataset="q.jsonl",
-        traj_out_file=str(d / "t.jsonl"),
-    )
-    questions = [{"question": q} for q in QUESTIONS]
-    generate_trajectories(
-        tiny.tiny_qwen3(tok), tok, cfg, X0, questions, d / "t.jsonl", progress=False
-    )
-    torch.set_num_threads(n)
-    return d / "t.jsonl"
-
-
-def copy_traj(traj: Path, dest: Path, sidecar: bool = True, meta_edit=None) -> Path:
-    out = dest / "t.jsonl"
-    out.write_bytes(traj.read_bytes())
-    if sidecar:
-        meta = json.loads(Path(str(traj) + ".meta.json").read_text())
-        if meta_edit:
-            meta_edit(meta)
-        Path(str(out) + ".meta.json").write_text(json.dumps(meta))
-    return out
-
-
-def run_train(tiny_model_dir, data: Path, out: Path, *extra: str) -> int:
-    argv = [
-        "--model_name", str(tiny_model_dir), "--device", "cpu", "--data_path", str(data),
-        "--out_dir", str(out), "--num_epochs", "1", "--batch_size", "6", "-r", "2",
-        "--plot", "false", "--save_every", "0", *extra,
-    ]  # fmt: skip
-    return main(argv, prog="train_loop.py", only="train")
 
 
 def test_train_works(traj, tiny_model_dir, tmp_path, capsys):

@@ -7,14 +7,11 @@ import dataclasses
 import json
 
 import pytest
-import test_cli
-from test_cli import assert_one_error, copy_traj, run_train
+from tiny import assert_one_error, copy_traj, run_train
 
 from promptbake.cli import main, parse_args
 from promptbake.configs import BAKE_DEFAULTS, BakeConfig, GenerateConfig, PursueConfig, TrainConfig
 from promptbake.flags import config_values, flag_values, from_namespace
-
-traj = test_cli.traj  # a tiny trajectory file + sidecar (a module-scoped fixture)
 
 
 def defaults(cls) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_teacher import lora, make_rows
+from tiny import noisy_lora, zorblax_rows
 
 from promptbake import distributed
 from promptbake.training import batches, forward, objective
@@ -41,7 +41,7 @@ def reference_tree_mask(seg: list[int], parent: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("order", [None, [4, 0, 7, 2, 8, 1, 3, 6, 5], [5]])
 def test_plans_equal_plain_references(chatml_tok, order):
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     rows = rows if order is None else [rows[i] for i in order]
     b = collate(rows, chatml_tok.pad_token_id)
     for side in (b.prompted, b.unprompted):
@@ -69,7 +69,7 @@ def test_plans_equal_plain_references(chatml_tok, order):
 
 
 def test_split_and_idle_batches_are_replanned(chatml_tok):
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     b = collate(rows, chatml_tok.pad_token_id)
     parts = batches.split_batch(b, None, 2)
     for (sub, _), part in zip(parts, (rows[:5], rows[5:])):
@@ -94,8 +94,8 @@ def _raise(*args, **kwargs):
 def test_a_step_reads_nothing_back(tiny_model, chatml_tok, monkeypatch, reuse):
     """Forward, loss and backward of a collated batch with every read-back method of
     torch.Tensor (and boolean-mask indexing) raising; the values are still right."""
-    m = lora(tiny_model)
-    b = collate(make_rows(chatml_tok), chatml_tok.pad_token_id)
+    m = noisy_lora(tiny_model)
+    b = collate(zorblax_rows(chatml_tok), chatml_tok.pad_token_id)
     ref, ref_seq, _ = backward_kl(m, b, 7, prefix_reuse=reuse)
     getitem = torch.Tensor.__getitem__
 
@@ -117,7 +117,7 @@ def test_a_step_reads_nothing_back(tiny_model, chatml_tok, monkeypatch, reuse):
 def test_flex_packed_tree_equals_a_plain_forward(tiny_model, chatml_tok, monkeypatch):
     """The packed prefix tree under a FlexAttention block mask (forward only: the CPU
     has no FlexAttention backward) equals the plain padded forward."""
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     rows = [rows[i] for i in [4, 0, 7, 2, 8, 1, 3, 6, 5]]
     side = collate(rows, chatml_tok.pad_token_id).unprompted
     dec = base_of(tiny_model).get_decoder()
@@ -168,8 +168,8 @@ def test_kl_chunk_size_is_chosen_for_the_device():
 
 
 def test_batch_kl_auto_chunk_equals_explicit(tiny_model, chatml_tok):
-    m = lora(tiny_model)
-    b = collate(make_rows(chatml_tok), chatml_tok.pad_token_id)
+    m = noisy_lora(tiny_model)
+    b = collate(zorblax_rows(chatml_tok), chatml_tok.pad_token_id)
     with torch.no_grad():
         auto, _ = objective.batch_kl(m, b, 0)
         explicit, _ = objective.batch_kl(m, b, 5)

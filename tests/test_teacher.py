@@ -13,11 +13,11 @@ import copy
 
 import pytest
 import torch
+from tiny import ZORBLAX_QUESTIONS, lora_grads, noisy_lora, zorblax_rows
 
 from promptbake.configs import TrainConfig
 from promptbake.errors import UserError
 from promptbake.loss import divergence, token_kl
-from promptbake.prompts import encode, format_prompt
 from promptbake.records import make_trajectory
 from promptbake.training import loop as train_mod
 from promptbake.training import objective
@@ -36,54 +36,12 @@ from promptbake.training.forward import (
     selected_hidden,
 )
 from promptbake.training.objective import backward_kl, batch_kl
-from promptbake.training.setup import add_lora
 from promptbake.training.teacher import build_teacher_cache, cache_from_generation, cache_order
-
-QUESTIONS = ["What is your name?", "Where do rivers go?", "Why is the sky blue today?"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_rows(tok, n_seq=3, seed=0, max_gen=9) -> list[dict]:
-    """Trajectories with real prompts (shared per question) and random answers of
-    random length (1..max_gen tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for q in QUESTIONS:
-        p = encode(tok, format_prompt("Your name is Zorblax.", q, True, tok))
-        p0 = encode(tok, format_prompt("Your name is Zorblax.", q, False, tok))
-        for _ in range(n_seq):
-            n = int(torch.randint(1, max_gen + 1, (1,), generator=g))
-            gen = torch.randint(10, len(tok) - 30, (n,), generator=g).tolist()
-            rows.append(make_trajectory(tok, p, p0, gen, question=q))
-    return rows
-
-
-def lora(model):
-    """A LoRA adapter with non-zero B, so the student differs from the teacher."""
-    m = add_lora(copy.deepcopy(model), TrainConfig(r=4, lora_alpha=8.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return m
-
-
-def lora_grads(m) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "lora_" in n])
 
 
 # ---------------------------------------------------------------- prefix reuse
 def test_prefix_lengths_and_groups(chatml_tok):
-    rows = make_rows(chatml_tok, n_seq=2)
+    rows = zorblax_rows(chatml_tok, n_seq=2)
     side = collate(rows, chatml_tok.pad_token_id).prompted
     plen = prefix_lengths(side)
     assert plen.tolist() == [len(r["prompt_input_ids"]) for r in rows]
@@ -93,7 +51,7 @@ def test_prefix_lengths_and_groups(chatml_tok):
 
 @pytest.mark.parametrize("order", [None, [4, 0, 7, 2, 8, 1, 3, 6, 5], [5]])
 def test_prefix_reuse_equals_a_plain_forward(tiny_model, chatml_tok, order):
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     rows = rows if order is None else [rows[i] for i in order]
     side = collate(rows, chatml_tok.pad_token_id).prompted
     with torch.no_grad():
@@ -104,7 +62,7 @@ def test_prefix_reuse_equals_a_plain_forward(tiny_model, chatml_tok, order):
 
 
 def test_prefix_reuse_handles_one_token_and_empty_answers(tiny_model, chatml_tok):
-    rows = make_rows(chatml_tok, n_seq=2, max_gen=1)
+    rows = zorblax_rows(chatml_tok, n_seq=2, max_gen=1)
     r = rows[0]
     empty = make_trajectory(chatml_tok, r["prompt_input_ids"], r["prompt_input_ids_nosys"], [])
     dec = base_of(tiny_model).get_decoder()
@@ -120,8 +78,8 @@ def test_prefix_reuse_handles_one_token_and_empty_answers(tiny_model, chatml_tok
 
 
 def test_batch_kl_with_prefix_reuse_matches(tiny_model, chatml_tok):
-    m = lora(tiny_model)
-    b = collate(make_rows(chatml_tok), chatml_tok.pad_token_id)
+    m = noisy_lora(tiny_model)
+    b = collate(zorblax_rows(chatml_tok), chatml_tok.pad_token_id)
     with torch.no_grad():
         a, sa = batch_kl(m, b, 5)
         c, sc = batch_kl(m, b, 5, prefix_reuse=True)
@@ -133,9 +91,9 @@ def test_batch_kl_with_prefix_reuse_matches(tiny_model, chatml_tok):
 # ---------------------------------------------------------------- teacher cache
 @pytest.mark.parametrize("prefix_reuse", [False, True])
 def test_exact_cache_gives_the_uncached_loss_and_gradients(tiny_model, chatml_tok, prefix_reuse):
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     pad = chatml_tok.pad_token_id
-    m = lora(tiny_model)
+    m = noisy_lora(tiny_model)
     cache = build_teacher_cache(
         m, rows, pad, mode="exact", batch_size=4, prefix_reuse=prefix_reuse, log=lambda s: None
     )
@@ -154,8 +112,8 @@ def test_exact_cache_gives_the_uncached_loss_and_gradients(tiny_model, chatml_to
 
 
 def test_topk_cache_gradient_flows(tiny_model, chatml_tok):
-    rows = make_rows(chatml_tok)
-    m = lora(tiny_model)
+    rows = zorblax_rows(chatml_tok)
+    m = noisy_lora(tiny_model)
     cache = build_teacher_cache(m, rows, chatml_tok.pad_token_id, mode="topk", topk=16, log=print)
     assert cache.mode == "topk" and cache.logp.shape[1] == 16 and cache.idx.dtype == torch.int32
     assert (cache.log_tail < 0).all()
@@ -176,9 +134,9 @@ def test_the_divergence_reaches_the_objective(tiny_model, chatml_tok, kind, beta
     """batch_kl / backward_kl with another divergence: the plain full-logit formula on
     the selected rows, the same with the exact cache, the same gradient in slices;
     evaluate_kl stays forward KL."""
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     pad = chatml_tok.pad_token_id
-    m = lora(tiny_model)
+    m = noisy_lora(tiny_model)
     cache = build_teacher_cache(m, rows, pad, mode="exact", batch_size=4, log=lambda s: None)
     pick = [7, 2, 5, 0]
     b = collate([rows[i] for i in pick], pad)
@@ -210,7 +168,7 @@ def test_the_divergence_reaches_the_objective(tiny_model, chatml_tok, kind, beta
 
 
 def test_cache_order_groups_rows_by_prompt(chatml_tok):
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     shuffled = [rows[i] for i in [4, 0, 7, 2, 8, 1, 3, 6, 5]]
     order = cache_order(shuffled)
     prompts = [tuple(shuffled[i]["prompt_input_ids"]) for i in order]
@@ -220,7 +178,7 @@ def test_cache_order_groups_rows_by_prompt(chatml_tok):
 
 # ---------------------------------------------------------------- batching, back-off, fit
 def test_bucket_order_is_a_permutation_with_less_padding(chatml_tok):
-    rows = make_rows(chatml_tok, n_seq=8, max_gen=30)  # 24 rows
+    rows = zorblax_rows(chatml_tok, n_seq=8, max_gen=30)  # 24 rows
     order = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
     out = bucket_order(rows, order, 5, torch.Generator().manual_seed(1))
     assert sorted(out) == list(range(24))
@@ -238,9 +196,9 @@ def test_bucket_order_is_a_permutation_with_less_padding(chatml_tok):
 
 
 def test_oom_backoff_gives_the_same_gradient(tiny_model, chatml_tok, monkeypatch):
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     b = collate(rows[:6], chatml_tok.pad_token_id)
-    m = lora(tiny_model)
+    m = noisy_lora(tiny_model)
     kl, per_seq, parts = backward_kl(m, b, 4)
     assert parts == 1
     g = lora_grads(m)
@@ -284,7 +242,7 @@ def fit(model, tok, rows, tmp_path, name, **flags):
 
 def test_training_switches_keep_the_loss(tiny_model, chatml_tok, tmp_path):
     """Exact speed-ups change nothing but speed; bucketing changes the batches only."""
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     plain = fit(tiny_model, chatml_tok, rows, tmp_path, "plain", teacher_cache="off")
     exact = fit(
         tiny_model,
@@ -309,7 +267,7 @@ def test_training_switches_keep_the_loss(tiny_model, chatml_tok, tmp_path):
 def test_teacher_cache_auto_is_exact_and_never_topk_unless_asked(tiny_model, chatml_tok, tmp_path):
     """auto builds the exact table when it fits; auto or exact over --teacher_cache_max_gb
     runs the teacher every step (the same curve as off, bit for bit), never top-k."""
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     off = fit(tiny_model, chatml_tok, rows, tmp_path, "off", teacher_cache="off")
     auto = fit(tiny_model, chatml_tok, rows, tmp_path, "auto")  # the default
     log = (tmp_path / "auto" / "train_loop.log").read_text()
@@ -337,7 +295,7 @@ def test_new_flags_are_validated():
 
 
 def test_common_prefix_is_computed_once_and_kept_short_of_every_prompt(chatml_tok):
-    rows = make_rows(chatml_tok, n_seq=2)
+    rows = zorblax_rows(chatml_tok, n_seq=2)
     for side in (collate(rows, 0).prompted, collate(rows, 0).unprompted):
         plen = prefix_lengths(side)
         c = common_prefix_length(side, plen)
@@ -351,10 +309,10 @@ def test_common_prefix_is_computed_once_and_kept_short_of_every_prompt(chatml_to
 def test_student_prefix_reuse_gives_the_plain_loss_and_lora_gradients(tiny_model, chatml_tok):
     """Under autograd (the student, LoRA on): the shared prefixes' cache repeats must
     carry every row's gradient back, so the LoRA gradients equal a plain forward's."""
-    rows = make_rows(chatml_tok)
+    rows = zorblax_rows(chatml_tok)
     rows = [rows[i] for i in [4, 0, 7, 2, 8, 1, 3, 6, 5]]
     b = collate(rows, chatml_tok.pad_token_id)
-    m = lora(tiny_model)
+    m = noisy_lora(tiny_model)
     with torch.no_grad():  # a non-zero adapter, so LoRA A gets a gradient too
         for n, p in m.named_parameters():
             if "lora_B" in n:
@@ -379,7 +337,7 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
     from promptbake.records import read_trajectories
     from promptbake.sampling.trajectories import generate_trajectories
 
-    qs = [{"question": q} for q in QUESTIONS]
+    qs = [{"question": q} for q in ZORBLAX_QUESTIONS]
     cfg = GenerateConfig(
         model_name="tiny",
         device="cpu",
@@ -388,7 +346,7 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
         batch_size=4,
         traj_out_file=str(tmp_path / "t.jsonl"),
     )
-    m = lora(tiny_model)
+    m = noisy_lora(tiny_model)
     caches = {}
     for max_gen in (None, 2):
         out = tmp_path / f"t{max_gen}.jsonl"
@@ -424,7 +382,7 @@ def test_packing_is_chosen_only_where_it_saves_flops(tiny_model, chatml_tok, mon
     # the tests above really ran the packed path (and a forced plain one agrees)
     calls = []
     monkeypatch.setattr(forward, "tree_mask", lambda *a: calls.append(1) or tree_mask(*a))
-    side = collate(make_rows(chatml_tok), 0).unprompted
+    side = collate(zorblax_rows(chatml_tok), 0).unprompted
     dec = base_of(tiny_model).get_decoder()
     with torch.no_grad():
         packed = forward.prefix_reuse_hidden(dec, side)
