@@ -2,7 +2,7 @@
 
     python generate_data.py ... --traj_out_file T      # also writes T.teacher.safetensors
     python train_loop.py --data_path T ...             # trains on it: no teacher pass
-    python -m pytest tests/test_teacherfile.py -q
+    python -m pytest tests/test_training_sidecar.py -q
 
 While sampling, generation computes the prompted model's full next-token distribution
 at every generated token: exactly the teacher that training distils (teacher.py,

@@ -1,7 +1,7 @@
 """Teacher-side speed-ups for training: shared-prefix reuse and an opt-in teacher cache.
 
     promptbake train ... --prefix_reuse true --teacher_cache exact   # or topk
-    python -m pytest tests/test_teacher.py -q
+    python -m pytest tests/test_training_teacher.py -q
 
 The teacher is the frozen base model reading (system prompt + question + answer). Two
 facts make most of its work redundant:

@@ -1,6 +1,6 @@
 """Trajectory generation on the tiny random Qwen3 (promptbake.generate).
 
-    python -m pytest tests/test_generate.py -q
+    python -m pytest tests/test_sampling_trajectories.py -q
 
 Greedy decoding makes generation a pure function of the model, so batched, left-padded
 generation must equal one-prompt-at-a-time generation exactly: that checks the attention

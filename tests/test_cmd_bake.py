@@ -1,7 +1,7 @@
 """`promptbake bake` end to end on the tiny Qwen3: files, and the teacher cache it keeps
 from generation.
 
-    python -m pytest tests/test_bake.py -q
+    python -m pytest tests/test_cmd_bake.py -q
 
 ``bake`` keeps the prompted model's log-probs while sampling and trains against them
 (teacher.cache_from_generation) instead of running the teacher again. That is only

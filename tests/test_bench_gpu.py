@@ -1,6 +1,6 @@
 """bench/gpu.py off the GPU: one line and exit 0 without CUDA; the table from a result.
 
-python -m pytest tests/test_engine_bench_gpu.py -q
+python -m pytest tests/test_bench_gpu.py -q
 """
 
 import os

@@ -1,6 +1,6 @@
 """Teacher speed-ups (promptbake.teacher) and the training switches built on them.
 
-    python -m pytest tests/test_teacher.py -q
+    python -m pytest tests/test_training_teacher.py -q
 
 Everything runs on the tiny random Qwen3 in float32: prefix reuse must equal a plain
 forward, the exact teacher cache must give the uncached loss and gradients, the top-k

@@ -1,6 +1,6 @@
 """LoRA training on the tiny random Qwen3 (promptbake.train).
 
-    python -m pytest tests/test_train.py -q
+    python -m pytest tests/test_cmd_train.py -q
 
 The KL is computed from hidden states at the rows that predict generated tokens; these
 tests pin that to a plain full-logits forward, check the position alignment by hand, and

@@ -1,7 +1,7 @@
 """The training loop's controls: --patience, --on_policy, --report_to, the lagged
 non-finite check (promptbake.train, onpolicy.py, outputs.py).
 
-    python -m pytest tests/test_loop.py -q
+    python -m pytest tests/test_training_loop.py -q
 
 Everything runs in-process on the tiny random Qwen3 with hand-made trajectories.
 """

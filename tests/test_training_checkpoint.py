@@ -1,6 +1,6 @@
 """Never lose work: resumable generation and training, atomic checkpoints, the NaN guard.
 
-    pytest tests/test_resume.py -q
+    pytest tests/test_training_checkpoint.py -q
 
 Everything runs on the tiny random Qwen3 (``tiny_model_dir``). Two tests kill a real
 ``promptbake`` subprocess with SIGKILL and finish the run in-process; the rest interrupt

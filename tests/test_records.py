@@ -1,8 +1,8 @@
 """Trajectory files in the original generate_data.py layout are read (and trained on), and
 our own files carry the original's keys with the original's meanings.
 
-    python -m pytest tests/test_original_layout.py -q            # fast part (tiny model)
-    python -m pytest tests/test_original_layout.py -q -m slow    # the bundled SmolLM2 file
+    python -m pytest tests/test_records.py -q            # fast part (tiny model)
+    python -m pytest tests/test_records.py -q -m slow    # the bundled SmolLM2 file
 
 The original writes, per sampled answer: ``input_ids`` = prompt ids + generated ids,
 right-padded with eos to the batch's longest answer; ``generated_text_mask`` zero on the

@@ -1,7 +1,7 @@
 """The static-cache engine (promptbake.engine_static) against the hf engine and plain
 references, on the tiny random Qwen3 (eager decode step: the CPU runs the code CUDA compiles).
 
-    python -m pytest tests/test_engine_static.py -q
+    python -m pytest tests/test_sampling_static.py -q
 """
 
 import json

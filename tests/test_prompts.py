@@ -1,6 +1,6 @@
 """Chat formatting: the one place prompts are rendered (promptbake.chat).
 
-python -m pytest tests/test_chat.py -q
+python -m pytest tests/test_prompts.py -q
 """
 
 import pytest
