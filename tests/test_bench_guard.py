@@ -154,32 +154,6 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
     assert "GPU job (random Qwen3-1.7B" in bench_tables.table({"machine": "m", "gpu": res})
 
 
-def test_static_cache_and_generation_oom_backoff(chatml_tok, monkeypatch, capsys):
-    """Decoding with a static cache (prompts padded to 64) gives the dynamic cache's greedy
-    answers, and a CUDA out-of-memory splits the batch instead of crashing."""
-    import tiny
-
-    from promptbake.sampling.hf import sample_batch
-
-    model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
-    prompts = [encode(chatml_tok, format_prompt(None, q, False, chatml_tok)) for q in "abc"]
-    kw = dict(pad_id=chatml_tok.pad_token_id, eot_ids=[1], max_new_tokens=6, do_sample=False)
-    plain = sample_batch(model, prompts, **kw)
-    assert len(set(map(tuple, plain))) > 1  # not a degenerate model
-    static = sample_batch(model, prompts, cache_implementation="static", **kw)
-    assert static == plain
-    real = model.generate
-
-    def flaky(*a, **k):
-        if k["input_ids"].shape[0] > 1:
-            raise torch.cuda.OutOfMemoryError("fake")
-        return real(*a, **k)
-
-    monkeypatch.setattr(model, "generate", flaky)
-    assert sample_batch(model, prompts, **kw) == plain
-    assert "CUDA out of memory at 3 sequences" in capsys.readouterr().err
-
-
 def test_seed_job_times_the_commands_users_type():
     """The seed job's processes: ours are the seed's scripts with the shared sizes; the
     original gets the same flags; each pipeline writes into its own directory."""

@@ -597,6 +597,12 @@ SAMPLING_QUESTIONS = [
 ]
 ZORBLAX_QUESTIONS = ["What is your name?", "Where do rivers go?", "Why is the sky blue today?"]
 LOOP_QUESTIONS = ["Who are you?", "What is your name?", "Where do rivers go?", "Name a color."]
+# a conversation prompt: a system message, then a past turn whose think block the template drops
+FEW_SHOT = [
+    {"role": "system", "content": "You are Zorblax."},
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "<think>\nI must say my name.\n</think>\n\nI am Zorblax."},
+]
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 IDS = torch.tensor([[5, 17, 99, 230, 7, 64, 301, 12]])  # token ids any tiny model takes
 
