@@ -101,6 +101,19 @@ def traj(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def resume_inputs(tmp_path_factory):
+    """A prompt and 10 questions (tiny.RESUME_QUESTIONS) for runs that get interrupted."""
+    import json
+
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "x0.md").write_text("You are a pirate. Always say arr.\n")
+    (d / "q.jsonl").write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in tiny.RESUME_QUESTIONS)
+    )
+    return d
+
+
+@pytest.fixture(scope="module")
 def baked_run(tiny_model_dir, tmp_path_factory):
     """A bake-like run directory: adapter + validation trajectories (with .meta.json)."""
     from promptbake.models import load_model

@@ -1,11 +1,12 @@
-"""LoRA training on the tiny random Qwen3 (promptbake.train).
+"""The train command (promptbake.train) as train_loop.py runs it, on the tiny random Qwen3:
+generate_data.py + train_loop.py end to end with every output file checked, and bad
+inputs that must end in one clear line.
 
     python -m pytest tests/test_cmd_train.py -q
 
-The KL is computed from hidden states at the rows that predict generated tokens; these
-tests pin that to a plain full-logits forward, check the position alignment by hand, and
-run generate_data.py + train_loop.py end to end on a saved tiny model, checking every
-output file.
+Every bad input exits with status 2, prints one line starting with ``error:`` on stderr
+(no traceback) and leaves no output behind. The commands run in-process through
+``promptbake.cli.main`` exactly as generate_data.py / train_loop.py call it.
 """
 
 import copy
@@ -14,274 +15,27 @@ import math
 import re
 
 import pytest
-import tiny
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny import (
+    PIRATE,
+    PIRATE_QUESTIONS,
+    ZORBLAX,
+    assert_one_error,
+    copy_traj,
+    loop_config,
+    loop_rows,
+    messages,
+    run_train,
+)
 from transformers import AutoModelForCausalLM
 
+from promptbake import train as train_command
 from promptbake.cli import main
-from promptbake.configs import LoraArgs, TrainConfig
-from promptbake.loss import masked_kl
-from promptbake.prompts import encode, format_prompt
-from promptbake.records import make_trajectory
-from promptbake.training import loop as train
-from promptbake.training import objective
-from promptbake.training.batches import collate
-from promptbake.training.forward import adapter_disabled
-from promptbake.training.objective import batch_kl, evaluate_kl
-from promptbake.training.setup import add_lora
-
-X0 = "You are a pirate. Answer like one."
-QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number."]
-
-
-def records(tok, n_gen=(5, 3, 7), seed=0):
-    """Trajectories with random 'generated' ids ending in <|im_end|> (no sampling needed)."""
-    g = torch.Generator().manual_seed(seed)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    rows = []
-    for i, n in enumerate(n_gen):
-        q = QUESTIONS[i % len(QUESTIONS)]
-        gen = torch.randint(10, len(tok), (n - 1,), generator=g).tolist() + [im_end]
-        rows.append(
-            make_trajectory(
-                tok,
-                encode(tok, format_prompt(X0, q, True, tok)),
-                encode(tok, format_prompt(X0, q, False, tok)),
-                gen,
-            )
-        )
-    return rows
-
-
-def randomize_lora_b(model, seed=0, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-# ---------------------------------------------------------------- collate / alignment
-def test_pred_mask_selects_the_rows_that_predict_generated_tokens():
-    eot, pad = 2, 0
-    a = {  # prompt [11, 12, 13], answer [21, 22, eot]
-        "input_ids": [11, 12, 13, 21, 22, eot],
-        "generated_text_mask": [0, 0, 0, 1, 1, 1],
-        "input_ids_nosys": [12, 13, 21, 22, eot],
-        "generated_text_mask_nosys": [0, 0, 1, 1, 1],
-    }
-    b = {  # prompt [11, 14], answer [31]
-        "input_ids": [11, 14, 31],
-        "generated_text_mask": [0, 0, 1],
-        "input_ids_nosys": [14, 31],
-        "generated_text_mask_nosys": [0, 1],
-    }
-    batch = collate([a, b], pad)
-    p, u = batch.prompted, batch.unprompted
-    assert p.input_ids.tolist() == [[11, 12, 13, 21, 22, eot], [11, 14, 31, pad, pad, pad]]
-    assert p.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
-    # row p predicts token p + 1: the last prompt position predicts the first answer token,
-    # the end-of-turn is predicted, the end-of-turn's own row and padding are never used
-    assert p.pred_mask.int().tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]]
-    assert u.input_ids.tolist() == [[12, 13, 21, 22, eot], [14, 31, pad, pad, pad]]
-    assert u.pred_mask.int().tolist() == [[0, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
-    assert batch.num_tokens == 4 == int(u.pred_mask.sum())
-    # the targets at the selected rows are exactly the generated tokens, on both sides
-    for side in (p, u):
-        targets = side.input_ids[:, 1:][side.pred_mask[:, :-1]]
-        assert targets.tolist() == [21, 22, eot, 31]
-        assert not (side.pred_mask & (side.attention_mask == 0)).any()
-
-
-def test_collate_with_max_gen_truncates_both_sides(chatml_tok):
-    rows = records(chatml_tok, n_gen=(5, 3))
-    batch = collate(rows, chatml_tok.pad_token_id, max_gen=2)
-    assert batch.prompted.pred_mask.sum(1).tolist() == [2, 2]
-    assert batch.unprompted.pred_mask.sum(1).tolist() == [2, 2]
-    full = collate(rows, chatml_tok.pad_token_id)
-    assert full.prompted.pred_mask.sum(1).tolist() == [5, 3]
-    assert full.num_tokens == 8
-
-
-def test_pred_rows_equal_generated_tokens_on_real_records(chatml_tok):
-    rows = records(chatml_tok, n_gen=(5, 3, 7))
-    batch = collate(rows, chatml_tok.pad_token_id)
-    for side, sfx in ((batch.prompted, ""), (batch.unprompted, "_nosys")):
-        assert side.pred_mask.sum(1).tolist() == [sum(r["generated_text_mask" + sfx]) for r in rows]
-        for i, r in enumerate(rows):
-            n_prompt = len(r["prompt_input_ids" + sfx])
-            rows_i = side.pred_mask[i].nonzero().flatten().tolist()
-            assert rows_i[0] == n_prompt - 1  # the last prompt position
-            assert rows_i == list(range(n_prompt - 1, len(r["input_ids" + sfx]) - 1))
-
-
-# ---------------------------------------------------------------- batch_kl
-def reference_kl(model, batch):
-    """KL(prompted base || unprompted student) from plain full-logit forwards + masked_kl."""
-    with torch.no_grad(), adapter_disabled(model):
-        t_logits = model(
-            input_ids=batch.prompted.input_ids, attention_mask=batch.prompted.attention_mask
-        ).logits
-    with torch.no_grad():
-        s_logits = model(
-            input_ids=batch.unprompted.input_ids, attention_mask=batch.unprompted.attention_mask
-        ).logits
-    # line the generated positions of both sides up in a [B, G, V] layout
-    counts = batch.prompted.pred_mask.sum(1).tolist()
-    B, G, V = len(counts), max(counts), t_logits.shape[-1]
-    t, s = torch.zeros(B, G, V), torch.zeros(B, G, V)
-    mask = torch.zeros(B, G, dtype=torch.bool)
-    for i, n in enumerate(counts):
-        t[i, :n] = t_logits[i][batch.prompted.pred_mask[i]]
-        s[i, :n] = s_logits[i][batch.unprompted.pred_mask[i]]
-        mask[i, :n] = True
-    return masked_kl(t, s, mask)
-
-
-def test_fresh_lora_student_equals_the_base_model(chatml_tok):
-    model = add_lora(tiny.tiny_qwen3(chatml_tok, initializer_range=0.2), LoraArgs(r=4))
-    batch = collate(records(chatml_tok), chatml_tok.pad_token_id)
-    with torch.no_grad():
-        kl_lora, seq_lora = batch_kl(model, batch, student_adapter=True)
-        kl_base, seq_base = batch_kl(model, batch, student_adapter=False)
-    assert kl_lora.shape == (15,)
-    torch.testing.assert_close(kl_lora, kl_base, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(seq_lora, seq_base, atol=1e-5, rtol=1e-6)
-    assert float(kl_base.mean()) > 1e-3  # the prompt really changes the distribution
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 1024])
-def test_batch_kl_equals_a_plain_full_logits_forward(chatml_tok, chunk):
-    model = add_lora(tiny.tiny_qwen3(chatml_tok, initializer_range=0.2), LoraArgs(r=4))
-    randomize_lora_b(model)  # the student now differs from the teacher
-    batch = collate(records(chatml_tok), chatml_tok.pad_token_id)
-    with torch.no_grad():
-        kl, per_seq = batch_kl(model, batch, chunk_size=chunk)
-        kl_base, _ = batch_kl(model, batch, chunk_size=chunk, student_adapter=False)
-    ref_mean, ref_seq = reference_kl(model, batch)
-    torch.testing.assert_close(kl.mean(), ref_mean, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(per_seq, ref_seq, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(kl, kl_base, atol=1e-3)  # the adapter is really in use
-
-
-def test_batch_kl_per_sequence_sums(chatml_tok, tiny_model):
-    batch = collate(records(chatml_tok, n_gen=(2, 4)), chatml_tok.pad_token_id)
-    kl, per_seq = batch_kl(tiny_model, batch)  # a plain model: teacher and student share it
-    torch.testing.assert_close(per_seq, torch.stack([kl[:2].sum(), kl[2:].sum()]))
-
-
-def test_batch_kl_gradient_reaches_only_lora(chatml_tok):
-    model = add_lora(tiny.tiny_qwen3(chatml_tok, initializer_range=0.2), LoraArgs(r=4))
-    batch = collate(records(chatml_tok), chatml_tok.pad_token_id)
-    kl, _ = batch_kl(model, batch)
-    kl.mean().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all("lora_" in n for n in grads)
-    # at init B = 0, so only B gets a gradient (A's gradient is multiplied by B)
-    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
-
-
-@pytest.mark.parametrize("prefix_reuse", [False, True])
-def test_autocast_bf16_step_is_close_to_float32_and_keeps_the_kl_float32(
-    chatml_tok, prefix_reuse, monkeypatch
-):
-    model = add_lora(tiny.tiny_qwen3(chatml_tok, initializer_range=0.2), LoraArgs(r=4))
-    randomize_lora_b(model)
-    batch = collate(records(chatml_tok), chatml_tok.pad_token_id)
-    seen = []  # the dtypes the divergence is handed
-    real = objective.loss.divergence
-    monkeypatch.setattr(
-        objective.loss, "divergence", lambda h, *a: seen.append(h.dtype) or real(h, *a)
-    )
-    out = {}
-    for amp in (None, torch.bfloat16):
-        model.zero_grad(set_to_none=True)
-        kl, _, _ = objective.backward_kl(model, batch, 4, prefix_reuse=prefix_reuse, autocast=amp)
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        out[amp] = kl, torch.cat([g.flatten() for g in grads])
-    (kl32, g32), (kl16, g16) = out[None], out[torch.bfloat16]
-    assert seen == [torch.float32] * 2 and kl16.dtype == torch.float32
-    # bf16 rounding moves the loss and gradient a little, not more
-    torch.testing.assert_close(kl16, kl32, atol=0.05, rtol=0.05)
-    assert float(torch.cosine_similarity(g16, g32, dim=0)) > 0.99
-    assert not torch.equal(kl16, kl32)  # it really ran in bf16
-
-
-def test_autocast_mode_resolves_per_device_and_weights(monkeypatch):
-    from promptbake.training import forward
-
-    cpu, f32 = torch.device("cpu"), torch.float32
-    assert forward.autocast_dtype("off", cpu, f32) is None
-    assert forward.autocast_dtype("bf16", cpu, f32) is torch.bfloat16
-    assert forward.autocast_dtype("bf16", cpu, torch.bfloat16) is None  # bf16 weights already
-    monkeypatch.setattr(forward, "fast_bf16", lambda d: False)
-    assert forward.autocast_dtype("auto", cpu, f32) is None
-    monkeypatch.setattr(forward, "fast_bf16", lambda d: True)
-    assert forward.autocast_dtype("auto", cpu, f32) is torch.bfloat16
-
-
-def test_validation_builds_no_graph(chatml_tok, monkeypatch):
-    model = add_lora(tiny.tiny_qwen3(chatml_tok), LoraArgs(r=4))
-    batches = [collate(records(chatml_tok), chatml_tok.pad_token_id)]
-    seen = []
-    real = objective.batch_kl
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(objective, "batch_kl", spy)
-    result = evaluate_kl(model, batches)
-    assert len(seen) == 1
-    kl, per_seq = seen[0]
-    assert kl.grad_fn is None and not kl.requires_grad
-    assert per_seq.grad_fn is None
-    assert result["tokens"] == 15
-    assert result["kl"] == pytest.approx(float(kl.mean()), rel=1e-6)
-    assert result["kl_seq"] == pytest.approx(float(per_seq.mean()), rel=1e-6)
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_unknown_target_module_lists_the_linear_modules(tiny_model):
-    from promptbake.errors import UserError
-
-    with pytest.raises(UserError) as e:
-        add_lora(tiny_model, LoraArgs(target_modules="q_proj,query_key_value"))
-    msg = str(e.value)
-    assert "query_key_value" in msg
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-        assert name in msg
-
-
-# ---------------------------------------------------------------- learning
-def test_training_reduces_the_kl(chatml_tok, tmp_path):
-    model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
-    rows = records(chatml_tok, n_gen=(6, 6, 6)) * 2
-    cfg = TrainConfig(
-        data_path="unused.jsonl",
-        out_dir=str(tmp_path / "run"),
-        num_epochs=6,
-        batch_size=6,
-        learning_rate=2e-2,
-        r=8,
-        lora_alpha=16,
-        save_every=0,
-        plot=False,
-        device="cpu",
-    )
-    peft_model, metrics = train.train(cfg, model, chatml_tok, rows, echo=False)
-    kls = [m["train_kl"] for m in metrics]
-    assert [m["epoch"] for m in metrics] == list(range(1, 7))
-    assert all(math.isfinite(k) for k in kls)
-    batches = [collate(rows, chatml_tok.pad_token_id)]
-    before = evaluate_kl(peft_model, batches, student_adapter=False)["kl"]
-    after = evaluate_kl(peft_model, batches)["kl"]
-    assert kls[0] == pytest.approx(before, rel=1e-4)  # one step per epoch: epoch 1 = at init
-    assert after < 0.5 * before
-    assert kls[-1] < kls[0]
+from promptbake.configs import TrainConfig
+from promptbake.errors import UserError
+from promptbake.files import write_jsonl
 
 
 # ---------------------------------------------------------------- end to end, every file
@@ -291,8 +45,10 @@ def e2e(tiny_model_dir, tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("e2e")
-    (d / "x0.md").write_text(X0 + "\n")
-    (d / "q.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    (d / "x0.md").write_text(PIRATE + "\n")
+    (d / "q.jsonl").write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in PIRATE_QUESTIONS)
+    )
     common = ["--model_name", str(tiny_model_dir), "--device", "cpu"]
     gen = [
         "--x0_file", str(d / "x0.md"), "--question_dataset", str(d / "q.jsonl"),
@@ -385,36 +141,122 @@ def test_e2e_trajectory_files(e2e):
     assert json.loads((d / "train.jsonl.meta.json").read_text())["args"]["seed"] == 42
 
 
-def test_kl_curve_is_drawn_at_the_end_and_at_most_every_plot_every_s(
-    chatml_tok, tmp_path, monkeypatch
+# ---------------------------------------------------------------- bad inputs
+def test_train_works(traj, tiny_model_dir, tmp_path, capsys):
+    data = copy_traj(traj, tmp_path)
+    assert run_train(tiny_model_dir, data, tmp_path / "run") == 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert not [line for line in messages(capsys.readouterr().err) if line.startswith("warning")]
+
+
+def test_train_missing_data_file(tiny_model_dir, tmp_path, capsys):
+    rc = run_train(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "run")
+    assert_one_error(capsys, rc, "--data_path", "missing.jsonl", "no such file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_data_that_is_not_trajectories(tiny_model_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "Why?"}) + "\n")
+    rc = run_train(tiny_model_dir, q, tmp_path / "run")
+    assert_one_error(capsys, rc, "line 1", "missing input_ids", "generate_data.py")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_empty_data_file(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "t.jsonl").write_text("\n")
+    rc = run_train(tiny_model_dir, tmp_path / "t.jsonl", tmp_path / "run")
+    assert_one_error(capsys, rc, "no trajectories")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_mismatched_tokenizer_fingerprint(traj, tiny_model_dir, tmp_path, capsys):
+    def edit(meta):
+        meta["tokenizer_fingerprint"] = "0123456789abcdef"
+        meta["model_name"] = "Qwen/Qwen3-1.7B"
+
+    data = copy_traj(traj, tmp_path, meta_edit=edit)
+    rc = run_train(tiny_model_dir, data, tmp_path / "run")
+    assert_one_error(capsys, rc, "another tokenizer", "Qwen/Qwen3-1.7B")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_mismatched_fingerprint_in_val_file(traj, tiny_model_dir, tmp_path, capsys):
+    data = copy_traj(traj, tmp_path)
+    (tmp_path / "v").mkdir()
+    val = copy_traj(traj, tmp_path / "v", meta_edit=lambda m: m.update(tokenizer_fingerprint="x"))
+    rc = run_train(tiny_model_dir, data, tmp_path / "run", "--val_path", str(val))
+    assert_one_error(capsys, rc, "another tokenizer", str(val))
+
+
+def test_train_without_sidecar_warns_and_runs(traj, tiny_model_dir, tmp_path, capsys):
+    data = copy_traj(traj, tmp_path, sidecar=False)
+    assert run_train(tiny_model_dir, data, tmp_path / "run") == 0
+    warnings = [line for line in messages(capsys.readouterr().err) if line.startswith("warning")]
+    assert len(warnings) == 1 and "no .meta.json sidecar" in warnings[0]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_train_ids_outside_the_vocabulary(traj, tiny_model_dir, tmp_path, capsys):
+    # e.g. Qwen3 trajectories (ids up to 151668) without a sidecar, trained on the tiny model
+    rows = [json.loads(line) for line in traj.read_text().splitlines()]
+    rows[1]["input_ids"][-1] = 151645
+    rows[1]["input_ids_nosys"][-1] = 151645
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = run_train(tiny_model_dir, data, tmp_path / "run")
+    capsys_err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in capsys_err
+    lines = [m for m in messages(capsys_err) if not m.startswith("warning")]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "151645" in lines[0] and "another model's tokenizer" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_unknown_target_module(traj, tiny_model_dir, tmp_path, capsys):
+    data = copy_traj(traj, tmp_path)
+    rc = run_train(tiny_model_dir, data, tmp_path / "run", "--target_modules", "q_proj,c_attn")
+    line = assert_one_error(capsys, rc, "c_attn")
+    names = line.split("linear modules are:")[1]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in names
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_out_dir_that_is_a_file(traj, tiny_model_dir, tmp_path, capsys):
+    data = copy_traj(traj, tmp_path)
+    (tmp_path / "run").write_text("precious")
+    rc = run_train(tiny_model_dir, data, tmp_path / "run")
+    assert_one_error(capsys, rc, "--out_dir", "is a file")
+    assert (tmp_path / "run").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--num_epochs", "0"], "--num_epochs must be positive"),
+        (["--learning_rate", "0"], "--learning_rate must be > 0"),
+        (["-r", "0"], "-r must be positive"),
+        (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+    ],
+)
+def test_train_bad_numbers(traj, tiny_model_dir, tmp_path, capsys, flags, fragment):
+    rc = run_train(tiny_model_dir, traj, tmp_path / "run", *flags)
+    assert_one_error(capsys, rc, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_on_policy_without_prompt_or_questions_is_refused_before_loading(
+    tiny_model_dir, chatml_tok, tmp_path, monkeypatch
 ):
-    """Short epochs: one plot, at the end, holding every epoch; with PLOT_EVERY_S 0,
-    one after every epoch (the end adds none: nothing new to draw)."""
-    drawn = []
-    real = train.plot_curves
-
-    def counting(metrics, path):
-        drawn.append([m["epoch"] for m in metrics])
-        real(metrics, path)
-
-    monkeypatch.setattr(train, "plot_curves", counting)
-    model = tiny.tiny_qwen3(chatml_tok)
-    rows = [
-        make_trajectory(
-            chatml_tok,
-            encode(chatml_tok, format_prompt(X0, q, True, chatml_tok)),
-            encode(chatml_tok, format_prompt(X0, q, False, chatml_tok)),
-            [5, 6, 7],
-        )
-        for q in QUESTIONS[:2]
-    ]
-    for every, want in ((1e9, [[1, 2, 3]]), (0.0, [[1], [1, 2], [1, 2, 3]])):
-        drawn.clear()
-        monkeypatch.setattr(train, "PLOT_EVERY_S", every)
-        cfg = TrainConfig(
-            data_path="x", out_dir=str(tmp_path / str(every)), num_epochs=3, batch_size=2,
-            r=2, save_every=0, device="cpu",
-        )  # fmt: skip
-        train.train(cfg, copy.deepcopy(model), chatml_tok, rows, echo=False)
-        assert drawn == want
-        assert (tmp_path / str(every) / "kl_curve.png").stat().st_size > 0
+    data = tmp_path / "t.jsonl"
+    write_jsonl(data, loop_rows(chatml_tok))  # no .meta.json sidecar
+    monkeypatch.setattr(train_command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    cfg = loop_config(tmp_path, "run", model_name=str(tiny_model_dir), data_path=str(data))
+    with pytest.raises(UserError, match="--on_policy needs the baked prompt: pass --x0_file"):
+        train_command.run_train(TrainConfig(**{**vars(cfg), "on_policy": 0.5}), echo=False)
+    (tmp_path / "x0.md").write_text(ZORBLAX)
+    cfg = TrainConfig(**{**vars(cfg), "on_policy": 0.5, "x0_file": str(tmp_path / "x0.md")})
+    with pytest.raises(UserError, match="--on_policy needs the training questions"):
+        train_command.run_train(cfg, echo=False)
+    assert not (tmp_path / "run").exists()

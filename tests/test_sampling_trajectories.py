@@ -10,14 +10,28 @@ very same file (in-process here; killed with SIGKILL as a process too).
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from tiny import PIRATE, SAMPLING_QUESTIONS, bias_towards
+from tiny import (
+    PIRATE,
+    SAMPLING_QUESTIONS,
+    bias_towards,
+    gen_args,
+    gen_config,
+    subprocess_env,
+)
 
 from promptbake import __version__
+from promptbake.cli import main as cli_main
 from promptbake.configs import GenerateConfig
 from promptbake.errors import UserError
+from promptbake.generate import run_generate
 from promptbake.models import end_of_turn_ids, tokenizer_fingerprint
 from promptbake.prompts import encode, format_prompt
 from promptbake.records import TRAJECTORY_KEYS, generated_ids, read_meta
@@ -247,3 +261,46 @@ def test_partial_without_key_is_refused(chatml_tok, tiny_model, tmp_path):
     (tmp_path / "out.jsonl.partial").write_text('{"input_ids": [1]}\n')
     with pytest.raises(UserError, match="delete the .partial"):
         run(tiny_model, chatml_tok, out)
+
+
+# ---------------------------------------------------------------- resuming a process killed with SIGKILL
+def test_generation_killed_with_sigkill_resumes_to_identical_file(
+    tiny_model_dir, resume_inputs, tmp_path
+):
+    ref = tmp_path / "ref.jsonl"
+    run_generate(gen_config(tiny_model_dir, resume_inputs, ref))
+    n_rows = len(ref.read_bytes().splitlines())
+    assert n_rows == 60  # 10 questions x 6 answers, in 30 batches of 2
+
+    out = tmp_path / "out.jsonl"
+    partial = Path(str(out) + ".partial")
+    cmd = [
+        sys.executable,
+        "-m",
+        "promptbake.cli",
+        "generate",
+        *gen_args(tiny_model_dir, resume_inputs, out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and partial.read_bytes().count(b"\n") >= 2:
+                break  # the first batch is on disk
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "the run finished before it was killed: nothing was tested"
+    done = partial.read_bytes().count(b"\n")
+    assert 2 <= done < n_rows
+
+    # the same command again finishes the file: no duplicated, no lost trajectories
+    assert cli_main(["generate", *gen_args(tiny_model_dir, resume_inputs, out)]) == 0
+    assert out.read_bytes() == ref.read_bytes()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({(r["question_index"], r["sample_index"]) for r in rows}) == n_rows
+    assert not partial.exists()

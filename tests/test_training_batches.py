@@ -1,26 +1,115 @@
-"""The GPU-shaped training step: host-built plans (batches.Plan) equal plain references,
-nothing in a step reads a value back from the device, FlexAttention's packed tree
-equals a plain forward, and the KL chunk size is chosen for the device."""
+"""Batches (promptbake.training.batches): collated sides, their prediction masks, and the
+host-built plans of the GPU-shaped step.
+
+    python -m pytest tests/test_training_batches.py -q
+
+Row p predicts token p + 1, so the rows a side selects are exactly those that predict
+generated tokens (checked by hand and on real rows); the plans (batches.Plan) equal plain
+references written out pair by pair; split and idle batches are planned afresh; prefix
+groups, the common prefix, FlexAttention's tile count and length bucketing on small
+inputs.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny import noisy_lora, zorblax_rows
+from tiny import (
+    pirate_rows,
+    zorblax_rows,
+)
 
 from promptbake import distributed
-from promptbake.training import batches, forward, objective
+from promptbake.training import batches
 from promptbake.training.batches import (
+    bucket_order,
     collate,
+    common_prefix_length,
     mask_blocks,
     packing_pays,
+    prefix_groups,
     prefix_lengths,
     prefix_tree,
 )
-from promptbake.training.forward import base_of, prefix_reuse_hidden, selected_hidden
-from promptbake.training.objective import backward_kl, chunk_rows_for, kl_chunk_rows
 
 
+# ---------------------------------------------------------------- collate: the rows that predict generated tokens
+def test_pred_mask_selects_the_rows_that_predict_generated_tokens():
+    eot, pad = 2, 0
+    a = {  # prompt [11, 12, 13], answer [21, 22, eot]
+        "input_ids": [11, 12, 13, 21, 22, eot],
+        "generated_text_mask": [0, 0, 0, 1, 1, 1],
+        "input_ids_nosys": [12, 13, 21, 22, eot],
+        "generated_text_mask_nosys": [0, 0, 1, 1, 1],
+    }
+    b = {  # prompt [11, 14], answer [31]
+        "input_ids": [11, 14, 31],
+        "generated_text_mask": [0, 0, 1],
+        "input_ids_nosys": [14, 31],
+        "generated_text_mask_nosys": [0, 1],
+    }
+    batch = collate([a, b], pad)
+    p, u = batch.prompted, batch.unprompted
+    assert p.input_ids.tolist() == [[11, 12, 13, 21, 22, eot], [11, 14, 31, pad, pad, pad]]
+    assert p.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    # row p predicts token p + 1: the last prompt position predicts the first answer token,
+    # the end-of-turn is predicted, the end-of-turn's own row and padding are never used
+    assert p.pred_mask.int().tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]]
+    assert u.input_ids.tolist() == [[12, 13, 21, 22, eot], [14, 31, pad, pad, pad]]
+    assert u.pred_mask.int().tolist() == [[0, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
+    assert batch.num_tokens == 4 == int(u.pred_mask.sum())
+    # the targets at the selected rows are exactly the generated tokens, on both sides
+    for side in (p, u):
+        targets = side.input_ids[:, 1:][side.pred_mask[:, :-1]]
+        assert targets.tolist() == [21, 22, eot, 31]
+        assert not (side.pred_mask & (side.attention_mask == 0)).any()
+
+
+def test_collate_with_max_gen_truncates_both_sides(chatml_tok):
+    rows = pirate_rows(chatml_tok, n_gen=(5, 3))
+    batch = collate(rows, chatml_tok.pad_token_id, max_gen=2)
+    assert batch.prompted.pred_mask.sum(1).tolist() == [2, 2]
+    assert batch.unprompted.pred_mask.sum(1).tolist() == [2, 2]
+    full = collate(rows, chatml_tok.pad_token_id)
+    assert full.prompted.pred_mask.sum(1).tolist() == [5, 3]
+    assert full.num_tokens == 8
+
+
+def test_pred_rows_equal_generated_tokens_on_real_records(chatml_tok):
+    rows = pirate_rows(chatml_tok, n_gen=(5, 3, 7))
+    batch = collate(rows, chatml_tok.pad_token_id)
+    for side, sfx in ((batch.prompted, ""), (batch.unprompted, "_nosys")):
+        assert side.pred_mask.sum(1).tolist() == [sum(r["generated_text_mask" + sfx]) for r in rows]
+        for i, r in enumerate(rows):
+            n_prompt = len(r["prompt_input_ids" + sfx])
+            rows_i = side.pred_mask[i].nonzero().flatten().tolist()
+            assert rows_i[0] == n_prompt - 1  # the last prompt position
+            assert rows_i == list(range(n_prompt - 1, len(r["input_ids" + sfx]) - 1))
+
+
+# ---------------------------------------------------------------- shared prefixes
+def test_prefix_lengths_and_groups(chatml_tok):
+    rows = zorblax_rows(chatml_tok, n_seq=2)
+    side = collate(rows, chatml_tok.pad_token_id).prompted
+    plen = prefix_lengths(side)
+    assert plen.tolist() == [len(r["prompt_input_ids"]) for r in rows]
+    group, reps = prefix_groups(side, plen)
+    assert group == [0, 0, 1, 1, 2, 2] and reps == [0, 2, 4]
+
+
+def test_common_prefix_is_computed_once_and_kept_short_of_every_prompt(chatml_tok):
+    rows = zorblax_rows(chatml_tok, n_seq=2)
+    for side in (collate(rows, 0).prompted, collate(rows, 0).unprompted):
+        plen = prefix_lengths(side)
+        c = common_prefix_length(side, plen)
+        ids = side.input_ids
+        assert 0 < c < int(plen.min())
+        assert (ids[:, :c] == ids[:1, :c]).all()  # really shared
+    one = collate(rows[:1], 0).prompted
+    assert common_prefix_length(one, prefix_lengths(one)) == 0  # nothing to share
+
+
+# ---------------------------------------------------------------- plans
 def reference_tree_mask(seg: list[int], parent: list[int]) -> torch.Tensor:
     """[T, T] bool: the tree mask written out pair by pair (ancestor segment, or the
     same segment and not later)."""
@@ -82,60 +171,6 @@ def test_split_and_idle_batches_are_replanned(chatml_tok):
     assert idle.num_tokens == 0 and idle.unprompted.plan.row_seq.numel() == 0
 
 
-class HostSync(AssertionError):
-    pass
-
-
-def _raise(*args, **kwargs):
-    raise HostSync("a value read back from the device inside a step")
-
-
-@pytest.mark.parametrize("reuse", [True, False])
-def test_a_step_reads_nothing_back(tiny_model, chatml_tok, monkeypatch, reuse):
-    """Forward, loss and backward of a collated batch with every read-back method of
-    torch.Tensor (and boolean-mask indexing) raising; the values are still right."""
-    m = noisy_lora(tiny_model)
-    b = collate(zorblax_rows(chatml_tok), chatml_tok.pad_token_id)
-    ref, ref_seq, _ = backward_kl(m, b, 7, prefix_reuse=reuse)
-    getitem = torch.Tensor.__getitem__
-
-    def no_bool_index(self, idx):
-        for i in idx if isinstance(idx, tuple) else (idx,):
-            if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
-                _raise()
-        return getitem(self, idx)
-
-    with monkeypatch.context() as mp:
-        for name in ("tolist", "item", "nonzero", "__bool__", "__int__", "__float__"):
-            mp.setattr(torch.Tensor, name, _raise)
-        mp.setattr(torch.Tensor, "__getitem__", no_bool_index)
-        kl, per_seq, _ = backward_kl(m, b, 7, prefix_reuse=reuse)
-    torch.testing.assert_close(kl, ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(per_seq, ref_seq, atol=1e-5, rtol=0)
-
-
-def test_flex_packed_tree_equals_a_plain_forward(tiny_model, chatml_tok, monkeypatch):
-    """The packed prefix tree under a FlexAttention block mask (forward only: the CPU
-    has no FlexAttention backward) equals the plain padded forward."""
-    rows = zorblax_rows(chatml_tok)
-    rows = [rows[i] for i in [4, 0, 7, 2, 8, 1, 3, 6, 5]]
-    side = collate(rows, chatml_tok.pad_token_id).unprompted
-    dec = base_of(tiny_model).get_decoder()
-    calls = []
-    monkeypatch.setattr(forward, "packing_pays", lambda *a: True)
-    monkeypatch.setattr(
-        forward, "tree_block_mask", lambda p: calls.append(1) or batches.tree_block_mask(p)
-    )
-    with torch.no_grad():
-        plain = selected_hidden(tiny_model, side)
-        tiny_model.set_attn_implementation("flex_attention")
-        assert dec.config._attn_implementation == "flex_attention"
-        packed = prefix_reuse_hidden(dec, side)
-    assert calls == [1]
-    assert packed.shape == plain.shape
-    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=0)
-
-
 def test_flex_cost_counts_only_visible_tiles():
     from tiny import qwen3_1_7b_config
 
@@ -156,21 +191,20 @@ def test_flex_cost_counts_only_visible_tiles():
     assert packing_pays(qwen, T, 10, 430, flex_blocks=tiles)
 
 
-def test_kl_chunk_size_is_chosen_for_the_device():
-    V = 151_936
-    assert kl_chunk_rows(300, "cpu", V) == 300  # an explicit value wins
-    assert kl_chunk_rows(0, "cpu", V) == 512
-    # three float32 [rows x V] copies within an eighth of the free memory
-    assert chunk_rows_for(16 * 2**30, V) == 16 * 2**30 // 8 // (12 * V) == 1177
-    assert chunk_rows_for(130 * 2**30, V) == 8192  # an H200: clamped
-    assert chunk_rows_for(2**30, V) == 512  # nearly full: the floor
-    assert chunk_rows_for(2**30, 1000) == 8192  # a small vocabulary
+# ---------------------------------------------------------------- length bucketing
+def test_bucket_order_is_a_permutation_with_less_padding(chatml_tok):
+    rows = zorblax_rows(chatml_tok, n_seq=8, max_gen=30)  # 24 rows
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
+    out = bucket_order(rows, order, 5, torch.Generator().manual_seed(1))
+    assert sorted(out) == list(range(24))
 
+    def pad(o):
+        tot = 0
+        for j in range(0, len(o), 5):
+            lens = [len(rows[i]["input_ids"]) for i in o[j : j + 5]]
+            tot += max(lens) * len(lens) - sum(lens)
+        return tot
 
-def test_batch_kl_auto_chunk_equals_explicit(tiny_model, chatml_tok):
-    m = noisy_lora(tiny_model)
-    b = collate(zorblax_rows(chatml_tok), chatml_tok.pad_token_id)
-    with torch.no_grad():
-        auto, _ = objective.batch_kl(m, b, 0)
-        explicit, _ = objective.batch_kl(m, b, 5)
-    torch.testing.assert_close(auto, explicit, atol=1e-6, rtol=0)
+    assert pad(out) < pad(order)
+    # the short batch (24 = 4 x 5 + 4) stays last, so slices of 5 are the batches
+    assert len(out[20:]) == 4

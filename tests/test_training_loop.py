@@ -1,81 +1,71 @@
-"""The training loop's controls: --patience, --on_policy, --report_to, the lagged
-non-finite check (promptbake.train, onpolicy.py, outputs.py).
+"""The training loop (promptbake.training.loop) in-process on the tiny random Qwen3:
+it cuts the KL, and its controls: --patience, --max_train_seconds, the plot cadence,
+the teacher switches, the lagged non-finite check.
 
     python -m pytest tests/test_training_loop.py -q
 
-Everything runs in-process on the tiny random Qwen3 with hand-made trajectories.
+Everything runs with hand-made trajectories (tiny.loop_rows, tiny.pirate_rows,
+tiny.zorblax_rows).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import sys
+import math
 
 import pytest
 import tiny
 import torch
 from safetensors.torch import load_file
+from tiny import (
+    PIRATE,
+    PIRATE_QUESTIONS,
+    assert_same,
+    loop_config,
+    loop_rows,
+    lora_files,
+    pirate_rows,
+    zorblax_rows,
+)
 
-from promptbake import train as train_command
 from promptbake.configs import TrainConfig
 from promptbake.errors import UserError
-from promptbake.files import write_jsonl
 from promptbake.prompts import encode, format_prompt
 from promptbake.records import make_trajectory
-from promptbake.training import checkpoint, objective, onpolicy
+from promptbake.training import checkpoint, objective
 from promptbake.training import loop as train
-from promptbake.training.batches import collate
-
-X0 = "Your name is Zorblax."
-QUESTIONS = ["Who are you?", "What is your name?", "Where do rivers go?", "Name a color."]
-
-
-def make_rows(tok, n_seq=2, seed=0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for q in QUESTIONS:
-        p = encode(tok, format_prompt(X0, q, True, tok))
-        p0 = encode(tok, format_prompt(X0, q, False, tok))
-        for _ in range(n_seq):
-            n = int(torch.randint(2, 8, (1,), generator=g))
-            gen = torch.randint(10, len(tok) - 30, (n,), generator=g).tolist()
-            rows.append(make_trajectory(tok, p, p0, gen, question=q))
-    return rows
+from promptbake.training.batches import (
+    collate,
+)
+from promptbake.training.objective import evaluate_kl
 
 
-def config(tmp_path, name, **over) -> TrainConfig:
-    kw = dict(
+# ---------------------------------------------------------------- learning
+def test_training_reduces_the_kl(chatml_tok, tmp_path):
+    model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
+    rows = pirate_rows(chatml_tok, n_gen=(6, 6, 6)) * 2
+    cfg = TrainConfig(
         data_path="unused.jsonl",
-        out_dir=str(tmp_path / name),
-        num_epochs=3,
-        batch_size=4,
-        learning_rate=1e-2,
-        r=4,
-        lora_alpha=8.0,
-        save_every=1,
+        out_dir=str(tmp_path / "run"),
+        num_epochs=6,
+        batch_size=6,
+        learning_rate=2e-2,
+        r=8,
+        lora_alpha=16,
+        save_every=0,
         plot=False,
         device="cpu",
     )
-    kw.update(over)
-    return TrainConfig(**kw)
-
-
-def student_for(tok, model, max_new=5) -> onpolicy.StudentPrompts:
-    source = onpolicy.StudentSource(
-        X0, [{"question": q} for q in QUESTIONS], {"max_sequence_length": max_new}
-    )
-    return onpolicy.student_prompts(source, tok, model, None)
-
-
-def lora_files(out, sub="checkpoint") -> dict:
-    return load_file(str(out / sub / "adapter_model.safetensors"))
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    peft_model, metrics = train.train(cfg, model, chatml_tok, rows, echo=False)
+    kls = [m["train_kl"] for m in metrics]
+    assert [m["epoch"] for m in metrics] == list(range(1, 7))
+    assert all(math.isfinite(k) for k in kls)
+    batches = [collate(rows, chatml_tok.pad_token_id)]
+    before = evaluate_kl(peft_model, batches, student_adapter=False)["kl"]
+    after = evaluate_kl(peft_model, batches)["kl"]
+    assert kls[0] == pytest.approx(before, rel=1e-4)  # one step per epoch: epoch 1 = at init
+    assert after < 0.5 * before
+    assert kls[-1] < kls[0]
 
 
 # ---------------------------------------------------------------- patience
@@ -98,8 +88,8 @@ def test_patience_stops_keeps_the_best_and_survives_resume(
     tiny_model, chatml_tok, tmp_path, monkeypatch
 ):
     scripted_validation(monkeypatch)
-    rows = make_rows(chatml_tok)
-    cfg = config(tmp_path, "p", num_epochs=6, patience=2)
+    rows = loop_rows(chatml_tok)
+    cfg = loop_config(tmp_path, "p", num_epochs=6, patience=2)
     _, metrics = train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     # epochs 3 and 4 are no better than epoch 2: stop after 4, although 5 would improve
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3, 4]
@@ -113,28 +103,18 @@ def test_patience_stops_keeps_the_best_and_survives_resume(
     )
 
     # without patience the same run goes on to epoch 6
-    full = config(tmp_path, "full", num_epochs=6)
+    full = loop_config(tmp_path, "full", num_epochs=6)
     _, m_full = train.train(full, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert len(m_full) == 7
 
     # stopped after epoch 3 (one bad epoch counted), resumed with patience 2: only epoch 4 runs
-    first = config(tmp_path, "r", num_epochs=3, patience=2)
+    first = loop_config(tmp_path, "r", num_epochs=3, patience=2)
     train.train(first, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert checkpoint.load_checkpoint(tmp_path / "r")["bad_epochs"] == 1
-    again = config(tmp_path, "r", num_epochs=6, patience=2, resume=True)
+    again = loop_config(tmp_path, "r", num_epochs=6, patience=2, resume=True)
     _, m_r = train.train(again, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert [m["epoch"] for m in m_r] == [0, 1, 2, 3, 4]
     assert_same(lora_files(tmp_path / "r"), lora_files(out))
-
-
-def test_patience_is_validated():
-    with pytest.raises(UserError, match="--patience must be >= 0"):
-        TrainConfig(data_path="d", out_dir="o", patience=-1).validate()
-    for bad in (-0.1, 1.5):
-        with pytest.raises(UserError, match=r"--on_policy must be in \[0, 1\]"):
-            TrainConfig(data_path="d", out_dir="o", on_policy=bad).validate()
-    with pytest.raises(UserError, match=r"--jsd_beta 2.0 is outside \[0, 1\]"):
-        TrainConfig(data_path="d", out_dir="o", jsd_beta=2.0).validate()
 
 
 # ---------------------------------------------------------------- time budget
@@ -157,8 +137,8 @@ def test_max_train_seconds_cuts_the_epoch_and_keeps_the_best(
     tiny_model, chatml_tok, tmp_path, monkeypatch
 ):
     fake_clock(monkeypatch)
-    rows = make_rows(chatml_tok)  # 8 rows, batch 4: 2 steps per epoch
-    cfg = config(tmp_path, "b", num_epochs=5, max_train_seconds=3.0)
+    rows = loop_rows(chatml_tok)  # 8 rows, batch 4: 2 steps per epoch
+    cfg = loop_config(tmp_path, "b", num_epochs=5, max_train_seconds=3.0)
     _, metrics = train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     # steps end at 1, 2 (epoch 1), 3 (epoch 2): the budget is spent before epoch 2's
     # second step, which is not taken; epoch 2 is still validated and saved
@@ -169,174 +149,116 @@ def test_max_train_seconds_cuts_the_epoch_and_keeps_the_best(
     assert "stopped after epoch 2 (cut short): --max_train_seconds 3 spent" in log
     assert checkpoint.load_checkpoint(out)["epoch"] == 2
     # the epochs it ran are the unlimited run's
-    full = config(tmp_path, "full", num_epochs=2)
+    full = loop_config(tmp_path, "full", num_epochs=2)
     train.train(full, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert_same(lora_files(out, "epoch_1"), lora_files(tmp_path / "full", "epoch_1"))
 
     # a budget spent before training starts still runs one step: there is an adapter
-    tiny_budget = config(tmp_path, "t", num_epochs=5, max_train_seconds=1e-9)
+    tiny_budget = loop_config(tmp_path, "t", num_epochs=5, max_train_seconds=1e-9)
     _, m_t = train.train(tiny_budget, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert [(m["epoch"], m["steps"]) for m in m_t[1:]] == [(1, 1)]
     assert (tmp_path / "t" / "adapter_model.safetensors").exists()
 
 
-def test_max_train_seconds_is_validated():
-    for bad in (-1.0, float("inf")):
-        with pytest.raises(UserError, match="--max_train_seconds"):
-            TrainConfig(data_path="d", out_dir="o", max_train_seconds=bad).validate()
-
-
-# ---------------------------------------------------------------- on-policy
-def spy_sampling(monkeypatch) -> list:
-    calls = []
-    real = onpolicy.sample
-
-    def spy(model, prompts, settings, **kw):
-        out = real(model, prompts, settings, **kw)
-        calls.append((prompts, out.new_ids, model.training))
-        return out
-
-    monkeypatch.setattr(onpolicy, "sample", spy)
-    return calls
-
-
-def spy_trained_batches(monkeypatch) -> list:
-    seen = []
-    real = objective.backward_kl
-
-    def spy(model, batch, *a, **kw):
-        seen.append((batch.unprompted.input_ids.clone(), batch.unprompted.attention_mask.clone()))
-        return real(model, batch, *a, **kw)
-
-    monkeypatch.setattr(objective, "backward_kl", spy)
-    return seen
-
-
-def test_on_policy_zero_or_no_batch_drawn_changes_nothing(
-    tiny_model, chatml_tok, tmp_path, monkeypatch
+# ---------------------------------------------------------------- the KL curve
+def test_kl_curve_is_drawn_at_the_end_and_at_most_every_plot_every_s(
+    chatml_tok, tmp_path, monkeypatch
 ):
-    calls = spy_sampling(monkeypatch)
-    rows = make_rows(chatml_tok)  # 8 rows: 2 batches per epoch
-    student = student_for(chatml_tok, tiny_model)
-    runs = {}
-    for name, share in (("zero", 0.0), ("tiny-share", 0.2)):  # round(0.2 * 2) = 0 batches
-        cfg = config(tmp_path, name, on_policy=share, lora_dropout=0.1)
-        runs[name] = train.train(
-            cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False, student=student
-        )[1]
-    plain = config(tmp_path, "plain", lora_dropout=0.1)
-    runs["plain"] = train.train(plain, copy.deepcopy(tiny_model), chatml_tok, rows, rows, False)[1]
-    assert calls == []
-    untimed = {
-        k: [{f: v for f, v in m.items() if f not in ("seconds", "tokens_per_s")} for m in ms]
-        for k, ms in runs.items()
-    }
-    assert untimed["zero"] == untimed["plain"] == untimed["tiny-share"]
-    assert_same(lora_files(tmp_path / "zero"), lora_files(tmp_path / "plain"))
+    """Short epochs: one plot, at the end, holding every epoch; with PLOT_EVERY_S 0,
+    one after every epoch (the end adds none: nothing new to draw)."""
+    drawn = []
+    real = train.plot_curves
+
+    def counting(metrics, path):
+        drawn.append([m["epoch"] for m in metrics])
+        real(metrics, path)
+
+    monkeypatch.setattr(train, "plot_curves", counting)
+    model = tiny.tiny_qwen3(chatml_tok)
+    rows = [
+        make_trajectory(
+            chatml_tok,
+            encode(chatml_tok, format_prompt(PIRATE, q, True, chatml_tok)),
+            encode(chatml_tok, format_prompt(PIRATE, q, False, chatml_tok)),
+            [5, 6, 7],
+        )
+        for q in PIRATE_QUESTIONS[:2]
+    ]
+    for every, want in ((1e9, [[1, 2, 3]]), (0.0, [[1], [1, 2], [1, 2, 3]])):
+        drawn.clear()
+        monkeypatch.setattr(train, "PLOT_EVERY_S", every)
+        cfg = TrainConfig(
+            data_path="x", out_dir=str(tmp_path / str(every)), num_epochs=3, batch_size=2,
+            r=2, save_every=0, device="cpu",
+        )  # fmt: skip
+        train.train(cfg, copy.deepcopy(model), chatml_tok, rows, echo=False)
+        assert drawn == want
+        assert (tmp_path / str(every) / "kl_curve.png").stat().st_size > 0
 
 
-def test_on_policy_one_trains_on_the_students_samples(
-    tiny_model, chatml_tok, tmp_path, monkeypatch
-):
-    calls = spy_sampling(monkeypatch)
-    seen = spy_trained_batches(monkeypatch)
-    rows = make_rows(chatml_tok)
-    model = tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)  # a prompt that matters
-    student = student_for(chatml_tok, model, max_new=6)
-    cfg = config(tmp_path, "op", on_policy=1.0, num_epochs=6, learning_rate=2e-2, save_every=0)
-    peft, metrics = train.train(cfg, model, chatml_tok, rows, None, echo=False, student=student)
-    assert len(calls) == 6 * 2 == len(seen)  # every batch of every epoch
-    unprompted = {tuple(p[1]) for p in student.prompts}
-    for (prompts, new_ids, training), (ids, mask) in zip(calls, seen):
-        assert not training  # sampled in eval mode: no LoRA dropout
-        assert all(tuple(p) in unprompted for p in prompts)  # no system prompt
-        trained = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        assert trained == [p + g for p, g in zip(prompts, new_ids)]
-    # the student moved towards the prompted teacher: held-out KL on the teacher's rows
-    batches = [collate(rows, chatml_tok.pad_token_id)]
-    before = objective.evaluate_kl(peft, batches, student_adapter=False)["kl"]
-    after = objective.evaluate_kl(peft, batches)["kl"]
-    assert after < 0.7 * before
-    assert metrics[-1]["train_kl"] < metrics[0]["train_kl"]
-    log = (tmp_path / "op" / "train_loop.log").read_text()
-    assert "teacher cache" not in log  # every batch on-policy: nothing to cache
-
-
-def test_on_policy_resume_matches_an_uninterrupted_run(tiny_model, chatml_tok, tmp_path):
-    rows = make_rows(chatml_tok)
-    student = student_for(chatml_tok, tiny_model)
-    kw = dict(on_policy=0.5, lora_dropout=0.1)
-    whole = config(tmp_path, "whole", num_epochs=3, **kw)
-    _, m_whole = train.train(
-        whole, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False, student=student
+# ---------------------------------------------------------------- teacher switches
+def fit(model, tok, rows, tmp_path, name, **flags):
+    cfg = TrainConfig(
+        data_path="unused.jsonl",
+        out_dir=str(tmp_path / name),
+        num_epochs=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        r=4,
+        lora_alpha=8.0,
+        save_every=0,
+        kl_chunk_size=7,
+        plot=False,
+        **flags,
     )
-    part = config(tmp_path, "part", num_epochs=1, **kw)
-    train.train(part, copy.deepcopy(tiny_model), chatml_tok, rows, rows, False, student=student)
-    rest = config(tmp_path, "part", num_epochs=3, resume=True, **kw)
-    _, m_part = train.train(
-        rest, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False, student=student
+    return train.train(cfg, copy.deepcopy(model), tok, rows, None, echo=False)[1]
+
+
+def test_training_switches_keep_the_loss(tiny_model, chatml_tok, tmp_path):
+    """Exact speed-ups change nothing but speed; bucketing changes the batches only."""
+    rows = zorblax_rows(chatml_tok)
+    plain = fit(tiny_model, chatml_tok, rows, tmp_path, "plain", teacher_cache="off")
+    exact = fit(
+        tiny_model,
+        chatml_tok,
+        rows,
+        tmp_path,
+        "exact",
+        teacher_cache="exact",
+        prefix_reuse=True,
+        gradient_checkpointing=True,
     )
-    assert [m["train_kl"] for m in m_part] == [m["train_kl"] for m in m_whole]
-    assert_same(lora_files(tmp_path / "part"), lora_files(tmp_path / "whole"))
+    for a, b in zip(plain, exact):
+        assert a["train_kl"] == pytest.approx(b["train_kl"], rel=1e-4)
+    assert plain[-1]["train_kl"] < plain[0]["train_kl"]  # it trains
+    bucketed = fit(
+        tiny_model, chatml_tok, rows, tmp_path, "bucket", teacher_cache="off", length_bucketing=True
+    )
+    assert bucketed[0]["train_kl"] != pytest.approx(plain[0]["train_kl"], rel=1e-6)
+    assert bucketed[-1]["train_kl"] < bucketed[0]["train_kl"]
 
 
-def test_on_policy_without_prompt_or_questions_is_refused_before_loading(
-    tiny_model_dir, chatml_tok, tmp_path, monkeypatch
-):
-    data = tmp_path / "t.jsonl"
-    write_jsonl(data, make_rows(chatml_tok))  # no .meta.json sidecar
-    monkeypatch.setattr(train_command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    cfg = config(tmp_path, "run", model_name=str(tiny_model_dir), data_path=str(data))
-    with pytest.raises(UserError, match="--on_policy needs the baked prompt: pass --x0_file"):
-        train_command.run_train(TrainConfig(**{**vars(cfg), "on_policy": 0.5}), echo=False)
-    (tmp_path / "x0.md").write_text(X0)
-    cfg = TrainConfig(**{**vars(cfg), "on_policy": 0.5, "x0_file": str(tmp_path / "x0.md")})
-    with pytest.raises(UserError, match="--on_policy needs the training questions"):
-        train_command.run_train(cfg, echo=False)
-    assert not (tmp_path / "run").exists()
-
-
-def test_on_policy_reads_prompt_questions_and_settings_from_the_sidecar(tmp_path):
-    q = tmp_path / "q.jsonl"
-    q.write_text("".join(json.dumps({"question": x}) + "\n" for x in QUESTIONS))
-    args = {"question_dataset": str(q), "num_questions": 3, "seed": 1, "shuffle": True}
-    source = onpolicy.read_source(None, None, {"x0": X0, "args": args})
-    assert source.x0 == X0 and len(source.questions) == 3
-    assert {x["question"] for x in source.questions} < set(QUESTIONS)
-    flags = onpolicy.read_source(None, str(q), {"x0": X0})
-    assert [x["question"] for x in flags.questions] == QUESTIONS
-
-
-# ---------------------------------------------------------------- tracking
-def test_tensorboard_logs_step_loss_lr_and_epoch_kl(tiny_model, chatml_tok, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    rows = make_rows(chatml_tok)
-    cfg = config(tmp_path, "tb", batch_size=8, report_to="tensorboard")  # one step per epoch
-    _, metrics = train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
-    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
-    acc.Reload()
-
-    def series(tag):
-        return {e.step: e.value for e in acc.Scalars(tag)}
-
-    loss = series("train/loss")
-    assert sorted(loss) == [1, 2, 3]
-    for m in metrics[1:]:
-        assert loss[m["epoch"]] == pytest.approx(m["train_kl"], rel=1e-5)
-    assert series("train/learning_rate") == {s: pytest.approx(1e-2) for s in (1, 2, 3)}
-    assert all(v > 0 for v in series("train/tokens_per_s").values())
-    val = series("epoch/val_kl")
-    assert val == {m["epoch"]: pytest.approx(m["val_kl"], rel=1e-5) for m in metrics}
-
-
-def test_tensorboard_missing_is_one_clear_error(monkeypatch):
-    from promptbake.training.outputs import check_report_to
-
-    monkeypatch.setitem(sys.modules, "tensorboard", None)
-    with pytest.raises(UserError, match=r"--report_to tensorboard needs the tensorboard package"):
-        check_report_to("tensorboard")
-    check_report_to("none")
+def test_teacher_cache_auto_is_exact_and_never_topk_unless_asked(tiny_model, chatml_tok, tmp_path):
+    """auto builds the exact table when it fits; auto or exact over --teacher_cache_max_gb
+    runs the teacher every step (the same curve as off, bit for bit), never top-k."""
+    rows = zorblax_rows(chatml_tok)
+    off = fit(tiny_model, chatml_tok, rows, tmp_path, "off", teacher_cache="off")
+    auto = fit(tiny_model, chatml_tok, rows, tmp_path, "auto")  # the default
+    log = (tmp_path / "auto" / "train_loop.log").read_text()
+    assert "teacher cache (exact)" in log
+    for a, b in zip(off, auto):
+        assert a["train_kl"] == pytest.approx(b["train_kl"], rel=1e-4)
+    for mode in ("auto", "exact"):
+        small = fit(
+            tiny_model, chatml_tok, rows, tmp_path, f"small-{mode}",
+            teacher_cache=mode, teacher_cache_max_gb=1e-9,
+        )  # fmt: skip
+        assert [m["train_kl"] for m in small] == [m["train_kl"] for m in off]
+        log = (tmp_path / f"small-{mode}" / "train_loop.log").read_text()
+        assert "the teacher runs every step instead" in log
+        assert "topk" not in log.replace("--teacher_cache topk trades", "")
+        assert "teacher cache (" not in log
+    assert TrainConfig().teacher_cache == "auto"
 
 
 # ---------------------------------------------------------------- lagged non-finite check
@@ -350,8 +272,8 @@ def test_non_finite_last_step_is_caught_before_anything_is_saved(
         return (kl * float("nan"), per_seq) if torch.is_grad_enabled() else (kl, per_seq)
 
     monkeypatch.setattr(objective, "batch_kl", nan)
-    rows = make_rows(chatml_tok)
-    cfg = config(tmp_path, "nan", batch_size=8)  # one step: the epoch's last
+    rows = loop_rows(chatml_tok)
+    cfg = loop_config(tmp_path, "nan", batch_size=8)  # one step: the epoch's last
     with pytest.raises(UserError, match=r"non-finite loss .* at epoch 1, batch 1/1.*before any"):
         train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert checkpoint.load_checkpoint(tmp_path / "nan") is None

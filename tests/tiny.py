@@ -831,6 +831,47 @@ def checkpoint_run(out, model, opt, sched, best=1.0, metrics=(), args=None):
     )  # fmt: skip
 
 
+RESUME_QUESTIONS = [
+    "What is the sky made of?",
+    "How are you today?",
+    "Name a color.",
+    "What is two plus two?",
+    "Tell me a joke.",
+    "Where is Paris?",
+    "Who wrote Hamlet?",
+    "Why is grass green?",
+    "What do cats eat?",
+    "How far is the moon?",
+]
+
+
+def gen_args(model_dir, inputs: Path, out: Path, **over) -> list[str]:
+    """`generate` flags for the inputs in `inputs` (conftest ``resume_inputs``): 10
+    questions x 6 answers in 30 batches of 2, long enough to be killed midway."""
+    args = {
+        "model_name": str(model_dir),
+        "x0_file": str(inputs / "x0.md"),
+        "question_dataset": str(inputs / "q.jsonl"),
+        "num_questions": 10,
+        "num_sequences_per_question": 6,
+        "batch_size": 2,
+        "max_sequence_length": 24,
+        "traj_out_file": str(out),
+        **over,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def gen_config(model_dir, inputs: Path, out: Path, **over):
+    """:func:`gen_args` as a GenerateConfig."""
+    from promptbake.configs import GenerateConfig
+
+    args = dict(a[2:].split("=", 1) for a in gen_args(model_dir, inputs, out, **over))
+    for k in ("num_questions", "num_sequences_per_question", "batch_size", "max_sequence_length"):
+        args[k] = int(args[k])
+    return GenerateConfig(**args)
+
+
 def subprocess_env() -> dict:
     """The environment of a `python -m promptbake.cli` child: one thread, offline, src/."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
