@@ -1,4 +1,5 @@
-"""`promptbake eval`: answers under base / prompted / baked / re-prompted, pluggable scorers."""
+"""`promptbake eval` (promptbake.evaluation.eval): answers under base / prompted / baked /
+re-prompted, pluggable scorers."""
 
 import json
 
