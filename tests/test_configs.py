@@ -8,20 +8,10 @@ import dataclasses
 import json
 
 import pytest
-from tiny import (
-    assert_one_error,
-    copy_traj,
-    run_train,
-)
+from tiny import assert_one_error, copy_traj, run_train
 
 from promptbake.cli import main, parse_args
-from promptbake.configs import (
-    BAKE_DEFAULTS,
-    BakeConfig,
-    GenerateConfig,
-    PursueConfig,
-    TrainConfig,
-)
+from promptbake.configs import BAKE_DEFAULTS, BakeConfig, GenerateConfig, PursueConfig, TrainConfig
 from promptbake.errors import UserError
 from promptbake.flags import config_values, flag_values, from_namespace
 

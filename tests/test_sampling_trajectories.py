@@ -18,14 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import (
-    PIRATE,
-    SAMPLING_QUESTIONS,
-    bias_towards,
-    gen_args,
-    gen_config,
-    subprocess_env,
-)
+from tiny import PIRATE, SAMPLING_QUESTIONS, bias_towards, gen_args, gen_config, subprocess_env
 
 from promptbake import __version__
 from promptbake.cli import main as cli_main

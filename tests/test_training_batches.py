@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import (
-    pirate_rows,
-    zorblax_rows,
-)
+from tiny import pirate_rows, zorblax_rows
 
 from promptbake import distributed
 from promptbake.training import batches

@@ -13,15 +13,8 @@ from tiny import noisy_lora, zorblax_rows
 
 from promptbake.records import make_trajectory
 from promptbake.training import batches, forward
-from promptbake.training.batches import (
-    collate,
-    tree_mask,
-)
-from promptbake.training.forward import (
-    base_of,
-    prefix_reuse_hidden,
-    selected_hidden,
-)
+from promptbake.training.batches import collate, tree_mask
+from promptbake.training.forward import base_of, prefix_reuse_hidden, selected_hidden
 from promptbake.training.objective import batch_kl
 
 

@@ -34,9 +34,7 @@ from promptbake.prompts import encode, format_prompt
 from promptbake.records import make_trajectory
 from promptbake.training import checkpoint, objective
 from promptbake.training import loop as train
-from promptbake.training.batches import (
-    collate,
-)
+from promptbake.training.batches import collate
 from promptbake.training.objective import evaluate_kl
 
 

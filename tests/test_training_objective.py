@@ -20,11 +20,7 @@ from promptbake.errors import UserError
 from promptbake.loss import masked_kl
 from promptbake.training import objective
 from promptbake.training.batches import collate
-from promptbake.training.forward import (
-    adapter_disabled,
-    base_of,
-    selected_hidden,
-)
+from promptbake.training.forward import adapter_disabled, base_of, selected_hidden
 from promptbake.training.objective import (
     backward_kl,
     batch_kl,

@@ -11,20 +11,11 @@ import copy
 import json
 
 import tiny
-from tiny import (
-    LOOP_QUESTIONS,
-    ZORBLAX,
-    assert_same,
-    loop_config,
-    loop_rows,
-    lora_files,
-)
+from tiny import LOOP_QUESTIONS, ZORBLAX, assert_same, loop_config, loop_rows, lora_files
 
 from promptbake.training import loop as train
 from promptbake.training import objective, onpolicy
-from promptbake.training.batches import (
-    collate,
-)
+from promptbake.training.batches import collate
 
 
 def student_for(tok, model, max_new=5) -> onpolicy.StudentPrompts:

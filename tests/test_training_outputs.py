@@ -9,10 +9,7 @@ import copy
 import sys
 
 import pytest
-from tiny import (
-    loop_config,
-    loop_rows,
-)
+from tiny import loop_config, loop_rows
 
 from promptbake.errors import UserError
 from promptbake.training import loop as train

@@ -12,13 +12,8 @@ import torch
 from tiny import ZORBLAX_QUESTIONS, lora_grads, noisy_lora, zorblax_rows
 
 from promptbake.loss import divergence, token_kl
-from promptbake.training.batches import (
-    collate,
-)
-from promptbake.training.forward import (
-    base_of,
-    selected_hidden,
-)
+from promptbake.training.batches import collate
+from promptbake.training.forward import base_of, selected_hidden
 from promptbake.training.objective import batch_kl
 from promptbake.training.teacher import build_teacher_cache, cache_from_generation, cache_order
 
