@@ -446,10 +446,45 @@ EXTRA_ROWS = [
 ]  # fmt: skip
 
 
-def test_the_table_lists_the_26_inputs_of_issue_13():
-    assert len(ROWS) == 26
-    counts = {item: sum(r[0] == item for r in ROWS) for item in {r[0] for r in ROWS}}
-    assert counts == {"9": 13, "10": 4, "11": 3, "12": 1, "13": 1, "14": 1, "15": 1, "16": 2}
+@pytest.mark.parametrize(
+    ("command", "on_ctrl_c"),
+    [
+        ("generate", "interrupted: partial output is kept and the same command resumes it"),
+        ("train", "interrupted: nothing half-written was kept; the same command starts it again"),
+        ("bake", "interrupted: partial output is kept and the same command resumes it"),
+    ],
+)
+def test_every_entry_point_of_the_table_ends_a_stage_error_in_one_line(
+    command, on_ctrl_c, tiny_model_dir, tmp_path, monkeypatch, capsys, request
+):
+    """What the `refused` rows rest on, for each entry point they run through (the seed
+    scripts' generate and train, `promptbake bake`): a UserError raised inside the stage
+    prints exactly ``error: <its message>`` and exits 2; a Ctrl-C the stage did not
+    handle itself exits 130 with the one line for that command."""
+    import importlib
+
+    from promptbake.cli import BY_NAME
+
+    ctx = Ctx(tmp_path, Path(tiny_model_dir), {}, monkeypatch, capsys, request)
+    argv = {"generate": generate, "train": train, "bake": bake}[command](ctx)
+    module, function = BY_NAME[command][3].split(":")
+    stage = importlib.import_module(f"promptbake.{module}")
+
+    def fails(exc):
+        def run(cfg):
+            raise exc
+
+        return run
+
+    monkeypatch.setattr(stage, function, fails(UserError("--x0_file x: what is wrong, the fix")))
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    out, err = capsys.readouterr()
+    assert (out, err.splitlines()) == ("", ["error: --x0_file x: what is wrong, the fix"])
+    monkeypatch.setattr(stage, function, fails(KeyboardInterrupt()))
+    assert run_cli(argv) == 130
+    out, err = capsys.readouterr()
+    assert (out, err.splitlines()) == ("", [on_ctrl_c])
 
 
 @pytest.mark.parametrize(
