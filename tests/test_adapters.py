@@ -109,6 +109,7 @@ def test_scale_without_adapter(tiny_model):
 
 
 # ---------------------------------------------------------------- saving: offline, modes
+@pytest.mark.slow
 def test_saving_with_the_bundled_alias_asks_no_hub(tiny_model_dir, tmp_path, hub_blocked):
     """The bundled alias is recorded as the model's name; peft used to ask the Hub about it."""
     from peft import PeftModel

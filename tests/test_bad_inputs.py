@@ -487,8 +487,16 @@ def test_every_entry_point_of_the_table_ends_a_stage_error_in_one_line(
     assert (out, err.splitlines()) == ("", [on_ctrl_c])
 
 
+# rows that load the bundled model (saving an adapter under its alias materializes it)
+SLOW = {no_hub_request}
+
+
 @pytest.mark.parametrize(
-    "row", ROWS + EXTRA_ROWS, ids=[f"{r[0]}: {r[1]}" for r in ROWS + EXTRA_ROWS]
+    "row",
+    [
+        pytest.param(r, id=f"{r[0]}: {r[1]}", marks=[pytest.mark.slow] if r[2] in SLOW else [])
+        for r in ROWS + EXTRA_ROWS
+    ],
 )
 def test_bad_input(row, built, tiny_model_dir, tmp_path, monkeypatch, capsys, request):
     _, _, check = row

@@ -4,7 +4,8 @@ input in one line with exit status 2.
 
     python -m pytest tests/test_cli.py -q
 
-These tests run the scripts themselves (``python generate_data.py``, a process each);
+These tests run the scripts themselves (``python generate_data.py``, a process each, so
+marked slow);
 the commands' own bad inputs run in-process in test_cmd_generate.py and
 test_cmd_train.py.
 """
@@ -41,6 +42,7 @@ def script(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, flags", [("generate_data.py", GENERATE_FLAGS), ("train_loop.py", TRAIN_FLAGS)]
 )
@@ -60,6 +62,7 @@ def test_format_prompt_imports_from_generate_data(monkeypatch):
     assert format_prompt is chat_format_prompt
 
 
+@pytest.mark.slow
 def test_script_bad_input_exit_code_and_single_line(tmp_path):
     res = script(
         "generate_data.py",

@@ -257,6 +257,7 @@ def test_partial_without_key_is_refused(chatml_tok, tiny_model, tmp_path):
 
 
 # ---------------------------------------------------------------- resuming a process killed with SIGKILL
+@pytest.mark.slow
 def test_generation_killed_with_sigkill_resumes_to_identical_file(
     tiny_model_dir, resume_inputs, tmp_path
 ):

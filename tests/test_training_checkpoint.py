@@ -169,6 +169,7 @@ def test_resume_without_restoring_the_optimizer_would_differ(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
 
+@pytest.mark.slow
 def test_training_killed_with_sigkill_resumes(tiny_model_dir, trajectories, baseline, tmp_path):
     base_out, base_metrics = baseline
     out = tmp_path / "run"
