@@ -1,7 +1,10 @@
-"""Shared fixtures: an offline ChatML tokenizer and tiny random-weight Qwen3 models.
+"""Shared fixtures: an offline ChatML tokenizer and tiny random-weight Qwen3 models, and the
+fixtures more than one test file uses (a trajectory file, a baked run, a blocked Hub).
 
 No test may touch the network: the offline switches below are set before transformers is imported,
-and all models/tokenizers come from tests/tiny.py (imported as `tiny`), built in-process.
+and all models/tokenizers come from tests/tiny.py (imported as `tiny`), built in-process. Helpers
+that are not fixtures (rows, adapters, command-line checks) are in tiny.py too: no test module
+imports another.
 """
 
 import os
@@ -58,3 +61,92 @@ def smollm():
 
     torch.manual_seed(0)
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def peaky_model(chatml_tok):
+    """A tiny Qwen3 with larger weights: peaked next-token distributions, so the greedy
+    argmax is far from ties."""
+    return tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def traj(tmp_path_factory):
+    """A trajectory file (+ sidecar) from the tiny model, as generate_data.py writes it."""
+    import torch
+
+    from promptbake.configs import GenerateConfig
+    from promptbake.sampling.trajectories import generate_trajectories
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("traj")
+    tok = tiny.chatml_tokenizer("tiny")
+    cfg = GenerateConfig(
+        num_questions=3,
+        num_sequences_per_question=2,
+        max_sequence_length=4,
+        batch_size=6,
+        x0_file="x0.md",
+        question_dataset="q.jsonl",
+        traj_out_file=str(d / "t.jsonl"),
+    )
+    questions = [{"question": q} for q in tiny.PIRATE_QUESTIONS]
+    generate_trajectories(
+        tiny.tiny_qwen3(tok), tok, cfg, "You are a pirate.", questions, d / "t.jsonl",
+        progress=False,
+    )  # fmt: skip
+    torch.set_num_threads(n)
+    return d / "t.jsonl"
+
+
+@pytest.fixture(scope="module")
+def resume_inputs(tmp_path_factory):
+    """A prompt and 10 questions (tiny.RESUME_QUESTIONS) for runs that get interrupted."""
+    import json
+
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "x0.md").write_text("You are a pirate. Always say arr.\n")
+    (d / "q.jsonl").write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in tiny.RESUME_QUESTIONS)
+    )
+    return d
+
+
+@pytest.fixture(scope="module")
+def baked_run(tiny_model_dir, tmp_path_factory):
+    """A bake-like run directory: adapter + validation trajectories (with .meta.json)."""
+    from promptbake.models import load_model
+
+    d = tiny.make_adapter(tiny_model_dir, tmp_path_factory.mktemp("run"), seed=1)
+    model, tok = load_model(str(tiny_model_dir), "cpu", "float32")
+    tiny.sample_heldout(model, tok, d / "trajectories_val.jsonl")
+    return d
+
+
+@pytest.fixture
+def hub_blocked(monkeypatch):
+    """Every network path raises and is recorded; the offline switches are off, so a
+    library that would ask the Hub really tries (and the list shows it)."""
+    import socket
+
+    import huggingface_hub
+    import peft.utils.other
+    import peft.utils.save_and_load
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network blocked by the test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for mod in (huggingface_hub, peft.utils.other, peft.utils.save_and_load):
+        for fn in ("file_exists", "hf_hub_download", "model_info"):
+            if hasattr(mod, fn):
+                monkeypatch.setattr(mod, fn, refuse)
+    return attempts

@@ -1,20 +1,19 @@
 """Adapters: finding the base model, loading, and the continuous adapter scale (half-baking).
 
-`make_adapter` (a tiny Qwen3 + a LoRA with random nonzero B weights, saved like a bake
-run) is shared by the other evaluation tests: training is not the point there.
+`tiny.make_adapter` builds the adapters (a tiny Qwen3 + a LoRA with random nonzero B
+weights, saved like a bake run): training is not the point here.
 """
 
 import copy
 import json
 import os
 import shutil
-import socket
 import stat
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import checkpoint_run
+from tiny import IDS, checkpoint_run, logits, make_adapter
 
 from promptbake.adapters import (
     attach_adapter,
@@ -33,31 +32,9 @@ from promptbake.training.setup import add_lora
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 
-def make_adapter(model_dir, out_dir, seed: int = 0, std: float = 0.5):
-    """Save a LoRA adapter with random (nonzero) B weights for the model in `model_dir`."""
-    model, _ = load_model(str(model_dir), "cpu", "float32")
-    peft = add_lora(model, LoraArgs(r=4, lora_alpha=8.0, target_modules=TARGETS))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_adapter(peft, out_dir)
-    return out_dir
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):
     return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"))
-
-
-IDS = torch.tensor([[5, 17, 99, 230, 7, 64, 301, 12]])
 
 
 def test_scale_zero_is_the_base_model_exactly(tiny_model_dir, adapter):
@@ -132,32 +109,7 @@ def test_scale_without_adapter(tiny_model):
 
 
 # ---------------------------------------------------------------- saving: offline, modes
-@pytest.fixture
-def hub_blocked(monkeypatch):
-    """Every network path raises and is recorded; the offline switches are off, so a
-    library that would ask the Hub really tries (and the list shows it)."""
-    import huggingface_hub
-    import peft.utils.other
-    import peft.utils.save_and_load
-
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args[:2])
-        raise OSError("network blocked by the test")
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    for mod in (huggingface_hub, peft.utils.other, peft.utils.save_and_load):
-        for fn in ("file_exists", "hf_hub_download", "model_info"):
-            if hasattr(mod, fn):
-                monkeypatch.setattr(mod, fn, refuse)
-    return attempts
-
-
+@pytest.mark.slow
 def test_saving_with_the_bundled_alias_asks_no_hub(tiny_model_dir, tmp_path, hub_blocked):
     """The bundled alias is recorded as the model's name; peft used to ask the Hub about it."""
     from peft import PeftModel

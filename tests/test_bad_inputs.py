@@ -10,8 +10,9 @@ and the shared adapter is unchanged afterwards (names, bytes, modes): nothing
 half-written, nothing deleted. The non-error items check their documented behaviour
 instead (14: no Hub request, 15: file modes from the umask, 11: what Ctrl-C keeps).
 ``EXTRA_ROWS`` are the same checks for the other commands an item names; they are not
-counted in the 26. Rows that another file also covers reuse its builders
-(test_bad_inputs_data.py, test_bad_inputs_adapters.py).
+counted in the 26. Rows that another file also covers share its builders, which live in
+tiny.py (with test_bad_inputs_data.py and test_bad_inputs_adapters.py); conftest.py's
+``hub_blocked`` fixture serves row 14.
 
 Models: the tiny random Qwen3 saved to a directory (conftest ``tiny_model_dir``), so a row
 that loads one takes a second.
@@ -31,18 +32,19 @@ from typing import Any
 import pytest
 import tiny
 import torch
-from test_adapters import (
-    hub_blocked,  # noqa: F401  (a fixture, fetched by row 14)
-    make_adapter,
-)
-from test_bad_inputs_adapters import (
+from tiny import (
+    BINARY,
     chain_entry,
+    float_mask,
     foreign_adapter,
+    make_adapter,
     merge_into,
+    negative_id,
+    null_ids,
     pickle_only,
     truncated,
+    write_rows,
 )
-from test_bad_inputs_data import BINARY, float_mask, negative_id, null_ids, rows, write_rows
 
 from promptbake.chat import NOT_UTF8
 from promptbake.cli import main
@@ -70,7 +72,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def built(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter for the tiny Qwen3 and another base model it does not fit
-    (the keys test_bad_inputs_adapters' builders expect)."""
+    (the keys tiny.py's adapter builders expect)."""
     root = tmp_path_factory.mktemp("bad_inputs_table")
     other = tiny.save_tiny_model(root / "other_base", kind="tiny", seed=1, hidden_size=32)
     return {"adapter": make_adapter(tiny_model_dir, root / "adapter"), "other": other}
@@ -93,7 +95,7 @@ def questions(ctx: Ctx, content: bytes | None = None) -> Path:
 def trajectories(ctx: Ctx, edit=None, n_gen: int = 2) -> Path:
     """Two trajectory rows of the tiny tokenizer, with a sidecar naming it."""
     tok = tiny.chatml_tokenizer("tiny")
-    recs = rows(tok, n_gen)
+    recs = tiny.small_rows(tok, n_gen)
     if edit:
         edit(recs)
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tok), "num_trajectories": len(recs)}
@@ -182,7 +184,7 @@ def refused(setup, *fragments: str):
 
 
 def adapters_row(builder):
-    """A test_bad_inputs_adapters builder, called the way it expects."""
+    """An adapter builder of tiny.py's bad-input section, called the way it expects."""
     return lambda ctx: builder(ctx.built, ctx.tmp, ctx.model_dir)
 
 
@@ -438,20 +440,63 @@ EXTRA_ROWS = [
     ("11", "bake: the same command redoes it; --resume true continues", bake_redo_and_resume),
     ("13", "more rows than the sidecar records", refused(
         lambda c: train(c, "--data_path", str(write_rows(
-            c.tmp / "twice.jsonl", rows(tiny.chatml_tokenizer("tiny")) * 2,
+            c.tmp / "twice.jsonl", tiny.small_rows(tiny.chatml_tokenizer("tiny")) * 2,
             {"tokenizer_fingerprint": tokenizer_fingerprint(tiny.chatml_tokenizer("tiny")),
              "num_trajectories": 2}))), "holds 4", "records 2")),
 ]  # fmt: skip
 
 
-def test_the_table_lists_the_26_inputs_of_issue_13():
-    assert len(ROWS) == 26
-    counts = {item: sum(r[0] == item for r in ROWS) for item in {r[0] for r in ROWS}}
-    assert counts == {"9": 13, "10": 4, "11": 3, "12": 1, "13": 1, "14": 1, "15": 1, "16": 2}
+@pytest.mark.parametrize(
+    ("command", "on_ctrl_c"),
+    [
+        ("generate", "interrupted: partial output is kept and the same command resumes it"),
+        ("train", "interrupted: nothing half-written was kept; the same command starts it again"),
+        ("bake", "interrupted: partial output is kept and the same command resumes it"),
+    ],
+)
+def test_every_entry_point_of_the_table_ends_a_stage_error_in_one_line(
+    command, on_ctrl_c, tiny_model_dir, tmp_path, monkeypatch, capsys, request
+):
+    """What the `refused` rows rest on, for each entry point they run through (the seed
+    scripts' generate and train, `promptbake bake`): a UserError raised inside the stage
+    prints exactly ``error: <its message>`` and exits 2; a Ctrl-C the stage did not
+    handle itself exits 130 with the one line for that command."""
+    import importlib
+
+    from promptbake.cli import BY_NAME
+
+    ctx = Ctx(tmp_path, Path(tiny_model_dir), {}, monkeypatch, capsys, request)
+    argv = {"generate": generate, "train": train, "bake": bake}[command](ctx)
+    module, function = BY_NAME[command][3].split(":")
+    stage = importlib.import_module(f"promptbake.{module}")
+
+    def fails(exc):
+        def run(cfg):
+            raise exc
+
+        return run
+
+    monkeypatch.setattr(stage, function, fails(UserError("--x0_file x: what is wrong, the fix")))
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    out, err = capsys.readouterr()
+    assert (out, err.splitlines()) == ("", ["error: --x0_file x: what is wrong, the fix"])
+    monkeypatch.setattr(stage, function, fails(KeyboardInterrupt()))
+    assert run_cli(argv) == 130
+    out, err = capsys.readouterr()
+    assert (out, err.splitlines()) == ("", [on_ctrl_c])
+
+
+# rows that load the bundled model (saving an adapter under its alias materializes it)
+SLOW = {no_hub_request}
 
 
 @pytest.mark.parametrize(
-    "row", ROWS + EXTRA_ROWS, ids=[f"{r[0]}: {r[1]}" for r in ROWS + EXTRA_ROWS]
+    "row",
+    [
+        pytest.param(r, id=f"{r[0]}: {r[1]}", marks=[pytest.mark.slow] if r[2] in SLOW else [])
+        for r in ROWS + EXTRA_ROWS
+    ],
 )
 def test_bad_input(row, built, tiny_model_dir, tmp_path, monkeypatch, capsys, request):
     _, _, check = row

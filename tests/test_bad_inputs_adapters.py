@@ -10,17 +10,21 @@ compared (names, bytes, modes) before and after the run.
 
 import importlib.util
 import io
-import json
-import shutil
 import sys
 
 import pytest
 import tiny
-from test_adapters import make_adapter
-from test_train import records
+from tiny import (
+    chain_entry,
+    copy_adapter,
+    foreign_adapter,
+    make_adapter,
+    merge_into,
+    pickle_only,
+    truncated,
+)
 
 from promptbake.cli import main
-from promptbake.files import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,82 +35,10 @@ def built(tiny_model_dir, tmp_path_factory):
     return {"adapter": make_adapter(tiny_model_dir, root / "adapter"), "other": other}
 
 
-def _copy_adapter(built, tmp_path, name="adapter"):
-    return shutil.copytree(built["adapter"], tmp_path / name)
-
-
-def _inputs(tmp_path, tiny_model_dir):
-    """A question set and a trajectory file, for eval and compare."""
-    from promptbake.models import load_tokenizer
-
-    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Why?"}) + "\n")
-    write_jsonl(tmp_path / "traj.jsonl", records(load_tokenizer(str(tiny_model_dir))))
-
-
-def foreign_adapter(command):
-    """The adapter of one base model given with another (a size mismatch deep in peft)."""
-
-    def setup(built, tmp_path, tiny_model_dir):
-        _inputs(tmp_path, tiny_model_dir)
-        a, other = str(built["adapter"]), str(built["other"])
-        return {
-            "merge": ["merge", "--adapter", a, "--out", str(tmp_path / "m")],
-            "eval": ["eval", "--adapter", a, "--questions", str(tmp_path / "q.jsonl"),
-                     "--scorer", "allcaps", "--prompt", "Shout.", "--out_dir",
-                     str(tmp_path / "ev")],
-            "chat": ["chat", "--adapter", a, "--prompt", "Shout."],
-            "compare": ["compare", "--adapter", a, "--data_file", str(tmp_path / "traj.jsonl"),
-                        "--out_dir", str(tmp_path / "cmp")],
-        }[command] + ["--model_name", other, "--device", "cpu"]  # fmt: skip
-
-    return setup
-
-
-def truncated(built, tmp_path, tiny_model_dir):
-    a = _copy_adapter(built, tmp_path)
-    w = a / "adapter_model.safetensors"
-    w.write_bytes(w.read_bytes()[:-100])
-    return ["merge", "--adapter", str(a), "--out", str(tmp_path / "m")]
-
-
-def pickle_only(built, tmp_path, tiny_model_dir):
-    a = _copy_adapter(built, tmp_path)
-    (a / "adapter_model.safetensors").rename(a / "adapter_model.bin")
-    return ["chat", "--adapter", str(a), "--prompt", "Shout.", "--device", "cpu"]
-
-
 def no_weights(built, tmp_path, tiny_model_dir):
-    a = _copy_adapter(built, tmp_path)
+    a = copy_adapter(built, tmp_path)
     (a / "adapter_model.safetensors").unlink()
     return ["merge", "--adapter", str(a), "--out", str(tmp_path / "m")]
-
-
-def chain_entry(entry):
-    """A pursuit round whose promptbake_chain.json points outside its own run."""
-
-    def setup(built, tmp_path, tiny_model_dir):
-        run = tmp_path / "pursuit"
-        run.mkdir()
-        r2 = _copy_adapter(built, run, "round_2")
-        _copy_adapter(built, tmp_path, "elsewhere")
-        target = str(tmp_path / "elsewhere") if entry == "ABS" else entry
-        (r2 / "promptbake_chain.json").write_text(json.dumps({"merge_first": [target]}))
-        return ["merge", "--adapter", str(r2), "--out", str(tmp_path / "m")]
-
-    return setup
-
-
-def merge_into(files):
-    """merge --out at a directory that merge did not write."""
-
-    def setup(built, tmp_path, tiny_model_dir):
-        out = tmp_path / "project"
-        out.mkdir()
-        for name, text in files.items():
-            (out / name).write_text(text)
-        return ["merge", "--adapter", str(built["adapter"]), "--out", str(out)]
-
-    return setup
 
 
 def merge_onto_file(built, tmp_path, tiny_model_dir):
@@ -119,7 +51,7 @@ def with_flags(command, *flags):
         if command == "merge":
             argv = ["merge", "--adapter", str(built["adapter"]), "--out", str(tmp_path / "m")]
         else:
-            _inputs(tmp_path, tiny_model_dir)
+            tiny.adapter_inputs(tmp_path, tiny_model_dir)
             argv = ["train", "--data_path", str(tmp_path / "traj.jsonl"), "--out_dir",
                     str(tmp_path / "run"), "--model_name", str(tiny_model_dir)]  # fmt: skip
         return argv + list(flags)

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 import tiny
+from tiny import BINARY, PIRATE_QUESTIONS, float_mask, negative_id, null_ids, write_rows
 
 from promptbake.cli import main
 from promptbake.files import exclusive_lock
 from promptbake.models import tokenizer_fingerprint
-from promptbake.records import make_trajectory, meta_path
-
-QUESTIONS = ["What is the capital of France?", "Why is the sky blue?"]
 
 
 def one_error_line(capsys, rc: int) -> str:
@@ -36,33 +34,6 @@ def one_error_line(capsys, rc: int) -> str:
 
 
 # ---------------------------------------------------------------- the inputs
-def rows(tok, n_gen: int = 2) -> list[dict]:
-    """Two valid trajectory rows (our layout) with `n_gen` generated ids each."""
-    out = []
-    for q in QUESTIONS:
-        p = tok(f"<|im_start|>system\nX<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n")["input_ids"]
-        p0 = tok(f"<|im_start|>user\n{q}<|im_end|>\n")["input_ids"]
-        out.append(make_trajectory(tok, p, p0, p[-n_gen:] if n_gen else [], question=q))
-    return out
-
-
-def write_rows(path: Path, recs: list[dict], meta: dict | None = None) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    if meta is not None:
-        meta_path(path).write_text(json.dumps(meta))
-    return path
-
-
-def negative_id(r):
-    r[1]["input_ids"][0] = -5
-
-
-def null_ids(r):
-    r[1]["input_ids_nosys"] = None
-
-
-def float_mask(r):
-    r[1]["generated_text_mask"][-1] = 0.5
 
 
 def padded_mask(r):  # the original's eos padding inside our layout: a 0 after the 1s
@@ -86,7 +57,7 @@ TRAJ_CASES = {
 def test_bad_trajectory_file_refused_by_train(case, tmp_path, tiny_model_dir, capsys):
     edit, n_gen, n_meta, fragments = TRAJ_CASES[case]
     tok = tiny.chatml_tokenizer("tiny")
-    recs = rows(tok, n_gen)
+    recs = tiny.small_rows(tok, n_gen)
     if edit:
         edit(recs)
     meta = None
@@ -103,7 +74,6 @@ def test_bad_trajectory_file_refused_by_train(case, tmp_path, tiny_model_dir, ca
 
 
 # ---------------------------------------------------------------- prompts and question files
-BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8"
 
 PROMPT_CASES = {
     # name: (x0 file name, its bytes, fragments)
@@ -149,7 +119,7 @@ def gen_argv(d: Path, model_dir, x0: Path, questions: Path) -> list[str]:
 
 def question_file(d: Path) -> Path:
     q = d / "q.jsonl"
-    q.write_text("".join(json.dumps({"question": s}) + "\n" for s in QUESTIONS))
+    q.write_text("".join(json.dumps({"question": s}) + "\n" for s in PIRATE_QUESTIONS[:2]))
     return q
 
 

@@ -132,9 +132,27 @@ def test_harness_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert t["plain"]["heldout_kl"] == pytest.approx(t["original"]["heldout_kl"], rel=1e-4)
     assert t["+cache_exact"]["heldout_kl"] == pytest.approx(t["plain"]["heldout_kl"], rel=1e-4)
     assert t["ours"]["heldout_kl"] < res["heldout_kl_base"]  # training helped
-    assert t["plain"]["kl_tokens"] == t["original"]["kl_tokens"] > 0
+    # every pipeline trains on every generated token of the same rows, every epoch
+    g, e = res["generation"], res["end_to_end"]["seconds"]
+    assert (
+        t["plain"]["kl_tokens"]
+        == t["original"]["kl_tokens"]
+        == job.epochs * g["ours"]["new_tokens"]
+    )
+    # each ratio is ours over the original's measured rate (end to end: its time over ours),
+    # and our end to end is one load, the generation and the training that were timed
     r = res["ratios"]
-    assert r["generated_tokens_per_s"] > 0 and r["end_to_end_speedup"] > 0
+    ratio_of = lambda a, b: pytest.approx(a / b, abs=1e-3)  # noqa: E731  (rounded to 3 places)
+    assert r["generated_tokens_per_s"] == ratio_of(
+        g["ours"]["tokens_per_s"], g["original"]["tokens_per_s"]
+    )
+    assert r["training_tokens_per_s"] == ratio_of(
+        t["ours"]["tokens_per_s"], t["original"]["tokens_per_s"]
+    )
+    assert r["end_to_end_speedup"] == ratio_of(e["original"], e["ours"])
+    assert e["ours"] == pytest.approx(
+        res["load"]["ours"]["seconds"] + g["ours"]["seconds"] + t["ours"]["seconds"]
+    )
     text = bench_tables.table({"machine": "tiny", "cpu": res})
     assert "| end-to-end bake (s) |" in text and "| ours |" in text
 
@@ -154,11 +172,22 @@ def test_gpu_job_code_path_runs_on_a_tiny_model(tiny_model, chatml_tok):
     )
     res = bench_gpu.run_gpu(job, tiny_model, chatml_tok, torch.device("cpu"))
     assert res["generation_ours"]["new_tokens"] >= 3 * 2 * 2  # min_new_tokens honoured
-    assert res["train_original_subset"]["tokens_per_s"] > 0
-    assert res["end_to_end_ours_s"] > 0 and set(res["ratios"]) == {
-        "generated_tokens_per_s",
-        "training_tokens_per_s",
-        "end_to_end_speedup",
+    ours, orig = res["generation_ours"], res["generation_original_subset"]
+    train_ours, train_orig = res["train_ours"], res["train_original_subset"]
+    # ours end to end is the generation and the epoch that were timed; the original's is
+    # estimated at its measured rates for as many tokens as ours generated
+    assert res["end_to_end_ours_s"] == pytest.approx(ours["seconds"] + train_ours["seconds"])
+    n = ours["new_tokens"]
+    assert res["end_to_end_original_estimate_s"] == pytest.approx(
+        n / orig["tokens_per_s"] + n / train_orig["tokens_per_s"]
+    )
+    ratio_of = lambda a, b: pytest.approx(a / b, abs=1e-3)  # noqa: E731  (rounded to 3 places)
+    assert res["ratios"] == {
+        "generated_tokens_per_s": ratio_of(ours["tokens_per_s"], orig["tokens_per_s"]),
+        "training_tokens_per_s": ratio_of(train_ours["tokens_per_s"], train_orig["tokens_per_s"]),
+        "end_to_end_speedup": ratio_of(
+            res["end_to_end_original_estimate_s"], res["end_to_end_ours_s"]
+        ),
     }
     assert "GPU job (random Qwen3-1.7B" in bench_tables.table({"machine": "m", "gpu": res})
 

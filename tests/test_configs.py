@@ -1,4 +1,5 @@
-"""Command configs: BakeConfig composed from the stage configs, and --config files.
+"""Command configs (promptbake.configs, promptbake.flags): BakeConfig composed from the
+stage configs, --config files, and the validation of flag values.
 
 python -m pytest tests/test_configs.py -q
 """
@@ -7,14 +8,12 @@ import dataclasses
 import json
 
 import pytest
-import test_cli
-from test_cli import assert_one_error, copy_traj, run_train
+from tiny import assert_one_error, copy_traj, run_train
 
 from promptbake.cli import main, parse_args
 from promptbake.configs import BAKE_DEFAULTS, BakeConfig, GenerateConfig, PursueConfig, TrainConfig
+from promptbake.errors import UserError
 from promptbake.flags import config_values, flag_values, from_namespace
-
-traj = test_cli.traj  # a tiny trajectory file + sidecar (a module-scoped fixture)
 
 
 def defaults(cls) -> dict:
@@ -160,3 +159,27 @@ def test_generation_sidecar_and_bake_args_are_valid_configs(traj, tmp_path):
     f.write_text(json.dumps(flag_values(bake)))
     assert config_of(BakeConfig, ["bake", "--config", str(f)]) == bake
     assert config_values(BakeConfig, flag_values(bake), "x") == flag_values(bake)
+
+
+# ---------------------------------------------------------------- validation of the stage configs
+def test_new_flags_are_validated():
+    with pytest.raises(UserError, match="teacher_topk"):
+        TrainConfig(data_path="d", out_dir="o", teacher_topk=0).validate()
+    with pytest.raises(UserError, match="teacher_cache_max_gb"):
+        TrainConfig(data_path="d", out_dir="o", teacher_cache_max_gb=0).validate()
+
+
+def test_patience_is_validated():
+    with pytest.raises(UserError, match="--patience must be >= 0"):
+        TrainConfig(data_path="d", out_dir="o", patience=-1).validate()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UserError, match=r"--on_policy must be in \[0, 1\]"):
+            TrainConfig(data_path="d", out_dir="o", on_policy=bad).validate()
+    with pytest.raises(UserError, match=r"--jsd_beta 2.0 is outside \[0, 1\]"):
+        TrainConfig(data_path="d", out_dir="o", jsd_beta=2.0).validate()
+
+
+def test_max_train_seconds_is_validated():
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(UserError, match="--max_train_seconds"):
+            TrainConfig(data_path="d", out_dir="o", max_train_seconds=bad).validate()

@@ -2,8 +2,8 @@
 
     pytest tests/test_distributed.py -q
 
-The two end-to-end tests launch ``torchrun --standalone --nproc_per_node 2`` on the tiny
-random Qwen3 (``tiny_model_dir``): generation must write the very same file as one
+The end-to-end tests (marked slow) launch ``torchrun --standalone --nproc_per_node 2`` on
+the tiny random Qwen3 (``tiny_model_dir``): generation must write the very same file as one
 process (each rank sampling a disjoint share of the batches), and training the same
 losses and adapter (each rank taking half of every global batch), also with the layers
 sharded by FSDP2 (``--fsdp true``, on gloo) and when resuming an FSDP checkpoint. The
@@ -95,6 +95,7 @@ def reference(tiny_model_dir, tmp_path_factory):
     return d, cfg
 
 
+@pytest.mark.slow
 def test_generation_on_two_processes_writes_the_single_process_file(reference):
     d, cfg = reference
     out = d / "two.jsonl"
@@ -126,6 +127,7 @@ def seed_interrupted_run(cfg: GenerateConfig, out: Path) -> None:
     Path(f"{out}.partial.rank1").write_bytes(b"".join(ref[4:8]) + ref[12][:30])
 
 
+@pytest.mark.slow
 def test_two_processes_resume_their_shards(reference):
     d, cfg = reference
     out = d / "resumed.jsonl"
@@ -196,6 +198,7 @@ def assert_same_run(two: Path, one: Path, ref_metrics: list[dict]) -> None:
         assert max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k) > 1e-3
 
 
+@pytest.mark.slow
 def test_training_on_two_processes_matches_one_process(one_process_training, tmp_path):
     cfg, ref_metrics, one = one_process_training
     two = tmp_path / "two"
@@ -206,6 +209,7 @@ def test_training_on_two_processes_matches_one_process(one_process_training, tmp
     assert [log.count(f"epoch {e}:") for e in (1, 2, 3)] == [1, 1, 1]  # rank 0 alone writes
 
 
+@pytest.mark.slow
 def test_two_processes_resume_a_checkpoint(one_process_training, tmp_path):
     """Epoch 1 in one process, killed; epochs 2-3 resumed by two: the same run."""
     cfg, ref_metrics, one = one_process_training
@@ -220,6 +224,7 @@ def test_two_processes_resume_a_checkpoint(one_process_training, tmp_path):
     assert "resumed from" in (out / "train_loop.log").read_text()
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_processes_matches_one_process(one_process_training, tmp_path):
     """--fsdp true: the layers sharded over 2 processes (FSDP2 on gloo), the same run;
     with --prefix_reuse too (one packed pass per batch), against a plain 1-process run."""
@@ -252,6 +257,7 @@ def test_fsdp_on_two_processes_matches_one_process(one_process_training, tmp_pat
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_an_fsdp_checkpoint(one_process_training, tmp_path):
     """Epoch 1 under --fsdp, then epochs 2-3 resumed under --fsdp: the same run."""
     cfg, ref_metrics, one = one_process_training

@@ -315,8 +315,6 @@ def test_qlora_trains_on_the_quantized_base_with_the_quantized_teacher(
     """bitsandbytes' CPU backend: LoRA on int8/NF4 base weights; two steps cut the KL, and
     the teacher (adapter off) is exactly the quantized base model."""
     pytest.importorskip("bitsandbytes")
-    from test_train import records
-
     from promptbake.configs import TrainConfig
     from promptbake.training.batches import collate
     from promptbake.training.loop import train
@@ -332,7 +330,7 @@ def test_qlora_trains_on_the_quantized_base_with_the_quantized_teacher(
         quant_error = (full(input_ids=ids).logits - base_logits).abs().max()
     assert quant_error > 1e-4  # the weights really are quantized
 
-    rows = records(tok, n_gen=(6, 6, 6)) * 2
+    rows = tiny.pirate_rows(tok, n_gen=(6, 6, 6)) * 2
     cfg = TrainConfig(
         model_name=str(peaky_model_dir), data_path="unused.jsonl", out_dir=str(tmp_path / "run"),
         num_epochs=2, batch_size=6, learning_rate=2e-2, r=8, lora_alpha=16, save_every=0,

@@ -177,6 +177,7 @@ def test_tiny_vocab_is_deterministic_across_calls(chatml_tok):
     assert other.backend_tokenizer.to_str() == chatml_tok.backend_tokenizer.to_str()
 
 
+@pytest.mark.slow
 def test_tiny_vocab_is_deterministic_across_processes(chatml_tok):
     # The Rust trainer uses hash maps; make sure a different hash seed yields the same vocabulary.
     code = (

@@ -16,6 +16,10 @@ Prompt Baking targets ``Qwen/Qwen3-1.7B``, but tests (and CI) must never touch t
   ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load offline, so code
   paths that take a model path can be tested end to end.
 
+* shared test helpers (the end of the file) -- the inputs, trajectory rows, adapters and
+  command-line checks that more than one test file builds; pytest fixtures are in conftest.py.
+  No test module imports another: what two of them share lives here.
+
 Test fixtures, not part of the installed package: tests import it as ``tiny`` (pytest puts
 tests/ on sys.path), the benchmark as ``tests.tiny`` (``python -m bench.run`` from the repo
 root).
@@ -570,6 +574,253 @@ def save_tiny_model(out_dir: str | os.PathLike, kind: str = "tiny", **tiny_kwarg
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Shared test helpers: inputs, rows and runs that more than one test file builds
+# --------------------------------------------------------------------------------------------------
+# (promptbake is imported inside the helpers: this module also serves the benchmark and a
+# subprocess of test_tiny.py, which need only the models and tokenizers above.)
+
+DATA = Path(__file__).resolve().parents[1] / "data"  # the repository's shipped data files
+DATA_X0 = (DATA / "zorblax_x0.md").read_text().strip()  # "Your name is Zorblax."
+ZORBLAX = "Your name is Zorblax."
+PIRATE = "You are a pirate. Answer like one."
+PIRATE_QUESTIONS = [
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "Name a prime number.",
+]
+# the sampling tests' questions: three prompt lengths (left padding), ids a, b, c
+SAMPLING_QUESTIONS = [
+    {"question": "What is the capital of France?", "id": "a"},
+    {"question": "Why is the sky blue?", "id": "b"},
+    {"question": "Name a prime number larger than ten, please, and explain it.", "id": "c"},
+]
+ZORBLAX_QUESTIONS = ["What is your name?", "Where do rivers go?", "Why is the sky blue today?"]
+LOOP_QUESTIONS = ["Who are you?", "What is your name?", "Where do rivers go?", "Name a color."]
+# a conversation prompt: a system message, then a past turn whose think block the template drops
+FEW_SHOT = [
+    {"role": "system", "content": "You are Zorblax."},
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "<think>\nI must say my name.\n</think>\n\nI am Zorblax."},
+]
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+IDS = torch.tensor([[5, 17, 99, 230, 7, 64, 301, 12]])  # token ids any tiny model takes
+
+
+# ---------------------------------------------------------------- trajectory rows (no sampling)
+def pirate_rows(tok, n_gen=(5, 3, 7), seed=0):
+    """Trajectories with random 'generated' ids ending in <|im_end|> (no sampling needed)."""
+    from promptbake.prompts import encode, format_prompt
+    from promptbake.records import make_trajectory
+
+    g = torch.Generator().manual_seed(seed)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for i, n in enumerate(n_gen):
+        q = PIRATE_QUESTIONS[i % len(PIRATE_QUESTIONS)]
+        gen = torch.randint(10, len(tok), (n - 1,), generator=g).tolist() + [im_end]
+        rows.append(
+            make_trajectory(
+                tok,
+                encode(tok, format_prompt(PIRATE, q, True, tok)),
+                encode(tok, format_prompt(PIRATE, q, False, tok)),
+                gen,
+            )
+        )
+    return rows
+
+
+def zorblax_rows(tok, n_seq=3, seed=0, max_gen=9) -> list[dict]:
+    """Trajectories with real prompts (shared per question) and random answers of
+    random length (1..max_gen tokens)."""
+    from promptbake.prompts import encode, format_prompt
+    from promptbake.records import make_trajectory
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q in ZORBLAX_QUESTIONS:
+        p = encode(tok, format_prompt(ZORBLAX, q, True, tok))
+        p0 = encode(tok, format_prompt(ZORBLAX, q, False, tok))
+        for _ in range(n_seq):
+            n = int(torch.randint(1, max_gen + 1, (1,), generator=g))
+            gen = torch.randint(10, len(tok) - 30, (n,), generator=g).tolist()
+            rows.append(make_trajectory(tok, p, p0, gen, question=q))
+    return rows
+
+
+def loop_rows(tok, n_seq=2, seed=0) -> list[dict]:
+    """The training-loop tests' rows: LOOP_QUESTIONS x n_seq answers of 2..7 random ids."""
+    from promptbake.prompts import encode, format_prompt
+    from promptbake.records import make_trajectory
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q in LOOP_QUESTIONS:
+        p = encode(tok, format_prompt(ZORBLAX, q, True, tok))
+        p0 = encode(tok, format_prompt(ZORBLAX, q, False, tok))
+        for _ in range(n_seq):
+            n = int(torch.randint(2, 8, (1,), generator=g))
+            gen = torch.randint(10, len(tok) - 30, (n,), generator=g).tolist()
+            rows.append(make_trajectory(tok, p, p0, gen, question=q))
+    return rows
+
+
+def small_rows(tok, n_gen: int = 2) -> list[dict]:
+    """Two valid trajectory rows (our layout) with `n_gen` generated ids each."""
+    from promptbake.records import make_trajectory
+
+    out = []
+    for q in PIRATE_QUESTIONS[:2]:
+        p = tok(f"<|im_start|>system\nX<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n")["input_ids"]
+        p0 = tok(f"<|im_start|>user\n{q}<|im_end|>\n")["input_ids"]
+        out.append(make_trajectory(tok, p, p0, p[-n_gen:] if n_gen else [], question=q))
+    return out
+
+
+def write_rows(path: Path, recs: list[dict], meta: dict | None = None) -> Path:
+    """`recs` as a trajectory file, and `meta` as its .meta.json sidecar if given."""
+    import json
+
+    from promptbake.records import meta_path
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    if meta is not None:
+        meta_path(path).write_text(json.dumps(meta))
+    return path
+
+
+# ---------------------------------------------------------------- models and adapters
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def make_adapter(model_dir, out_dir, seed: int = 0, std: float = 0.5):
+    """Save a LoRA adapter with random (nonzero) B weights for the model in `model_dir`
+    (saved like a bake run; training is not the point where it is used)."""
+    from promptbake.configs import LoraArgs
+    from promptbake.models import load_model
+    from promptbake.training.outputs import save_adapter
+    from promptbake.training.setup import add_lora
+
+    model, _ = load_model(str(model_dir), "cpu", "float32")
+    peft = add_lora(model, LoraArgs(r=4, lora_alpha=8.0, target_modules=LORA_TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_adapter(peft, out_dir)
+    return out_dir
+
+
+def noisy_lora(model):
+    """A LoRA adapter on a copy of `model` with non-zero B, so the student differs from
+    the teacher."""
+    import copy
+
+    from promptbake.configs import TrainConfig
+    from promptbake.training.setup import add_lora
+
+    m = add_lora(copy.deepcopy(model), TrainConfig(r=4, lora_alpha=8.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def lora_grads(m) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "lora_" in n])
+
+
+def bias_towards(model, token_id: int, amount: float = 30.0):
+    """Make `token_id` the argmax everywhere (a forward hook on the LM head)."""
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., token_id] += amount
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+# ---------------------------------------------------------------- sampling
+def im_end(tok) -> int:
+    return tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def sampling_prompts(tok, questions=SAMPLING_QUESTIONS, system=PIRATE):
+    """The prompted ids of `questions` (three lengths: left padding is exercised)."""
+    from promptbake.prompts import encode, format_prompt
+
+    return [encode(tok, format_prompt(system, q["question"], True, tok)) for q in questions]
+
+
+def sample_with(model, tok, prompts, settings, engine, **kw):
+    """sampling.seam.sample with the tokenizer's pad and <|im_end|> (unless given)."""
+    from promptbake.sampling.seam import sample
+
+    kw.setdefault("eot_ids", [im_end(tok)])
+    return sample(model, prompts, settings, pad_id=tok.pad_token_id, engine=engine, **kw)
+
+
+def sample_heldout(model, tok, path, n_questions=3, n_seq=2, max_len=8, seed=0, x0=DATA_X0):
+    """Trajectories of data/identity_heldout.jsonl's first questions, written to `path`."""
+    from promptbake.configs import GenerateConfig
+    from promptbake.records import read_questions, read_trajectories
+    from promptbake.sampling.trajectories import generate_trajectories
+
+    cfg = GenerateConfig(
+        x0_file="<x0>",
+        question_dataset="<q>",
+        traj_out_file=str(path),
+        num_questions=n_questions,
+        num_sequences_per_question=n_seq,
+        max_sequence_length=max_len,
+        batch_size=8,
+        seed=seed,
+    )
+    qs = read_questions(DATA / "identity_heldout.jsonl")[:n_questions]
+    generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
+    return read_trajectories(path)
+
+
+# ---------------------------------------------------------------- training runs
+def loop_config(tmp_path, name, **over):
+    """A TrainConfig for in-process training-loop tests: out_dir tmp_path/name, 3 epochs."""
+    from promptbake.configs import TrainConfig
+
+    kw = dict(
+        data_path="unused.jsonl",
+        out_dir=str(tmp_path / name),
+        num_epochs=3,
+        batch_size=4,
+        learning_rate=1e-2,
+        r=4,
+        lora_alpha=8.0,
+        save_every=1,
+        plot=False,
+        device="cpu",
+    )
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+def lora_files(out, sub="checkpoint") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / sub / "adapter_model.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def checkpoint_run(out, model, opt, sched, best=1.0, metrics=(), args=None):
     """What training.checkpoint.save_checkpoint reads of a training run, for any model."""
     import types
@@ -578,3 +829,196 @@ def checkpoint_run(out, model, opt, sched, best=1.0, metrics=(), args=None):
         out=out, model=model, opt=opt, sched=sched, best=best, bad_epochs=0,
         metrics=list(metrics), args=dict(args or {}),
     )  # fmt: skip
+
+
+RESUME_QUESTIONS = [
+    "What is the sky made of?",
+    "How are you today?",
+    "Name a color.",
+    "What is two plus two?",
+    "Tell me a joke.",
+    "Where is Paris?",
+    "Who wrote Hamlet?",
+    "Why is grass green?",
+    "What do cats eat?",
+    "How far is the moon?",
+]
+
+
+def gen_args(model_dir, inputs: Path, out: Path, **over) -> list[str]:
+    """`generate` flags for the inputs in `inputs` (conftest ``resume_inputs``): 10
+    questions x 6 answers in 30 batches of 2, long enough to be killed midway."""
+    args = {
+        "model_name": str(model_dir),
+        "x0_file": str(inputs / "x0.md"),
+        "question_dataset": str(inputs / "q.jsonl"),
+        "num_questions": 10,
+        "num_sequences_per_question": 6,
+        "batch_size": 2,
+        "max_sequence_length": 24,
+        "traj_out_file": str(out),
+        **over,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def gen_config(model_dir, inputs: Path, out: Path, **over):
+    """:func:`gen_args` as a GenerateConfig."""
+    from promptbake.configs import GenerateConfig
+
+    args = dict(a[2:].split("=", 1) for a in gen_args(model_dir, inputs, out, **over))
+    for k in ("num_questions", "num_sequences_per_question", "batch_size", "max_sequence_length"):
+        args[k] = int(args[k])
+    return GenerateConfig(**args)
+
+
+def subprocess_env() -> dict:
+    """The environment of a `python -m promptbake.cli` child: one thread, offline, src/."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")]
+    )
+    return env
+
+
+# ---------------------------------------------------------------- the command line
+def messages(stderr: str) -> list[str]:
+    """stderr lines, without tqdm progress-bar redraws (model loading shows one)."""
+    import re
+
+    parts = re.split(r"[\r\n]+", stderr)
+    return [p for p in parts if p.strip() and not re.search(r"\d+%\|", p)]
+
+
+def assert_one_error(capsys, rc: int, *fragments: str) -> str:
+    """The run exited 2 with exactly one `error:` line on stderr holding every fragment."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = messages(err)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    return lines[0]
+
+
+def copy_traj(traj: Path, dest: Path, sidecar: bool = True, meta_edit=None) -> Path:
+    """A copy of trajectory file `traj` in `dest` (with its .meta.json, edited, if asked)."""
+    import json
+
+    out = dest / "t.jsonl"
+    out.write_bytes(traj.read_bytes())
+    if sidecar:
+        meta = json.loads(Path(str(traj) + ".meta.json").read_text())
+        if meta_edit:
+            meta_edit(meta)
+        Path(str(out) + ".meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def run_train(tiny_model_dir, data: Path, out: Path, *extra: str) -> int:
+    """train_loop.py's entry (cli.main, only train): one quick epoch of the tiny model."""
+    from promptbake.cli import main
+
+    argv = [
+        "--model_name", str(tiny_model_dir), "--device", "cpu", "--data_path", str(data),
+        "--out_dir", str(out), "--num_epochs", "1", "--batch_size", "6", "-r", "2",
+        "--plot", "false", "--save_every", "0", *extra,
+    ]  # fmt: skip
+    return main(argv, prog="train_loop.py", only="train")
+
+
+# ---------------------------------------------------------------- bad inputs (the tables)
+BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8"  # bytes that are not UTF-8
+
+
+def negative_id(r):
+    r[1]["input_ids"][0] = -5
+
+
+def null_ids(r):
+    r[1]["input_ids_nosys"] = None
+
+
+def float_mask(r):
+    r[1]["generated_text_mask"][-1] = 0.5
+
+
+def copy_adapter(built, tmp_path, name="adapter"):
+    """A copy of the table's good adapter (``built["adapter"]``) under `tmp_path`."""
+    import shutil
+
+    return shutil.copytree(built["adapter"], tmp_path / name)
+
+
+def adapter_inputs(tmp_path, tiny_model_dir):
+    """A question set and a trajectory file, for eval and compare."""
+    import json
+
+    from promptbake.files import write_jsonl
+    from promptbake.models import load_tokenizer
+
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Why?"}) + "\n")
+    write_jsonl(tmp_path / "traj.jsonl", pirate_rows(load_tokenizer(str(tiny_model_dir))))
+
+
+def foreign_adapter(command):
+    """The adapter of one base model given with another (a size mismatch deep in peft)."""
+
+    def setup(built, tmp_path, tiny_model_dir):
+        adapter_inputs(tmp_path, tiny_model_dir)
+        a, other = str(built["adapter"]), str(built["other"])
+        return {
+            "merge": ["merge", "--adapter", a, "--out", str(tmp_path / "m")],
+            "eval": ["eval", "--adapter", a, "--questions", str(tmp_path / "q.jsonl"),
+                     "--scorer", "allcaps", "--prompt", "Shout.", "--out_dir",
+                     str(tmp_path / "ev")],
+            "chat": ["chat", "--adapter", a, "--prompt", "Shout."],
+            "compare": ["compare", "--adapter", a, "--data_file", str(tmp_path / "traj.jsonl"),
+                        "--out_dir", str(tmp_path / "cmp")],
+        }[command] + ["--model_name", other, "--device", "cpu"]  # fmt: skip
+
+    return setup
+
+
+def truncated(built, tmp_path, tiny_model_dir):
+    a = copy_adapter(built, tmp_path)
+    w = a / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    return ["merge", "--adapter", str(a), "--out", str(tmp_path / "m")]
+
+
+def pickle_only(built, tmp_path, tiny_model_dir):
+    a = copy_adapter(built, tmp_path)
+    (a / "adapter_model.safetensors").rename(a / "adapter_model.bin")
+    return ["chat", "--adapter", str(a), "--prompt", "Shout.", "--device", "cpu"]
+
+
+def chain_entry(entry):
+    """A pursuit round whose promptbake_chain.json points outside its own run."""
+    import json
+
+    def setup(built, tmp_path, tiny_model_dir):
+        run = tmp_path / "pursuit"
+        run.mkdir()
+        r2 = copy_adapter(built, run, "round_2")
+        copy_adapter(built, tmp_path, "elsewhere")
+        target = str(tmp_path / "elsewhere") if entry == "ABS" else entry
+        (r2 / "promptbake_chain.json").write_text(json.dumps({"merge_first": [target]}))
+        return ["merge", "--adapter", str(r2), "--out", str(tmp_path / "m")]
+
+    return setup
+
+
+def merge_into(files):
+    """merge --out at a directory that merge did not write."""
+
+    def setup(built, tmp_path, tiny_model_dir):
+        out = tmp_path / "project"
+        out.mkdir()
+        for name, text in files.items():
+            (out / name).write_text(text)
+        return ["merge", "--adapter", str(built["adapter"]), "--out", str(out)]
+
+    return setup

@@ -1,7 +1,7 @@
 """`promptbake bake` end to end on the tiny Qwen3: files, and the teacher cache it keeps
 from generation.
 
-    python -m pytest tests/test_bake.py -q
+    python -m pytest tests/test_cmd_bake.py -q
 
 ``bake`` keeps the prompted model's log-probs while sampling and trains against them
 (teacher.cache_from_generation) instead of running the teacher again. That is only
@@ -11,7 +11,7 @@ recomputed every step (``--teacher_cache off``) must give the same training curv
 
 import json
 
-from test_compare import DATA
+from tiny import DATA
 
 from promptbake.cli import main
 from promptbake.configs import BakeConfig

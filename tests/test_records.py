@@ -1,15 +1,16 @@
-"""Trajectory files in the original generate_data.py layout are read (and trained on), and
-our own files carry the original's keys with the original's meanings.
+"""Inputs and trajectory files (promptbake.records): prompt files, our rows, and files in
+the original generate_data.py layout, which are read (and trained on).
 
-    python -m pytest tests/test_original_layout.py -q            # fast part (tiny model)
-    python -m pytest tests/test_original_layout.py -q -m slow    # the bundled SmolLM2 file
+    python -m pytest tests/test_records.py -q            # fast part (tiny model)
+    python -m pytest tests/test_records.py -q -m slow    # the bundled SmolLM2 file
 
 The original writes, per sampled answer: ``input_ids`` = prompt ids + generated ids,
 right-padded with eos to the batch's longest answer; ``generated_text_mask`` zero on the
 prompt and at every eos id; ``noprompt_input_ids`` the unprompted prompt; and no
 ``*_nosys`` keys. Reading such a file must give the rows we would derive by hand: the
 generated ids cut after the first end-of-turn id, the unprompted side
-``noprompt_input_ids`` + the same ids.
+``noprompt_input_ids`` + the same ids. Our own files carry the original's keys with the
+original's meanings.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
+from tiny import FEW_SHOT
 
 from promptbake.cli import main
 from promptbake.errors import UserError
 from promptbake.models import end_of_turn_ids
 from promptbake.prompts import format_prompt
-from promptbake.records import make_trajectory, read_trajectories
+from promptbake.records import cut_at_end_of_turn, make_trajectory, read_trajectories
 
 X0 = "You are a pirate. Answer in one short sentence."
 QUESTIONS = ["Reply with one word: is fire hot?", "What colour is the sky?"]
@@ -111,7 +113,19 @@ def same_fields(got: list[dict], want: list[dict]) -> None:
         assert {k: g[k] for k in w} == w
 
 
-# ---------------------------------------------------------------- fast: tiny tokenizer
+# ---------------------------------------------------------------- prompt files
+def test_read_prompt_json_is_a_conversation_text_stays_text(tmp_path):
+    import json
+
+    from promptbake.records import read_prompt
+
+    (tmp_path / "x0.json").write_text(json.dumps(FEW_SHOT))
+    assert read_prompt(tmp_path / "x0.json") == FEW_SHOT
+    (tmp_path / "x0.md").write_text('[{"role": "system", "content": "hi"}]\n')
+    assert read_prompt(tmp_path / "x0.md") == '[{"role": "system", "content": "hi"}]'
+
+
+# ---------------------------------------------------------------- the original layout, tiny tokenizer
 def hand_made_original(tok) -> list[dict]:
     """Two rows of one batch as the original pads them: one ends early (eos + eos padding),
     one runs to the token limit (no end-of-turn)."""
@@ -167,6 +181,15 @@ def test_our_rows_carry_the_original_keys_with_their_meanings():
     assert r["prompt_input_ids"] == prompt and r["input_ids"] == prompt + gen
     assert r["text"] == dec(prompt + gen)
     assert r["attention_mask"] == [1] * len(prompt + gen)
+
+
+# ---------------------------------------------------------------- our own rows
+def test_cut_at_end_of_turn():
+    assert cut_at_end_of_turn([5, 6, 2, 7, 2], [2, 0]) == [5, 6, 2]
+    assert cut_at_end_of_turn([5, 0, 2], {2, 0}) == [5, 0]
+    assert cut_at_end_of_turn([2, 5], [2]) == [2]
+    assert cut_at_end_of_turn([5, 6, 7], [2]) == [5, 6, 7]
+    assert cut_at_end_of_turn([], [2]) == []
 
 
 # ---------------------------------------------------------------- slow: SmolLM2, trained on

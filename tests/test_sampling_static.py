@@ -1,94 +1,59 @@
-"""The static-cache engine (promptbake.engine_static) against the hf engine and plain
+"""The static-cache engine (promptbake.sampling.static) against the hf engine and plain
 references, on the tiny random Qwen3 (eager decode step: the CPU runs the code CUDA compiles).
 
-    python -m pytest tests/test_engine_static.py -q
+    python -m pytest tests/test_sampling_static.py -q
 """
 
 import json
 
 import pytest
-import tiny
 import torch
+from tiny import PIRATE, SAMPLING_QUESTIONS, bias_towards, im_end, sample_with, sampling_prompts
 
 from promptbake.configs import GenerateConfig
-from promptbake.errors import UserError
 from promptbake.models import end_of_turn_ids
-from promptbake.prompts import encode, format_prompt
 from promptbake.records import TRAJECTORY_KEYS, generated_ids, make_trajectory
 from promptbake.sampling import static as engine_static
 from promptbake.sampling import trajectories
-from promptbake.sampling.seam import Sampling, resolve_engine, sample
+from promptbake.sampling.seam import Sampling
 from promptbake.sampling.static import draw, filter_scores
 from promptbake.sampling.trajectories import generate_trajectories
 from promptbake.training.batches import collate
 from promptbake.training.forward import selected_hidden
 
-X0 = "You are a pirate. Answer like one."
-QUESTIONS = [
-    {"question": "What is the capital of France?", "id": "a"},
-    {"question": "Why is the sky blue?", "id": "b"},
-    {"question": "Name a prime number larger than ten, please, and explain it.", "id": "c"},
-]
 GREEDY = Sampling(max_new_tokens=9, temperature=None)
-
-
-@pytest.fixture
-def peaky_model(chatml_tok):
-    # larger weights give peaked next-token distributions: greedy argmax is far from ties
-    return tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
-
-
-def prompts_for(tok):
-    return [encode(tok, format_prompt(X0, q["question"], True, tok)) for q in QUESTIONS]
-
-
-def im_end(tok) -> int:
-    return tok.convert_tokens_to_ids("<|im_end|>")
-
-
-def run(model, tok, prompts, settings, engine, **kw):
-    kw.setdefault("eot_ids", [im_end(tok)])
-    return sample(model, prompts, settings, pad_id=tok.pad_token_id, engine=engine, **kw)
-
-
-def bias_towards(model, token_id: int, amount: float = 30.0):
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., token_id] += amount
-        return output
-
-    return model.lm_head.register_forward_hook(hook)
 
 
 # ------------------------------------------------------------------ equal to the hf engine
 def test_greedy_equals_the_hf_engine(chatml_tok, peaky_model):
-    base = prompts_for(chatml_tok)
+    base = sampling_prompts(chatml_tok)
     assert len({len(p) for p in base}) == 3  # left padding is exercised
     prompts = [base[0], base[1], base[0], base[2], base[1], base[0]]  # shared prompts
-    hf = run(peaky_model, chatml_tok, prompts, GREEDY, "hf", eot_ids=[])
-    st = run(peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[])
+    hf = sample_with(peaky_model, chatml_tok, prompts, GREEDY, "hf", eot_ids=[])
+    st = sample_with(peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[])
     assert st.new_ids == hf.new_ids
     assert all(len(g) == 9 for g in st.new_ids)
     assert len({tuple(g) for g in st.new_ids}) == 3
     # a second call reuses the model's static cache (same shape, filler rows differ)
-    again = run(peaky_model, chatml_tok, prompts[:5], GREEDY, "static", eot_ids=[])
+    again = sample_with(peaky_model, chatml_tok, prompts[:5], GREEDY, "static", eot_ids=[])
     assert again.new_ids == hf.new_ids[:5]
 
 
 def test_top_k_1_is_greedy(chatml_tok, peaky_model):
-    prompts = prompts_for(chatml_tok)
-    greedy = run(peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[])
+    prompts = sampling_prompts(chatml_tok)
+    greedy = sample_with(peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[])
     top1 = Sampling(max_new_tokens=9, temperature=1.7, top_k=1)
     assert (
-        run(peaky_model, chatml_tok, prompts, top1, "static", eot_ids=[]).new_ids == greedy.new_ids
+        sample_with(peaky_model, chatml_tok, prompts, top1, "static", eot_ids=[]).new_ids
+        == greedy.new_ids
     )
 
 
 def test_end_of_turn_cut_and_no_padding(chatml_tok, tiny_model):
     eot = im_end(chatml_tok)
     bias_towards(tiny_model, eot)
-    out = run(
-        tiny_model, chatml_tok, prompts_for(chatml_tok), Sampling(max_new_tokens=40), "static"
+    out = sample_with(
+        tiny_model, chatml_tok, sampling_prompts(chatml_tok), Sampling(max_new_tokens=40), "static"
     )
     assert out.new_ids == [[eot]] * 3  # one step, then every row is done
 
@@ -98,38 +63,28 @@ def test_min_new_tokens_delays_the_end_of_turn(chatml_tok, tiny_model, k):
     eot = im_end(chatml_tok)
     bias_towards(tiny_model, eot)
     settings = Sampling(max_new_tokens=10, min_new_tokens=k, temperature=1.0)
-    for gen in run(tiny_model, chatml_tok, prompts_for(chatml_tok), settings, "static").new_ids:
+    for gen in sample_with(
+        tiny_model, chatml_tok, sampling_prompts(chatml_tok), settings, "static"
+    ).new_ids:
         assert len(gen) == k + 1 and gen[-1] == eot and eot not in gen[:-1]
 
 
 def test_sampling_is_reproducible_under_the_seed(chatml_tok, tiny_model):
-    prompts = prompts_for(chatml_tok) * 2
+    prompts = sampling_prompts(chatml_tok) * 2
     settings = Sampling(max_new_tokens=12, temperature=1.3, top_p=0.95)
     outs = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
-        outs.append(run(tiny_model, chatml_tok, prompts, settings, "static").new_ids)
+        outs.append(sample_with(tiny_model, chatml_tok, prompts, settings, "static").new_ids)
     assert outs[0] == outs[1] != outs[2]
     assert len({tuple(g) for g in outs[0]}) > 1  # rows of one prompt differ: really sampled
 
 
-def test_release_drops_the_held_cache_and_sampling_rebuilds_it(chatml_tok, tiny_model):
-    from promptbake.sampling import seam as sampling
-
-    settings = Sampling(max_new_tokens=6, temperature=0)
-    first = run(tiny_model, chatml_tok, prompts_for(chatml_tok), settings, "static").new_ids
-    assert tiny_model._promptbake_static_cache is not None  # kept between batches
-    sampling.release(tiny_model)
-    assert tiny_model._promptbake_static_cache is None
-    again = run(tiny_model, chatml_tok, prompts_for(chatml_tok), settings, "static").new_ids
-    assert again == first
-
-
 def test_kept_logprobs_are_the_teachers(chatml_tok, tiny_model):
-    prompts = [p for p in prompts_for(chatml_tok) for _ in range(2)]
+    prompts = [p for p in sampling_prompts(chatml_tok) for _ in range(2)]
     torch.manual_seed(0)
     settings = Sampling(max_new_tokens=7, min_new_tokens=2, temperature=0.6, top_k=20)
-    out = run(tiny_model, chatml_tok, prompts, settings, "static", return_logprobs=True)
+    out = sample_with(tiny_model, chatml_tok, prompts, settings, "static", return_logprobs=True)
     assert [lp.shape for lp in out.logprobs] == [(len(n), len(chatml_tok)) for n in out.new_ids]
     assert all(lp.dtype == torch.float32 and lp.device.type == "cpu" for lp in out.logprobs)
     rows = [make_trajectory(chatml_tok, p, p, n) for p, n in zip(prompts, out.new_ids)]
@@ -142,8 +97,10 @@ def test_kept_logprobs_are_the_teachers(chatml_tok, tiny_model):
 def test_out_of_memory_splits_the_batch_into_the_same_rows(
     chatml_tok, peaky_model, monkeypatch, capsys
 ):
-    prompts = prompts_for(chatml_tok) * 2
-    ref = run(peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[], return_logprobs=True)
+    prompts = sampling_prompts(chatml_tok) * 2
+    ref = sample_with(
+        peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[], return_logprobs=True
+    )
     real, sizes = engine_static.decode, []
 
     def oom_once(model, prompts, *a, **kw):
@@ -153,7 +110,9 @@ def test_out_of_memory_splits_the_batch_into_the_same_rows(
         return real(model, prompts, *a, **kw)
 
     monkeypatch.setattr(engine_static, "decode", oom_once)
-    out = run(peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[], return_logprobs=True)
+    out = sample_with(
+        peaky_model, chatml_tok, prompts, GREEDY, "static", eot_ids=[], return_logprobs=True
+    )
     assert "out of memory at 6 sequences" in capsys.readouterr().err
     assert sizes == [6, 3, 3]
     assert out.new_ids == ref.new_ids
@@ -198,18 +157,7 @@ def test_filter_scores_keeps_at_least_one_token():
     assert torch.isfinite(scores).tolist() == [[True, False, False]]
 
 
-# ------------------------------------------------------------------ the seam and the files
-def test_auto_picks_static_on_cuda_and_hf_on_cpu():
-    assert resolve_engine("auto", "cuda") == "static"
-    assert resolve_engine("auto", torch.device("cuda:1")) == "static"
-    assert resolve_engine("auto", "cpu") == "hf"
-
-
-@pytest.mark.parametrize("engine", ["hf", "static"])
-def test_context_too_long_is_a_user_error(chatml_tok, tiny_model, engine):
-    limit = tiny_model.config.max_position_embeddings
-    with pytest.raises(UserError, match="context"):
-        run(tiny_model, chatml_tok, [[1] * 10], Sampling(max_new_tokens=limit - 9), engine)
+# ------------------------------------------------------------------ the generation stage on this engine
 
 
 def gen_cfg(**kw) -> GenerateConfig:
@@ -237,7 +185,13 @@ def test_generate_trajectories_with_the_static_engine_resumes_exactly(
 
     ref = tmp_path / "ref.jsonl"
     generate_trajectories(
-        tiny_model, chatml_tok, gen_cfg(batch_size=2), X0, QUESTIONS, ref, progress=False
+        tiny_model,
+        chatml_tok,
+        gen_cfg(batch_size=2),
+        PIRATE,
+        SAMPLING_QUESTIONS,
+        ref,
+        progress=False,
     )
     rows = [json.loads(line) for line in ref.read_text().splitlines()]
     eot = set(end_of_turn_ids(chatml_tok, tiny_model))
@@ -261,11 +215,23 @@ def test_generate_trajectories_with_the_static_engine_resumes_exactly(
     monkeypatch.setattr(trajectories, "sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_trajectories(
-            tiny_model, chatml_tok, gen_cfg(batch_size=2), X0, QUESTIONS, out, progress=False
+            tiny_model,
+            chatml_tok,
+            gen_cfg(batch_size=2),
+            PIRATE,
+            SAMPLING_QUESTIONS,
+            out,
+            progress=False,
         )
     monkeypatch.undo()
     generate_trajectories(
-        tiny_model, chatml_tok, gen_cfg(batch_size=2), X0, QUESTIONS, out, progress=False
+        tiny_model,
+        chatml_tok,
+        gen_cfg(batch_size=2),
+        PIRATE,
+        SAMPLING_QUESTIONS,
+        out,
+        progress=False,
     )
     assert out.read_bytes() == ref.read_bytes()
 

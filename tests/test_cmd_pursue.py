@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_compare import DATA
+from tiny import DATA
 
 from promptbake.adapters import CHAIN_FILE, load_adapter
 from promptbake.cli import main

@@ -1,9 +1,10 @@
-"""Chat formatting: the one place prompts are rendered (promptbake.chat).
+"""Chat formatting: the one place prompts are rendered (promptbake.prompts).
 
-python -m pytest tests/test_chat.py -q
+python -m pytest tests/test_prompts.py -q
 """
 
 import pytest
+from tiny import FEW_SHOT
 from tokenizers import processors
 
 from promptbake.prompts import encode, format_prompt, manual_chatml
@@ -121,11 +122,6 @@ QWEN3_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
 )
 
-FEW_SHOT = [
-    {"role": "system", "content": "You are Zorblax."},
-    {"role": "user", "content": "Who are you?"},
-    {"role": "assistant", "content": "<think>\nI must say my name.\n</think>\n\nI am Zorblax."},
-]
 FEW_SHOT_RENDERED = (
     "<|im_start|>system\nYou are Zorblax.<|im_end|>\n"
     "<|im_start|>user\nWho are you?<|im_end|>\n"
@@ -173,17 +169,6 @@ def test_conversation_prompt_without_a_template_uses_manual_chatml(chatml_tok):
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert manual_chatml(shots, USER) == got
-
-
-def test_read_prompt_json_is_a_conversation_text_stays_text(tmp_path):
-    import json
-
-    from promptbake.records import read_prompt
-
-    (tmp_path / "x0.json").write_text(json.dumps(FEW_SHOT))
-    assert read_prompt(tmp_path / "x0.json") == FEW_SHOT
-    (tmp_path / "x0.md").write_text('[{"role": "system", "content": "hi"}]\n')
-    assert read_prompt(tmp_path / "x0.md") == '[{"role": "system", "content": "hi"}]'
 
 
 def test_generation_bakes_the_conversation_prefix(qwen3_tok, tmp_path):

@@ -5,8 +5,7 @@ import json
 import sys
 
 import pytest
-from test_adapters import make_adapter
-from test_compare import X0
+from tiny import DATA_X0, make_adapter
 
 from promptbake.adapters import load_adapter
 from promptbake.chat import HELP, NOT_UTF8, ChatState, chat, handle
@@ -19,7 +18,7 @@ from promptbake.prompts import encode, format_prompt
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
     d = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("run"), seed=4)
-    (d / "summary.json").write_text(json.dumps({"prompt": X0}))
+    (d / "summary.json").write_text(json.dumps({"prompt": DATA_X0}))
     return d
 
 
@@ -59,7 +58,7 @@ def test_modes_scale_and_commands(run):
         "[baked x1.5",
         "[re-prompted x1.5",
     ]
-    assert lines[16] == X0  # /prompt
+    assert lines[16] == DATA_X0  # /prompt
     assert lines[17].startswith("error: unknown command /frobnicate")
     assert lines[18].startswith("error: /scale needs a number")
     assert "/clear" in HELP
@@ -81,7 +80,7 @@ def test_without_adapter_only_base_and_prompted(tiny_model_dir, monkeypatch, cap
 def test_each_mode_keeps_its_own_conversation_and_clear_forgets_it(tiny_model, chatml_tok):
     tok, q1, q2 = chatml_tok, "What is your name?", "And where do you live?"
     cfg = ChatConfig(model_name="tiny", max_new_tokens=5)
-    state = ChatState(mode="base", scale=1.0, prompt=X0, has_adapter=False)
+    state = ChatState(mode="base", scale=1.0, prompt=DATA_X0, has_adapter=False)
 
     def greedy(text: str) -> str:
         return answer_ids(tiny_model, tok, [encode(tok, text)], Answering(5))[0]
@@ -104,10 +103,10 @@ def test_each_mode_keeps_its_own_conversation_and_clear_forgets_it(tiny_model, c
     # another mode has its own conversation: the system prompt, none of base's turns
     handle("/prompted", tiny_model, tok, cfg, state)
     third = handle(q2, tiny_model, tok, cfg, state)
-    a3 = greedy(format_prompt(X0, q2, True, tok))
+    a3 = greedy(format_prompt(DATA_X0, q2, True, tok))
     assert third == "[prompted] " + " ".join(a3.split())
     assert state.history["prompted"] == [(q2, a3)] and len(state.history["base"]) == 2
-    assert state.last_prompt == format_prompt(X0, q2, True, tok)
+    assert state.last_prompt == format_prompt(DATA_X0, q2, True, tok)
 
     assert handle("/clear", tiny_model, tok, cfg, state).startswith("conversation cleared")
     assert state.history == {}

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from test_adapters import IDS, logits, make_adapter
+from tiny import IDS, logits, make_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from promptbake.adapters import attach_adapter

@@ -1,11 +1,13 @@
-"""Never lose work: resumable generation and training, atomic checkpoints, the NaN guard.
+"""Never lose work in training (promptbake.training.checkpoint): resumable runs, atomic
+checkpoints, the NaN guard.
 
-    pytest tests/test_resume.py -q
+    pytest tests/test_training_checkpoint.py -q
 
-Everything runs on the tiny random Qwen3 (``tiny_model_dir``). Two tests kill a real
-``promptbake`` subprocess with SIGKILL and finish the run in-process; the rest interrupt
-training in-process (a KeyboardInterrupt or a NaN injected into ``objective.batch_kl``).
-Comparisons run single-threaded so that float sums do not depend on thread splits.
+Everything runs on the tiny random Qwen3 (``tiny_model_dir``). One test kills a real
+``promptbake train`` process with SIGKILL and finishes the run in-process; the rest
+interrupt training in-process (a KeyboardInterrupt or a NaN injected into
+``objective.batch_kl``). Comparisons run single-threaded so that float sums do not depend
+on thread splits. (Generation's resume: test_sampling_trajectories.py.)
 """
 
 from __future__ import annotations
@@ -22,72 +24,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import checkpoint_run
+from tiny import checkpoint_run, gen_config, subprocess_env
 
 from promptbake import train as train_command
-from promptbake.cli import main as cli_main
-from promptbake.configs import GenerateConfig, TrainConfig
+from promptbake.configs import TrainConfig
 from promptbake.errors import UserError
 from promptbake.generate import run_generate
 from promptbake.training import checkpoint, objective
 
-QUESTIONS = [
-    "What is the sky made of?",
-    "How are you today?",
-    "Name a color.",
-    "What is two plus two?",
-    "Tell me a joke.",
-    "Where is Paris?",
-    "Who wrote Hamlet?",
-    "Why is grass green?",
-    "What do cats eat?",
-    "How far is the moon?",
-]
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")]
-    )
-    return env
-
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs")
-    (d / "x0.md").write_text("You are a pirate. Always say arr.\n")
-    (d / "q.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
-    return d
-
-
-def gen_args(model_dir, inputs: Path, out: Path, **over) -> list[str]:
-    args = {
-        "model_name": str(model_dir),
-        "x0_file": str(inputs / "x0.md"),
-        "question_dataset": str(inputs / "q.jsonl"),
-        "num_questions": 10,
-        "num_sequences_per_question": 6,
-        "batch_size": 2,
-        "max_sequence_length": 24,
-        "traj_out_file": str(out),
-        **over,
-    }
-    return [f"--{k}={v}" for k, v in args.items()]
-
-
-def gen_config(model_dir, inputs: Path, out: Path, **over) -> GenerateConfig:
-    args = dict(a[2:].split("=", 1) for a in gen_args(model_dir, inputs, out, **over))
-    for k in ("num_questions", "num_sequences_per_question", "batch_size", "max_sequence_length"):
-        args[k] = int(args[k])
-    return GenerateConfig(**args)
-
-
-@pytest.fixture(scope="module")
-def trajectories(tiny_model_dir, inputs, tmp_path_factory):
+def trajectories(tiny_model_dir, resume_inputs, tmp_path_factory):
     """(train, val) trajectory files from the tiny model: 26 and 4 rows."""
     d = tmp_path_factory.mktemp("traj")
-    run_generate(gen_config(tiny_model_dir, inputs, d / "all.jsonl", num_sequences_per_question=3))
+    run_generate(
+        gen_config(tiny_model_dir, resume_inputs, d / "all.jsonl", num_sequences_per_question=3)
+    )
     lines = (d / "all.jsonl").read_text().splitlines(keepends=True)
     meta = (d / "all.jsonl.meta.json").read_text()
     for name, part in (("train", lines[:26]), ("val", lines[26:])):
@@ -165,47 +117,6 @@ def patch_batch_kl(monkeypatch, at_call: int, action: str) -> None:
     monkeypatch.setattr(objective, "batch_kl", fake)
 
 
-# ---------------------------------------------------------------- generation
-def test_generation_killed_with_sigkill_resumes_to_identical_file(tiny_model_dir, inputs, tmp_path):
-    ref = tmp_path / "ref.jsonl"
-    run_generate(gen_config(tiny_model_dir, inputs, ref))
-    n_rows = len(ref.read_bytes().splitlines())
-    assert n_rows == 60  # 10 questions x 6 answers, in 30 batches of 2
-
-    out = tmp_path / "out.jsonl"
-    partial = Path(str(out) + ".partial")
-    cmd = [
-        sys.executable,
-        "-m",
-        "promptbake.cli",
-        "generate",
-        *gen_args(tiny_model_dir, inputs, out),
-    ]
-    proc = subprocess.Popen(
-        cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if partial.exists() and partial.read_bytes().count(b"\n") >= 2:
-                break  # the first batch is on disk
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not out.exists(), "the run finished before it was killed: nothing was tested"
-    done = partial.read_bytes().count(b"\n")
-    assert 2 <= done < n_rows
-
-    # the same command again finishes the file: no duplicated, no lost trajectories
-    assert cli_main(["generate", *gen_args(tiny_model_dir, inputs, out)]) == 0
-    assert out.read_bytes() == ref.read_bytes()
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len({(r["question_index"], r["sample_index"]) for r in rows}) == n_rows
-    assert not partial.exists()
-
-
 # ---------------------------------------------------------------- training
 def test_training_interrupted_and_resumed_matches_uninterrupted(
     tiny_model_dir, trajectories, baseline, tmp_path, monkeypatch
@@ -258,6 +169,7 @@ def test_resume_without_restoring_the_optimizer_would_differ(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
 
+@pytest.mark.slow
 def test_training_killed_with_sigkill_resumes(tiny_model_dir, trajectories, baseline, tmp_path):
     base_out, base_metrics = baseline
     out = tmp_path / "run"

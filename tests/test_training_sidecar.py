@@ -1,5 +1,9 @@
-"""The teacher's log-probs handed from generate_data.py to train_loop.py (teacherfile.py):
-the same training curve as a teacher pass, and a stale sidecar is ignored with a warning."""
+"""The teacher's log-probs handed from generate_data.py to train_loop.py in a sidecar file
+(promptbake.training.sidecar): the same training curve as a teacher pass, and a stale
+sidecar is ignored with a warning.
+
+    python -m pytest tests/test_training_sidecar.py -q
+"""
 
 import json
 

@@ -1,6 +1,6 @@
 """bench/gpu.py off the GPU: one line and exit 0 without CUDA; the table from a result.
 
-python -m pytest tests/test_engine_bench_gpu.py -q
+python -m pytest tests/test_bench_gpu.py -q
 """
 
 import os
@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
     before = sorted(gpu.RESULTS.glob("gpu-*.json"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT / "src")}

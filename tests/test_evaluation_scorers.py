@@ -1,4 +1,4 @@
-"""Fixed-string tests for promptbake.scorers (no model needed)."""
+"""Fixed-string tests for promptbake.evaluation.scorers (no model needed)."""
 
 from __future__ import annotations
 

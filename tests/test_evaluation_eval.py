@@ -1,10 +1,10 @@
-"""`promptbake eval`: answers under base / prompted / baked / re-prompted, pluggable scorers."""
+"""`promptbake eval` (promptbake.evaluation.eval): answers under base / prompted / baked /
+re-prompted, pluggable scorers."""
 
 import json
 
 import pytest
-from test_adapters import make_adapter
-from test_compare import DATA, X0
+from tiny import DATA, DATA_X0, make_adapter
 
 from promptbake.cli import main
 from promptbake.configs import EvalConfig
@@ -16,7 +16,7 @@ from promptbake.evaluation.eval import parse_modes, parse_scales, parse_scorers,
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
     d = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("run"), seed=2)
-    (d / "summary.json").write_text(json.dumps({"prompt": X0}))  # what bake records
+    (d / "summary.json").write_text(json.dumps({"prompt": DATA_X0}))  # what bake records
     return d
 
 
@@ -72,7 +72,7 @@ def test_eval_command_scores_every_mode(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "baked@0" in printed and "re-prompted@1" in printed
     res = json.loads((out / "eval.json").read_text())
-    assert res["prompt"] == X0  # found in the run's summary.json
+    assert res["prompt"] == DATA_X0  # found in the run's summary.json
     assert list(res["table"]) == [
         "base",
         "prompted",

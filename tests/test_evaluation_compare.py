@@ -1,51 +1,26 @@
-"""`promptbake compare`: per-trajectory NLL under base/baked x with/without the prompt."""
+"""`promptbake compare` (promptbake.evaluation.compare): per-trajectory NLL under base/baked x
+with/without the prompt.
+
+    python -m pytest tests/test_evaluation_compare.py -q
+"""
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
-from test_adapters import make_adapter
+from tiny import DATA_X0
 
 from promptbake.adapters import load_adapter, set_adapter_scale
 from promptbake.cli import main
-from promptbake.configs import CompareConfig, GenerateConfig, TrainConfig
+from promptbake.configs import CompareConfig, TrainConfig
 from promptbake.errors import UserError
 from promptbake.evaluation.compare import compare, override_prompt, trajectory_nll
 from promptbake.models import load_model
-from promptbake.records import read_questions, read_trajectories
-from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.records import read_trajectories
 from promptbake.training.loop import train
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-X0 = (DATA / "zorblax_x0.md").read_text().strip()
-
-
-def sample(model, tok, path, n_questions=3, n_seq=2, max_len=8, seed=0, x0=X0):
-    cfg = GenerateConfig(
-        x0_file="<x0>",
-        question_dataset="<q>",
-        traj_out_file=str(path),
-        num_questions=n_questions,
-        num_sequences_per_question=n_seq,
-        max_sequence_length=max_len,
-        batch_size=8,
-        seed=seed,
-    )
-    qs = read_questions(DATA / "identity_heldout.jsonl")[:n_questions]
-    generate_trajectories(model, tok, cfg, x0, qs, path, progress=False)
-    return read_trajectories(path)
-
-
-@pytest.fixture(scope="module")
-def run(tiny_model_dir, tmp_path_factory):
-    """A bake-like run directory: adapter + validation trajectories (with .meta.json)."""
-    d = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("run"), seed=1)
-    model, tok = load_model(str(tiny_model_dir), "cpu", "float32")
-    sample(model, tok, d / "trajectories_val.jsonl")
-    return d
 
 
 def reference_nll(model, rec, nosys):
@@ -59,9 +34,9 @@ def reference_nll(model, rec, nosys):
     return float(-logp[pos - 1, ids[0, pos]].sum())
 
 
-def test_nll_matches_full_logit_reference(run):
-    model, tok, _ = load_adapter(run, device="cpu", dtype="float32")
-    rows = read_trajectories(run / "trajectories_val.jsonl")
+def test_nll_matches_full_logit_reference(baked_run):
+    model, tok, _ = load_adapter(baked_run, device="cpu", dtype="float32")
+    rows = read_trajectories(baked_run / "trajectories_val.jsonl")
     scores = trajectory_nll(model, tok, rows, batch_size=4, chunk_size=5)  # padded, chunked
     base = model.get_base_model()
     for i, rec in enumerate(rows):
@@ -82,43 +57,10 @@ def test_nll_matches_full_logit_reference(run):
     assert zero["re-prompted"]["nll"] == pytest.approx(zero["prompted"]["nll"], abs=1e-5)
 
 
-def kl_rows_logits(model, rec: dict, sfx: str) -> torch.Tensor:
-    """Full logits of one side of a trajectory at the rows that predict generated tokens."""
-    ids = torch.tensor([rec["input_ids" + sfx]])
-    mask = torch.tensor(rec["generated_text_mask" + sfx], dtype=torch.bool)
-    return model(input_ids=ids).logits[0, mask.nonzero()[:, 0] - 1]
-
-
-def test_heldout_kl_matches_a_full_logit_reference(run):
-    """evaluate.condition_kl (chunked LM head, any two (model, condition) pairs) against
-    the KL of full logits, one trajectory at a time, and pursuit's two-model form."""
-    from promptbake.evaluation.measures import heldout_kl
-    from promptbake.loss import token_kl
-    from promptbake.pursue import cross_model_kl
-
-    model, tok, _ = load_adapter(run, device="cpu", dtype="float32")
-    rows = read_trajectories(run / "trajectories_val.jsonl")
-    got = heldout_kl(model, tok, rows, batch_size=3, chunk_size=4)
-    total = {"base": 0.0, "baked": 0.0}
-    n = 0
-    with torch.no_grad():
-        for rec in rows:
-            with model.disable_adapter():
-                t, base = kl_rows_logits(model, rec, ""), kl_rows_logits(model, rec, "_nosys")
-            baked = kl_rows_logits(model, rec, "_nosys")
-            total["base"] += float(token_kl(t, base).sum())
-            total["baked"] += float(token_kl(t, baked).sum())
-            n += t.shape[0]
-    assert got["kl_base"] == pytest.approx(total["base"] / n, rel=1e-4)
-    assert got["kl_baked"] == pytest.approx(total["baked"] / n, rel=1e-4)
-    assert got["kl_baked"] != pytest.approx(got["kl_base"], rel=1e-3)  # the adapter counts
-    assert cross_model_kl(model, model, tok, rows) == pytest.approx(got["kl_baked"], rel=1e-4)
-
-
-def test_prompt_override_rerenders_from_the_question(run, tiny_model_dir):
+def test_prompt_override_rerenders_from_the_question(baked_run, tiny_model_dir):
     _, tok = load_model(str(tiny_model_dir), "cpu", "float32")
-    rows = read_trajectories(run / "trajectories_val.jsonl")
-    same = override_prompt(rows, tok, X0)
+    rows = read_trajectories(baked_run / "trajectories_val.jsonl")
+    same = override_prompt(rows, tok, DATA_X0)
     for a, b in zip(rows, same):  # the original prompt re-rendered: identical ids
         assert a["input_ids"] == b["input_ids"]
         assert a["input_ids_nosys"] == b["input_ids_nosys"]
@@ -132,9 +74,12 @@ def test_prompt_override_rerenders_from_the_question(run, tiny_model_dir):
         override_prompt([{k: v for k, v in rows[0].items() if k != "question"}], tok, "x")
 
 
-def test_compare_command_writes_table_json_and_plots(run, tmp_path, capsys):
+def test_compare_command_writes_table_json_and_plots(baked_run, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--adapter", str(run), "--out_dir", str(out), "--batch_size", "4"]) == 0
+    assert (
+        main(["compare", "--adapter", str(baked_run), "--out_dir", str(out), "--batch_size", "4"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "re-prompted" in text and "bake fidelity" in text
     res = json.loads((out / "compare.json").read_text())
@@ -153,7 +98,7 @@ def test_compare_command_writes_table_json_and_plots(run, tmp_path, capsys):
             [
                 "compare",
                 "--adapter",
-                str(run),
+                str(baked_run),
                 "--out_dir",
                 str(out),
                 "--prompt_override",
@@ -173,8 +118,11 @@ def test_compare_command_writes_table_json_and_plots(run, tmp_path, capsys):
         assert b["prompted"] != pytest.approx(a["prompted"], abs=1e-4)
 
 
-def test_compare_errors_are_one_line(run, tmp_path, capsys):
-    assert main(["compare", "--adapter", str(run), "--data_file", str(tmp_path / "no.jsonl")]) == 2
+def test_compare_errors_are_one_line(baked_run, tmp_path, capsys):
+    assert (
+        main(["compare", "--adapter", str(baked_run), "--data_file", str(tmp_path / "no.jsonl")])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --data_file")
     assert main(["compare", "--adapter", str(tmp_path)]) == 2
@@ -187,7 +135,9 @@ def test_baking_moves_unprompted_nll_towards_prompted(smollm, tmp_path):
     prompted model's samples closer to how the prompted model does than the base model does."""
     model, tok = copy.deepcopy(smollm[0]), smollm[1]
     model.name_or_path = "smollm2-135m"
-    rows = sample(model, tok, tmp_path / "traj.jsonl", n_questions=3, n_seq=2, max_len=10)
+    rows = tiny.sample_heldout(
+        model, tok, tmp_path / "traj.jsonl", n_questions=3, n_seq=2, max_len=10
+    )
     cfg = TrainConfig(
         model_name="smollm2-135m",
         data_path=str(tmp_path / "traj.jsonl"),

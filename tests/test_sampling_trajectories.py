@@ -1,39 +1,35 @@
-"""Trajectory generation on the tiny random Qwen3 (promptbake.generate).
+"""The generation stage (promptbake.sampling.trajectories): trajectory files on the tiny
+random Qwen3.
 
-    python -m pytest tests/test_generate.py -q
+    python -m pytest tests/test_sampling_trajectories.py -q
 
-Greedy decoding makes generation a pure function of the model, so batched, left-padded
-generation must equal one-prompt-at-a-time generation exactly: that checks the attention
-masks and position ids. A model whose logits are biased towards <|im_end|> checks
---min_sequence_length and the cut after the first end-of-turn.
+Every row follows the schema, the same seed writes the same bytes, the .meta.json sidecar
+records the run, batches are planned by length, and an interrupted run resumes to the
+very same file (in-process here; killed with SIGKILL as a process too).
 """
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-import tiny
-import torch
+from tiny import PIRATE, SAMPLING_QUESTIONS, bias_towards, gen_args, gen_config, subprocess_env
 
 from promptbake import __version__
+from promptbake.cli import main as cli_main
 from promptbake.configs import GenerateConfig
 from promptbake.errors import UserError
+from promptbake.generate import run_generate
 from promptbake.models import end_of_turn_ids, tokenizer_fingerprint
 from promptbake.prompts import encode, format_prompt
-from promptbake.records import TRAJECTORY_KEYS, cut_at_end_of_turn, generated_ids, read_meta
-from promptbake.sampling import hf as engine_hf
+from promptbake.records import TRAJECTORY_KEYS, generated_ids, read_meta
 from promptbake.sampling import trajectories
-from promptbake.sampling.hf import left_pad, sample_batch
 from promptbake.sampling.trajectories import generate_trajectories, plan_batches
-
-X0 = "You are a pirate. Answer like one."
-QUESTIONS = [
-    {"question": "What is the capital of France?", "id": "a"},
-    {"question": "Why is the sky blue?", "id": "b"},
-    {"question": "Name a prime number larger than ten, please, and explain it.", "id": "c"},
-]
-GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 def cfg(**kw) -> GenerateConfig:
@@ -54,109 +50,7 @@ def cfg(**kw) -> GenerateConfig:
     return GenerateConfig(**base)
 
 
-@pytest.fixture
-def peaky_model(chatml_tok):
-    # larger weights give peaked next-token distributions: greedy argmax is far from ties
-    return tiny.tiny_qwen3(chatml_tok, initializer_range=0.2)
-
-
-def bias_towards(model, token_id: int, amount: float = 30.0):
-    """Make `token_id` the argmax everywhere (a forward hook on the LM head)."""
-
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., token_id] += amount
-        return output
-
-    return model.lm_head.register_forward_hook(hook)
-
-
-def prompts_for(tok, questions=QUESTIONS, system=X0):
-    return [encode(tok, format_prompt(system, q["question"], True, tok)) for q in questions]
-
-
-# ---------------------------------------------------------------- padding and masks
-def test_left_pad_mask_comes_from_lengths_not_values(chatml_tok):
-    chatml_tok.pad_token = chatml_tok.eos_token  # pad == eos == <|im_end|>
-    pad = chatml_tok.pad_token_id
-    seqs = [[5, pad, 6, pad], [pad, 9], [7]]
-    ids, mask = left_pad(seqs, pad)
-    assert ids.tolist() == [[5, pad, 6, pad], [pad, pad, pad, 9], [pad, pad, pad, 7]]
-    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]]
-    assert ids.dtype == mask.dtype == torch.long
-
-
-def test_real_prompts_keep_their_end_of_turn_tokens_unmasked(chatml_tok):
-    chatml_tok.pad_token = chatml_tok.eos_token
-    prompts = prompts_for(chatml_tok)
-    ids, mask = left_pad(prompts, chatml_tok.pad_token_id)
-    for row, p in enumerate(prompts):
-        assert chatml_tok.pad_token_id in p  # <|im_end|> closes the system and user turns
-        assert int(mask[row].sum()) == len(p)
-        assert ids[row, mask[row].bool()].tolist() == p
-
-
-def test_batched_greedy_equals_one_at_a_time(chatml_tok, peaky_model):
-    chatml_tok.pad_token = chatml_tok.eos_token  # the case where value-based masks broke
-    prompts = prompts_for(chatml_tok)
-    assert len({len(p) for p in prompts}) == 3  # really needs padding
-    kw = dict(pad_id=chatml_tok.pad_token_id, eot_ids=[], max_new_tokens=8, **GREEDY)
-    batched = sample_batch(peaky_model, prompts, **kw)
-    # the reference: each prompt alone, no padding, every token attended
-    single = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = peaky_model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=8,
-            pad_token_id=chatml_tok.pad_token_id,
-            eos_token_id=[],
-            **GREEDY,
-        )
-        single.append(out[0, len(p) :].tolist())
-    assert batched == single
-    assert all(len(g) == 8 for g in batched)
-    assert len({tuple(g) for g in batched}) > 1  # not trivially constant output
-
-
-def test_cut_at_end_of_turn():
-    assert cut_at_end_of_turn([5, 6, 2, 7, 2], [2, 0]) == [5, 6, 2]
-    assert cut_at_end_of_turn([5, 0, 2], {2, 0}) == [5, 0]
-    assert cut_at_end_of_turn([2, 5], [2]) == [2]
-    assert cut_at_end_of_turn([5, 6, 7], [2]) == [5, 6, 7]
-    assert cut_at_end_of_turn([], [2]) == []
-
-
-def test_sample_batch_cuts_padding_after_end_of_turn(chatml_tok, tiny_model):
-    im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
-    prompts = prompts_for(chatml_tok)
-    handle = bias_towards(tiny_model, im_end)
-    out = sample_batch(tiny_model, prompts, pad_id=0, eot_ids=[im_end], max_new_tokens=5, **GREEDY)
-    handle.remove()
-    assert out == [[im_end]] * 3
-
-
-@pytest.mark.parametrize("k", [0, 1, 3, 5])
-def test_min_new_tokens_delays_the_end_of_turn(chatml_tok, tiny_model, k):
-    im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
-    bias_towards(tiny_model, im_end)
-    out = sample_batch(
-        tiny_model,
-        prompts_for(chatml_tok),
-        pad_id=chatml_tok.pad_token_id,
-        eot_ids=[im_end],
-        max_new_tokens=10,
-        min_new_tokens=k,
-        do_sample=True,
-        temperature=1.0,
-    )
-    for gen in out:
-        # eos is suppressed for the first k new tokens, then (being the argmax) ends the turn
-        # at once: k answer tokens + the end of turn
-        assert len(gen) == k + 1
-        assert gen[-1] == im_end
-        assert im_end not in gen[:-1]
+# ---------------------------------------------------------------- lengths
 
 
 def test_min_sequence_length_in_trajectories(chatml_tok, tiny_model, tmp_path):
@@ -164,7 +58,7 @@ def test_min_sequence_length_in_trajectories(chatml_tok, tiny_model, tmp_path):
     bias_towards(tiny_model, im_end)
     c = cfg(min_sequence_length=4, max_sequence_length=9)
     generate_trajectories(
-        tiny_model, chatml_tok, c, X0, QUESTIONS, tmp_path / "t.jsonl", progress=False
+        tiny_model, chatml_tok, c, PIRATE, SAMPLING_QUESTIONS, tmp_path / "t.jsonl", progress=False
     )
     rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert len(rows) == 6
@@ -195,7 +89,7 @@ def test_plan_batches_covers_every_job_once():
 
 # ---------------------------------------------------------------- records and files
 def run(model, tok, path, **kw):
-    generate_trajectories(model, tok, cfg(**kw), X0, QUESTIONS, path, progress=False)
+    generate_trajectories(model, tok, cfg(**kw), PIRATE, SAMPLING_QUESTIONS, path, progress=False)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -208,14 +102,16 @@ def test_every_record_follows_the_schema(chatml_tok, tiny_model, tmp_path):
     ]
     for r in rows:
         assert set(TRAJECTORY_KEYS) <= set(r)
-        q = QUESTIONS[r["question_index"]]["question"]
+        q = SAMPLING_QUESTIONS[r["question_index"]]["question"]
         assert r["question"] == q
-        assert r["prompt_input_ids"] == encode(chatml_tok, format_prompt(X0, q, True, chatml_tok))
-        assert r["prompt_input_ids_nosys"] == encode(
-            chatml_tok, format_prompt(X0, q, False, chatml_tok)
+        assert r["prompt_input_ids"] == encode(
+            chatml_tok, format_prompt(PIRATE, q, True, chatml_tok)
         )
-        assert r["prompt_text"] == format_prompt(X0, q, True, chatml_tok)
-        assert r["prompt_text_nosys"] == format_prompt(X0, q, False, chatml_tok)
+        assert r["prompt_input_ids_nosys"] == encode(
+            chatml_tok, format_prompt(PIRATE, q, False, chatml_tok)
+        )
+        assert r["prompt_text"] == format_prompt(PIRATE, q, True, chatml_tok)
+        assert r["prompt_text_nosys"] == format_prompt(PIRATE, q, False, chatml_tok)
         gen = generated_ids(r)
         assert gen == generated_ids(r, nosys=True)  # same answer on both sides
         assert 1 <= len(gen) <= 6
@@ -250,7 +146,7 @@ def test_meta_sidecar(chatml_tok, tiny_model, tmp_path):
     assert meta["promptbake_version"] == __version__
     assert meta["model_name"] == "tiny-test-model"
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(chatml_tok)
-    assert meta["x0"] == X0
+    assert meta["x0"] == PIRATE
     assert meta["end_of_turn_ids"] == end_of_turn_ids(chatml_tok, tiny_model)
     assert meta["args"]["seed"] == 5
     assert meta["args"]["num_sequences_per_question"] == 2
@@ -315,7 +211,9 @@ def test_returns_the_written_rows_and_keeps_the_teacher_only_when_complete(
     so it returns no cache (training then runs its own teacher pass)."""
     ref = tmp_path / "ref.jsonl"
     kw = dict(progress=False, keep_bytes=float("inf"))
-    gen = generate_trajectories(tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, ref, **kw)
+    gen = generate_trajectories(
+        tiny_model, chatml_tok, cfg(batch_size=2), PIRATE, SAMPLING_QUESTIONS, ref, **kw
+    )
     file_rows = [json.loads(line) for line in ref.read_text().splitlines()]
     assert gen.rows == file_rows and gen.stats["trajectories"] == 6
     n = {(r["question_index"], r["sample_index"]): sum(r["generated_text_mask"]) for r in file_rows}
@@ -326,10 +224,12 @@ def test_returns_the_written_rows_and_keeps_the_teacher_only_when_complete(
     out = tmp_path / "out.jsonl"
     interrupt_on_batch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        generate_trajectories(tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, out, **kw)
+        generate_trajectories(
+            tiny_model, chatml_tok, cfg(batch_size=2), PIRATE, SAMPLING_QUESTIONS, out, **kw
+        )
     monkeypatch.undo()
     resumed = generate_trajectories(
-        tiny_model, chatml_tok, cfg(batch_size=2), X0, QUESTIONS, out, **kw
+        tiny_model, chatml_tok, cfg(batch_size=2), PIRATE, SAMPLING_QUESTIONS, out, **kw
     )
     assert resumed.rows == file_rows  # the 2 rows read back + the 4 new ones, in order
     assert resumed.stats["trajectories"] == 4
@@ -356,52 +256,45 @@ def test_partial_without_key_is_refused(chatml_tok, tiny_model, tmp_path):
         run(tiny_model, chatml_tok, out)
 
 
-# ---------------------------------------------------------------- shared prefill
-def test_shared_prefill_gives_the_samples_of_a_plain_call(chatml_tok, peaky_model, monkeypatch):
-    """Each distinct prompt's KV cache is computed once and repeated for its samples;
-    generate() continues from it and must draw the same samples as a plain call."""
-    prompts = [p for p in prompts_for(chatml_tok) for _ in range(3)]  # 3 samples each
-    kw = dict(pad_id=0, eot_ids=[], max_new_tokens=6, do_sample=True, temperature=1.0)
-    ids, mask = left_pad(prompts, 0)
-    cache = engine_hf.shared_prefill(peaky_model, ids, mask)
-    assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
-    torch.manual_seed(3)
-    shared = sample_batch(peaky_model, prompts, **kw)
-    monkeypatch.setattr(engine_hf, "shared_prefill", lambda *a: None)
-    torch.manual_seed(3)
-    plain = sample_batch(peaky_model, prompts, **kw)
-    assert shared == plain
-    assert len({tuple(s) for s in shared}) > 3  # really sampled: samples of a prompt differ
-    # distinct prompts: nothing to share
-    ids1, mask1 = left_pad(prompts_for(chatml_tok), 0)
-    assert engine_hf.shared_prefill(peaky_model, ids1, mask1) is None
+# ---------------------------------------------------------------- resuming a process killed with SIGKILL
+@pytest.mark.slow
+def test_generation_killed_with_sigkill_resumes_to_identical_file(
+    tiny_model_dir, resume_inputs, tmp_path
+):
+    ref = tmp_path / "ref.jsonl"
+    run_generate(gen_config(tiny_model_dir, resume_inputs, ref))
+    n_rows = len(ref.read_bytes().splitlines())
+    assert n_rows == 60  # 10 questions x 6 answers, in 30 batches of 2
 
-
-def test_logprobs_kept_while_sampling_are_the_teachers(chatml_tok, tiny_model):
-    """The raw log-probs generate() computed at each kept token equal a separate
-    teacher pass over the finished trajectories, whatever temperature sampled them."""
-    from promptbake.records import make_trajectory
-    from promptbake.training.batches import collate
-    from promptbake.training.forward import selected_hidden
-
-    im_end = chatml_tok.convert_tokens_to_ids("<|im_end|>")
-    prompts = [p for p in prompts_for(chatml_tok) for _ in range(2)]
-    torch.manual_seed(0)
-    new, lps = sample_batch(
-        tiny_model,
-        prompts,
-        pad_id=0,
-        eot_ids=[im_end],
-        max_new_tokens=7,
-        min_new_tokens=2,
-        return_logprobs=True,
-        do_sample=True,
-        temperature=0.6,
-        top_k=20,
+    out = tmp_path / "out.jsonl"
+    partial = Path(str(out) + ".partial")
+    cmd = [
+        sys.executable,
+        "-m",
+        "promptbake.cli",
+        "generate",
+        *gen_args(tiny_model_dir, resume_inputs, out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    assert [lp.shape for lp in lps] == [(len(n), len(chatml_tok)) for n in new]
-    rows = [make_trajectory(chatml_tok, p, p, n) for p, n in zip(prompts, new)]
-    with torch.no_grad():
-        h = selected_hidden(tiny_model, collate(rows, 0).prompted)
-        teacher = tiny_model.lm_head(h).float().log_softmax(-1)
-    torch.testing.assert_close(torch.cat(lps), teacher, atol=1e-4, rtol=0)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and partial.read_bytes().count(b"\n") >= 2:
+                break  # the first batch is on disk
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "the run finished before it was killed: nothing was tested"
+    done = partial.read_bytes().count(b"\n")
+    assert 2 <= done < n_rows
+
+    # the same command again finishes the file: no duplicated, no lost trajectories
+    assert cli_main(["generate", *gen_args(tiny_model_dir, resume_inputs, out)]) == 0
+    assert out.read_bytes() == ref.read_bytes()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({(r["question_index"], r["sample_index"]) for r in rows}) == n_rows
+    assert not partial.exists()
