@@ -28,14 +28,21 @@ from .evaluation.conditions import answer_condition, side_by_side
 from .evaluation.measures import heldout_kl
 from .evaluation.report import write_report
 from .evaluation.scorers import marker, score_all
-from .files import atomic_write, prepare_out_dir, write_json
+from .files import atomic_write, check_out_dir, write_json
 from .flags import flag_values
 from .models import load_model, model_options
-from .records import prompt_text, read_prompt, read_questions, select_questions
+from .records import (
+    distinct_questions,
+    prompt_text,
+    read_prompt,
+    read_questions,
+    select_questions,
+)
 from .sampling import seam as sampling
 from .sampling.trajectories import Generation, generate_trajectories
 from .training import onpolicy
 from .training.loop import train
+from .training.setup import check_lora_fits
 from .training.targets import TeacherPlan, plan_teacher, training_facts
 from .training.teacher import cache_bytes, cache_from_generation
 
@@ -49,9 +56,11 @@ def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[di
 
 
 def bake_questions(cfg: BakeConfig) -> tuple[list[dict], list[dict]]:
-    """Stage 0: the (training, validation) questions of a bake: read, seeded shuffle, cut
-    to --num_questions, split by --val_fraction. Pursuit uses the same split every round."""
-    questions = select_questions(read_questions(cfg.question_dataset), cfg.num_questions, cfg.seed)
+    """Stage 0: the (training, validation) questions of a bake: read, repeats dropped,
+    seeded shuffle, cut to --num_questions, split by --val_fraction. Pursuit uses the
+    same split every round."""
+    questions = distinct_questions(read_questions(cfg.question_dataset))
+    questions = select_questions(questions, cfg.num_questions, cfg.seed)
     train_q, val_q = split_questions(questions, cfg.val_fraction)
     if not train_q:
         raise UserError("no training questions left after the validation split")
@@ -169,7 +178,8 @@ def bake(cfg: BakeConfig) -> dict:
     x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
     train_q, val_q = bake_questions(cfg)
-    out = prepare_out_dir(cfg.out_dir)
+    # checked now, made by the first file written: a refused run leaves no empty folder
+    out = check_out_dir(cfg.out_dir)
 
     t_start = time.perf_counter()
     distributed.init(cfg.device)  # under torchrun: before loading, each process takes its GPU
@@ -177,6 +187,7 @@ def bake(cfg: BakeConfig) -> dict:
         cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **model_options(cfg)
     )
     model.name_or_path = cfg.model_name
+    check_lora_fits(model, cfg)  # before sampling: the LoRA must fit once trained
     t_loaded = time.perf_counter()
     print(
         f"Sampling {cfg.num_sequences_per_question} answers for {len(train_q)} training and "
