@@ -38,7 +38,7 @@ from .evaluation.conditions import CONDITIONS, answer
 from .evaluation.measures import condition_kl, heldout_kl
 from .evaluation.report import format_table, pct
 from .evaluation.scorers import marker, score_all
-from .files import atomic_write, prepare_out_dir, write_json
+from .files import atomic_write, check_out_dir, prepare_out_dir, write_json
 from .models import load_model, model_options, pad_id
 from .records import prompt_text, read_prompt, read_questions, read_trajectories
 
@@ -161,7 +161,8 @@ def pursue(cfg: PursueConfig) -> dict:
     cfg.validate()
     x0 = prompt_text(cfg.prompt) if cfg.prompt is not None else read_prompt(cfg.x0_file)
     heldout = read_questions(cfg.heldout, "--heldout") if cfg.heldout else []
-    out = prepare_out_dir(cfg.out_dir)
+    # checked now, made by the first file written: a refused run leaves no empty folder
+    out = check_out_dir(cfg.out_dir)
     t0 = time.perf_counter()
 
     # round 1: a normal bake
