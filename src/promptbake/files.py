@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ def atomic_path(
     `path` (:func:`writing`); with `need` (bytes, where the caller knows them) a disk with
     less free space is refused before anything is written."""
     path = Path(path)
-    tmp = None
     with writing(path, what, need):
         path.parent.mkdir(parents=True, exist_ok=True)
         check_space(path.parent, need, what or str(path))
@@ -99,7 +99,6 @@ def atomic_dir(
     """
     path = Path(path)
     parent = path if into else path.parent
-    tmp = None
     with writing(path, what, need):
         parent.mkdir(parents=True, exist_ok=True)
         check_space(parent, need, what or str(path))
@@ -126,14 +125,21 @@ def writing(path: str | Path, what: str | None = None, need: int | None = None) 
     """Turn a failed write in the block into one line (a UserError): a full disk, a quota,
     a read-only or failing device, whatever OSError the writer met, also when a library
     wraps it (torch.save's RuntimeError, safetensors' SafetensorError). The writers of this
-    module use it, so every output says the same; anything else passes unchanged."""
+    module use it, so every output says the same; anything else passes unchanged. Nested,
+    the outermost names the failure (the checkpoint, not the temp file inside it)."""
+    _nesting.depth = getattr(_nesting, "depth", 0) + 1
     try:
         yield
     except Exception as e:
-        err = write_error(e, path, what, need)
+        err = None if _nesting.depth > 1 else write_error(e, path, what, need)
         if err is None:
             raise
         raise err from None
+    finally:
+        _nesting.depth -= 1
+
+
+_nesting = threading.local()  # how many `writing` blocks this thread is inside
 
 
 def write_error(
