@@ -27,7 +27,7 @@ else:
 
 from promptbake.models import end_of_turn_ids, load_model  # noqa: E402
 from promptbake.prompts import encode, format_prompt  # noqa: E402
-from promptbake.sampling import hf, seam  # noqa: E402
+from promptbake.sampling import seam  # noqa: E402
 from promptbake.sampling import vllm as V  # noqa: E402
 from promptbake.sampling.seam import Sampling  # noqa: E402
 

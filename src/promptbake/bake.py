@@ -39,12 +39,13 @@ from .files import (
 )
 from .flags import flag_values
 from .models import load_model, model_options, peak_gpu_memory
-from .records import prompt_text, read_prompt, read_questions, select_questions
+from .records import distinct_questions, prompt_text, read_prompt, read_questions, select_questions
 from .sampling import seam as sampling
 from .sampling.trajectories import Generation, generate_trajectories
 from .training import onpolicy
 from .training.loop import train
 from .training.outputs import RUN_WRITES
+from .training.setup import check_lora_fits
 from .training.targets import TeacherPlan, plan_teacher, training_facts
 from .training.teacher import cache_bytes, cache_from_generation
 
@@ -58,9 +59,11 @@ def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[di
 
 
 def bake_questions(cfg: BakeConfig) -> tuple[list[dict], list[dict]]:
-    """Stage 0: the (training, validation) questions of a bake: read, seeded shuffle, cut
-    to --num_questions, split by --val_fraction. Pursuit uses the same split every round."""
-    questions = select_questions(read_questions(cfg.question_dataset), cfg.num_questions, cfg.seed)
+    """Stage 0: the (training, validation) questions of a bake: read, repeats dropped,
+    seeded shuffle, cut to --num_questions, split by --val_fraction. Pursuit uses the
+    same split every round."""
+    questions = distinct_questions(read_questions(cfg.question_dataset))
+    questions = select_questions(questions, cfg.num_questions, cfg.seed)
     train_q, val_q = split_questions(questions, cfg.val_fraction)
     if not train_q:
         raise UserError("no training questions left after the validation split")
@@ -215,6 +218,7 @@ def _bake(cfg: BakeConfig, x0, heldout: list[dict], train_q: list[dict], val_q: 
         cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code, **model_options(cfg)
     )
     model.name_or_path = cfg.model_name
+    check_lora_fits(model, cfg)  # before sampling: the LoRA must fit once trained
     t_loaded = time.perf_counter()
     print(
         f"Sampling {cfg.num_sequences_per_question} answers for {len(train_q)} training and "

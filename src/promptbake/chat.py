@@ -22,6 +22,7 @@ answer is printed as one line ``[mode xS] answer``, which makes the command test
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -32,6 +33,7 @@ from .configs.choices import MODES
 from .errors import UserError
 from .evaluation.conditions import CONDITIONS, Answering, answer_ids
 from .prompts import encode, format_prompt, manual_chatml
+from .sampling.seam import context_limit
 
 HELP = __doc__.split("Commands:")[1].split("Piped input")[0].rstrip()
 ALIASES = {"reprompted": "re-prompted", "re-prompted": "re-prompted"}
@@ -94,11 +96,19 @@ def reply(model, tok, cfg: ChatConfig, state: ChatState, question: str, mode: st
     text = state.last_prompt = render_conversation(
         tok, system, history, question, cfg.enable_thinking
     )
+    ids = encode(tok, text)
+    limit = context_limit(model)
+    if limit is not None and len(ids) + cfg.max_new_tokens > limit:
+        raise UserError(
+            f"that line was skipped: the conversation would be {len(ids)} tokens, plus "
+            f"--max_new_tokens {cfg.max_new_tokens}, over the model's context of {limit}; "
+            "shorten it, or /clear the conversation"
+        )
     with cond.context(model):
         how = Answering(
             cfg.max_new_tokens, cfg.temperature or None, seed=cfg.seed, engine=cfg.engine
         )
-        answer = answer_ids(model, tok, [encode(tok, text)], how)[0]
+        answer = answer_ids(model, tok, [ids], how)[0]
     history.append((question, answer))
     tag = f"{mode} x{state.scale:g}" if cond.adapter else mode
     return f"[{tag}] " + " ".join(answer.split())
@@ -139,9 +149,14 @@ def handle(line: str, model, tok, cfg: ChatConfig, state: ChatState) -> str | No
         )
     if cmd == "scale":
         try:
-            state.scale = float(arg)
+            scale = float(arg)
         except ValueError:
             return "error: /scale needs a number, e.g. /scale 0.5"
+        if not math.isfinite(scale):  # as --adapter_scale nan is refused
+            return (
+                f"error: /scale needs a finite number, got {arg}; the scale stays {state.scale:g}"
+            )
+        state.scale = scale
         if not state.has_adapter:
             return "error: no adapter loaded; the scale has no effect"
         return f"adapter scale: {state.scale:g}"
@@ -210,6 +225,8 @@ def chat(
         except KeyboardInterrupt:  # Ctrl-C leaves the chat quietly, not with a traceback
             print(file=stdout)
             break
+        except UserError as e:  # a line the model cannot take: said, and the chat goes on
+            out = f"error: {e}"
         if out is None:
             break
         if out:

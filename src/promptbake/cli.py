@@ -21,8 +21,10 @@ import importlib
 import sys
 
 from . import configs
-from .errors import Interrupted, UserError
+from .adapters import base_model_name
+from .errors import Interrupted, UserError, sigterm_as_interrupt
 from .flags import add_arguments, add_config_flag, config_values, from_namespace, read_config_file
+from .models import is_hub_name, no_unasked_network
 
 # name, help, config class (the configs package), "module:function" run with the config; the
 # command's module is imported only when it runs, so --help stays quick
@@ -49,6 +51,14 @@ COMMANDS: tuple[tuple[str, str, type, str], ...] = (
 BY_NAME = {c[0]: c for c in COMMANDS}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag or choice, a missing argument) as one line,
+    like every other refusal, instead of a usage block: raised as a UserError."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
 def build_parsers(
     prog: str = "promptbake", only: str | None = None
 ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -56,13 +66,11 @@ def build_parsers(
     {command name: the parser of its flags}."""
     if only is not None:
         _, help_, cls, _ = BY_NAME[only]
-        p = argparse.ArgumentParser(prog=prog, description=help_)
+        p = OneLineParser(prog=prog, description=help_)
         add_arguments(p, cls)
         add_config_flag(p)
         return p, {only: p}
-    p = argparse.ArgumentParser(
-        prog=prog, description="Prompt Baking: turn a prompt into LoRA weights."
-    )
+    p = OneLineParser(prog=prog, description="Prompt Baking: turn a prompt into LoRA weights.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {}
     for name, help_, cls, _ in COMMANDS:
@@ -89,11 +97,32 @@ def parse_args(argv: list[str] | None, prog: str, only: str | None) -> argparse.
 
 
 def run(name: str, args: argparse.Namespace) -> None:
-    """Build command `name`'s config from parsed flags and call its function."""
+    """Build command `name`'s config from parsed flags and call its function, with no
+    network the user did not ask for (models.no_unasked_network)."""
     _, _, cls, target = BY_NAME[name]
-    module, function = target.split(":")
-    fn = getattr(importlib.import_module(f".{module}", __package__), function)
-    fn(from_namespace(cls, args))
+    quantized = bool(getattr(args, "load_in_8bit", False) or getattr(args, "load_in_4bit", False))
+    with no_unasked_network(names_hub_model(name, args), quantized):
+        module, function = target.split(":")
+        fn = getattr(importlib.import_module(f".{module}", __package__), function)
+        fn(from_namespace(cls, args))
+
+
+def names_hub_model(name: str, args: argparse.Namespace) -> bool:
+    """Whether command `name` may need the Hub: `data` fetches from it; a model command
+    when its --model_name, or else its --adapter's recorded base model, is a Hub id (the
+    default --model_name is one). Otherwise every input is local and the run stays offline."""
+    if name == "data":
+        return True
+    model = getattr(args, "model_name", None)
+    if model:
+        return is_hub_name(model)
+    adapter = getattr(args, "adapter", None)
+    if not adapter:
+        return False
+    try:
+        return is_hub_name(base_model_name(adapter))
+    except UserError:  # the command itself refuses this adapter, before any model loads
+        return False
 
 
 def interrupted_message(command: str | None) -> str:
@@ -104,21 +133,23 @@ def interrupted_message(command: str | None) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "promptbake", only: str | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted by Ctrl-C,
+    143 by SIGTERM: both keep the same and print the same line)."""
     args = None
-    try:
-        args = parse_args(argv, prog, only)
-        run(only or args.command, args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:  # a stage said what it kept (training: add --resume true)
-        print(f"{e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(interrupted_message(only or getattr(args, "command", None)), file=sys.stderr)
-        return 130
-    return 0
+    with sigterm_as_interrupt() as signalled:
+        try:
+            args = parse_args(argv, prog, only)
+            run(only or args.command, args)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:  # a stage said what it kept (training: add --resume true)
+            print(f"{e}", file=sys.stderr)
+            return 128 + signalled[0] if signalled else 130
+        except KeyboardInterrupt:
+            print(interrupted_message(only or getattr(args, "command", None)), file=sys.stderr)
+            return 128 + signalled[0] if signalled else 130
+        return 128 + signalled[0] if signalled else 0
 
 
 if __name__ == "__main__":

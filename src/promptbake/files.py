@@ -22,8 +22,10 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,38 +37,55 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(
+    path: str | Path, what: str | None = None, need: int | None = None
+) -> Iterator[Path]:
     """A temp path beside `path` for a writer that wants a file name (e.g. safetensors'
     save_file): on success it gets the user's file mode, is synced and renamed over
-    `path`; on failure it is deleted. A reader sees the old file or the complete new one."""
+    `path`; on failure it is deleted. A reader sees the old file or the complete new one.
+
+    A failed write (a full disk, a quota, an I/O error) is one line naming `what` and
+    `path` (:func:`writing`); with `need` (bytes, where the caller knows them) a disk with
+    less free space is refused before anything is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with writing(path, what, need):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_space(path.parent, need, what or str(path))
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
+def atomic_write(
+    path: str | Path, mode: str = "w", what: str | None = None, need: int | None = None
+) -> Iterator[Any]:
     """Write to a temp file beside `path`, rename over it on success, delete it on failure
     (:func:`atomic_path`, opened in `mode`)."""
-    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_path(path, what, need) as tmp, open(tmp, mode, encoding=encoding) as f:
         yield f
 
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | Path, *, into: bool = False, aside: Path | None = None, replace: bool = True
+    path: str | Path,
+    *,
+    into: bool = False,
+    aside: Path | None = None,
+    replace: bool = True,
+    what: str | None = None,
+    need: int | None = None,
 ) -> Iterator[Path]:
     """A temp directory beside `path` for a writer that fills a folder (peft's and
     transformers' save_pretrained, a checkpoint). On success it gets the user's modes and:
@@ -79,22 +98,136 @@ def atomic_dir(
     * or, with ``replace=False``, is dropped when `path` exists by then (a cache another
       process filled first: theirs stays, for whoever is reading it).
 
-    On failure the temp directory is deleted and `path` is as it was.
+    On failure the temp directory is deleted and `path` is as it was; a failed write is
+    one line naming `what` and `path`, and `need` (bytes) is checked against the free
+    space first, as :func:`atomic_path` does.
     """
     path = Path(path)
     parent = path if into else path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp-"))
+    with writing(path, what, need):
+        parent.mkdir(parents=True, exist_ok=True)
+        check_space(parent, need, what or str(path))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp-"))
+        try:
+            yield tmp
+            apply_umask(tmp)  # mkdtemp makes 0700: give the modes of any folder the user makes
+            if into:
+                for f in sorted(tmp.iterdir()):
+                    os.replace(f, path / f.name)
+            elif replace or not path.exists():
+                _swap_in(tmp, path, aside)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- failed writes
+# the errors that mean the disk (or the user's share of it) is full
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str | None = None, need: int | None = None) -> Iterator[None]:
+    """Turn a failed write in the block into one line (a UserError): a full disk, a quota,
+    a read-only or failing device, whatever OSError the writer met, also when a library
+    wraps it (torch.save's RuntimeError, safetensors' SafetensorError). The writers of this
+    module use it, so every output says the same; anything else passes unchanged. Nested,
+    the outermost names the failure (the checkpoint, not the temp file inside it)."""
+    _nesting.depth = getattr(_nesting, "depth", 0) + 1
     try:
-        yield tmp
-        apply_umask(tmp)  # mkdtemp makes 0700: give the modes of any folder the user makes
-        if into:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, path / f.name)
-        elif replace or not path.exists():
-            _swap_in(tmp, path, aside)
+        yield
+    except Exception as e:
+        err = None if _nesting.depth > 1 else write_error(e, path, what, need)
+        if err is None:
+            raise
+        raise err from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _nesting.depth -= 1
+
+
+_nesting = threading.local()  # how many `writing` blocks this thread is inside
+
+
+def write_error(
+    e: BaseException, path: str | Path, what: str | None = None, need: int | None = None
+) -> UserError | None:
+    """The one line for exception `e` met while writing `path`, or None when `e` is no
+    failed write (a UserError, a bug in the writer)."""
+    if isinstance(e, UserError):
+        return None
+    code, reason = _os_error(e)
+    free = _free_bytes(Path(path))
+    if code is None and free is not None and free < max(need or 0, 1 << 20):
+        code, reason = errno.ENOSPC, os.strerror(errno.ENOSPC)  # torch's "unexpected pos"
+    if code is None:
+        return None
+    target = f"{what} to {path}" if what else str(path)
+    if code in _FULL:
+        room = f"{human_bytes(free)} free on {_mount(Path(path))}" if free is not None else ""
+        needs = f", it needs about {human_bytes(need)}" if need else ""
+        return UserError(
+            f"no space left writing {target} ({reason}; {room}{needs}); nothing half-written "
+            "was kept: free some space or write elsewhere, then run the same command again"
+        )
+    name = errno.errorcode.get(code, str(code))
+    return UserError(f"could not write {target}: {reason} ({name}); nothing half-written was kept")
+
+
+def _os_error(e: BaseException) -> tuple[int | None, str]:
+    """(errno, reason) of the OSError `e` is or wraps (its cause or context, or a Rust
+    writer's "os error N" text); (None, "") when there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno, e.strerror or os.strerror(e.errno)
+        m = re.search(r"os error (\d+)", str(e))
+        if m:
+            return int(m.group(1)), os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None, ""
+
+
+def check_space(folder: Path, need: int | None, what: str) -> None:
+    """Refuse, before writing, `need` bytes into `folder` when its disk has less free."""
+    if not need:
+        return
+    free = _free_bytes(folder)
+    if free is not None and free < need:
+        raise UserError(
+            f"no space left for {what}: it needs about {human_bytes(need)}, "
+            f"{human_bytes(free)} free on {_mount(folder)}; free some space or write "
+            "elsewhere, then run the same command again"
+        )
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes for this user on the disk of `path` (its nearest existing folder)."""
+    here = path.absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return shutil.disk_usage(here).free
+    except OSError:
+        return None
+
+
+def _mount(path: Path) -> Path:
+    """The mount point of `path`'s disk (its nearest existing folder's)."""
+    here = path.absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    while not os.path.ismount(here) and here != here.parent:
+        here = here.parent
+    return here
+
+
+def human_bytes(n: int | float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disk sizes are sold and df -H shows)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
 
 
 def _swap_in(new: Path, path: Path, aside: Path | None) -> None:
@@ -120,9 +253,26 @@ def _swap_in(new: Path, path: Path, aside: Path | None) -> None:
 
 def append_line(path: str | Path, line: str) -> None:
     """Append one line to a log-like file (train_loop.log, metrics.jsonl) and flush it,
-    so a killed run keeps every line written before the kill."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
+    so a killed run keeps every line written before the kill; on a failed write (a full
+    disk) the file is cut back to its last whole line and the error is one line."""
+    append_bytes(path, (line.rstrip("\n") + "\n").encode("utf-8"))
+
+
+def append_bytes(path: str | Path, data: bytes, what: str | None = None, f=None) -> None:
+    """Append `data` to `path` (or to the open unbuffered binary file `f`) completely or
+    not at all: a write that fails part-way (a full disk) is cut back off the file, and
+    the error is one line (:func:`writing`)."""
+    with writing(path, what), contextlib.ExitStack() as stack:
+        if f is None:
+            f = stack.enter_context(open(path, "ab", buffering=0))
+        start = os.fstat(f.fileno()).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) :]
+        except BaseException:
+            os.ftruncate(f.fileno(), start)
+            raise
 
 
 def check_out_dir(path: str | Path, flag: str = "--out_dir") -> Path:
@@ -257,8 +407,9 @@ def exclusive_lock(
     try:
         fd = _lock_fd(lock, what, path)
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with contextlib.suppress(OSError):  # the pid only names the holder (a full disk)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield lock
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -31,6 +31,7 @@ from typing import Any
 
 from .configs import ModelArgs
 from .errors import UserError
+from .records import check_input_file
 
 
 def parse_bool(text: str) -> bool:
@@ -114,8 +115,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     suffix = p.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise UserError(f"--config {path}: expected a .json, .yaml or .yml file")
+    if p.exists():  # a directory, FIFO or device: said what it is, never opened
+        check_input_file(p, "--config")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte order mark is no part of it
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path}: cannot read it ({e.__class__.__name__}: {e})") from None
     try:

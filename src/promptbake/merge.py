@@ -53,7 +53,10 @@ def merge(cfg: MergeConfig) -> Path:
     )
     set_adapter_scale(model, cfg.adapter_scale)
     merged = model.merge_and_unload()
-    with atomic_dir(out) as tmp:  # the old model stays until the new one is complete
+    weights = {t.data_ptr(): t.numel() * t.element_size() for t in merged.state_dict().values()}
+    need = sum(weights.values())  # tied weights are written once
+    # the old model stays until the new one is complete
+    with atomic_dir(out, what="the merged model", need=need) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_text(tmp / MERGED_MARKER, f"written by promptbake merge from {cfg.adapter}\n")

@@ -22,11 +22,16 @@ teacher is the same quantized model with the adapter off).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
+import pickle
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -148,6 +153,69 @@ def resolve_model_path(name: str) -> tuple[str, str]:
     if p.exists() or name.startswith((".", "/", "~")):
         raise UserError(f"--model_name {name}: not a model directory, .gguf file or hub id")
     return name, "hub"
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether --model_name `name` is a Hugging Face Hub id (what :func:`resolve_model_path`
+    calls "hub"), told without loading or unpacking anything."""
+    if name in BUNDLED_MODELS:
+        return False
+    p = Path(name).expanduser()
+    return not (p.suffix == ".gguf" or p.exists() or name.startswith((".", "/", "~")))
+
+
+# the switches that keep huggingface_hub, transformers, datasets and the `kernels`
+# package (which reads huggingface_hub's) from asking the Hub anything
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@contextlib.contextmanager
+def no_unasked_network(hub: bool, quantized: bool) -> Iterator[None]:
+    """For the block (one command's run), no network the user did not ask for.
+
+    With `hub` False (every model is local: the bundled one, a directory, a .gguf file)
+    the offline switches are set before transformers, peft or bitsandbytes are imported
+    (and in huggingface_hub's constants if it already is), so nothing asks the Hub
+    anything: ``import peft`` imports bitsandbytes, which on a CPU with AVX-512 BF16 asks
+    the Hub (through the ``kernels`` package, which reads huggingface_hub's switch) for a
+    4-bit CPU kernel, a DNS lookup on every command.
+
+    Without `quantized` (--load_in_4bit/8bit) that kernel is of no use to the run, so the
+    two warnings bitsandbytes and kernels print about not fetching it are not shown.
+    Everything is put back afterwards (a library caller, the tests, run more commands)."""
+    saved_env = {k: os.environ.get(k) for k in OFFLINE_SWITCHES}
+    constants = sys.modules.get("huggingface_hub.constants")
+    saved_offline = getattr(constants, "HF_HUB_OFFLINE", None)
+    loggers = [] if quantized else [logging.getLogger(n) for n in KERNEL_LOGGERS]
+    saved_levels = [log.level for log in loggers]
+    try:
+        if not hub:
+            os.environ.update({k: "1" for k in OFFLINE_SWITCHES})
+            if constants is not None:
+                constants.HF_HUB_OFFLINE = True
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_offline
+        elif (late := sys.modules.get("huggingface_hub.constants")) is not None:
+            # imported in the block, from the switches then set: as the environment says now
+            late.HF_HUB_OFFLINE = any(
+                os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            )
+        for log, level in zip(loggers, saved_levels):
+            log.setLevel(level)
+
+
+# where bitsandbytes' CPU 4-bit kernel fetch warns (at import, quantized or not)
+KERNEL_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
 def _hub_error(name: str, err: Exception) -> UserError:
@@ -279,6 +347,12 @@ def load_model(
         raise UserError(f"could not load the model {name}: {e}") from e
     except (ImportError, ValueError) as e:  # attention kernel or quantizer refused this setup
         raise UserError(f"could not load {name} with these options: {_first_line(e)}") from e
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
+        raise UserError(
+            f"--model_name {name}: its weights are a pickle (pytorch_model.bin) holding more "
+            f"than tensors ({_unpickler_reason(e)}), which promptbake does not load "
+            "(unpickling can run code); use a model saved as safetensors"
+        ) from None
     if quant is None:
         model.to(dev)
     else:
@@ -314,6 +388,14 @@ def keep_4bit_trainable(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's weights-only refusal that says what it found."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return _first_line(err)
 
 
 def _first_line(err: Exception) -> str:

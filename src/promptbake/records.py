@@ -27,7 +27,10 @@ ids right-padded with eos, mask zero at every eos, no ``*_nosys`` keys; see
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,14 +66,43 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 # ---------------------------------------------------------------- reading inputs
-def read_text(path: str | Path, what: str) -> str:
-    """A whole text file as a str; a missing, binary or non-UTF-8 file is a one-line error."""
+def check_input_file(path: str | Path, what: str, hint: str = "") -> Path:
+    """`path` as a Path when it is a regular file (a symlink to one counts); else one line
+    saying what it is: missing, a directory, a FIFO, a device such as /dev/null, a socket.
+    Decided by os.stat before anything opens it, so a FIFO never blocks the run. Every
+    input reader starts here (read_text, iter_jsonl, --config files)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"{what} {path}: no such file (give the path of a text file with the prompt)"
-        )
-    data = p.read_bytes()
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: no such file{f' ({hint})' if hint else ''}") from None
+    except NotADirectoryError:
+        raise UserError(f"{what} {path}: no such file (a part of the path is a file)") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode):
+        return p
+    kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "something else")
+    raise UserError(f"{what} {path}: is {kind}, not a regular file; give the path of a file")
+
+
+_NOT_REGULAR = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A whole text file as a str; a missing, binary or non-UTF-8 file is a one-line error.
+    A UTF-8 byte order mark at its start is dropped (it is no part of the text)."""
+    p = check_input_file(path, what, "give the path of a text file with the prompt")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -80,7 +112,10 @@ def read_text(path: str | Path, what: str) -> str:
         ) from None
     if "\x00" in text:
         raise UserError(f"{what} {path}: holds NUL bytes (a binary file?); give a text file")
-    return text
+    return text.removeprefix(BOM)
+
+
+BOM = "\ufeff"  # the UTF-8 byte order mark some editors write at a file's start
 
 
 def prompt_text(text: str, what: str = "--prompt") -> str:
@@ -136,13 +171,13 @@ def read_prompt(path: str | Path, what: str = "--x0_file") -> str | list[dict]:
 
 def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line is a one-line error."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} {path}: no such file")
+    p = check_input_file(path, what)
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
+                if lineno == 1:
+                    line = line.removeprefix(BOM)
             except UnicodeDecodeError:
                 raise UserError(
                     f"{what} {path}, line {lineno}: not UTF-8 text (a binary file?); "
@@ -161,12 +196,35 @@ def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
+# what chat templates use to open and close turns: <|im_start|>, <|im_end|>, <|eot_id|>,
+# <|start_header_id|>, ... (ChatML, Qwen, Llama 3, Phi) and Gemma's <start_of_turn>
+CHAT_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>|<(?:start|end)_of_turn>")
+
+
+def warn_chat_tokens(what: str, path, marked: list[tuple[int, str]]) -> None:
+    """One warning per input file whose questions hold chat special tokens.
+
+    They are kept as they are, not escaped: the prompt is rendered to a string by the
+    model's chat template and tokenized whole, where such a token becomes the real turn
+    marker; escaping only the question's part would change how every prompt is tokenized
+    (and every trajectory file and resume key made so far). A question may also use them
+    on purpose (a few-shot turn), so the user is told and decides."""
+    lineno, token = marked[0]
+    more = f" (and {len(marked) - 1} more questions of this file)" if len(marked) > 1 else ""
+    warn(
+        f"{what} {path}, line {lineno}: the question holds the chat token {token}{more}; "
+        "the chat template reads it as a turn boundary, so the prompt gets extra turns; "
+        "remove it unless that is intended"
+    )
+
+
 def read_questions(paths: str | Path | list, what: str = "--question_dataset") -> list[dict]:
     """Question records from one or more JSONL files (comma-separated string allowed)."""
     if isinstance(paths, (str, Path)):
         paths = [p for p in str(paths).split(",") if p]
     out: list[dict] = []
     for path in paths:
+        marked: list[tuple[int, str]] = []  # (line, chat token) of questions holding one
         for lineno, obj in iter_jsonl(path, what):
             q = obj.get("question")
             if not isinstance(q, str) or not q.strip():
@@ -174,7 +232,11 @@ def read_questions(paths: str | Path | list, what: str = "--question_dataset") -
                     f"{what} {path}, line {lineno}: no non-empty 'question' field "
                     '(each line needs {"question": "..."})'
                 )
+            if m := CHAT_TOKEN.search(q):
+                marked.append((lineno, m.group()))
             out.append(obj)
+        if marked:
+            warn_chat_tokens(what, path, marked)
     if not out:
         raise UserError(f"{what} {','.join(map(str, paths))}: no questions found")
     return out
@@ -454,6 +516,26 @@ def group_identical(keys: list) -> tuple[list[int], list[int]]:
             reps.append(i)
         group.append(seen[key])
     return group, reps
+
+
+def distinct_questions(questions: list[dict], what: str = "--question_dataset") -> list[dict]:
+    """The questions with repeats dropped (the first of each text is kept, in order), and
+    one warning saying how many: a split by position would put copies of one question on
+    both sides of a train/validation split."""
+    seen: set[str] = set()
+    out = []
+    for q in questions:
+        key = " ".join(q["question"].split())
+        if key not in seen:
+            seen.add(key)
+            out.append(q)
+    if len(out) < len(questions):
+        n = len(questions) - len(out)
+        warn(
+            f"{what}: {n} duplicate question{'s' if n > 1 else ''} dropped ({len(out)} distinct "
+            "kept), so that no question is in both the training and the validation split"
+        )
+    return out
 
 
 def select_questions(questions: list[dict], n: int, seed: int, shuffle: bool = True) -> list[dict]:

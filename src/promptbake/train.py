@@ -27,7 +27,7 @@ from .records import check_fingerprint, check_token_ids, read_meta, read_traject
 from .training import onpolicy
 from .training.loop import train
 from .training.outputs import RUN_WRITES, check_report_to
-from .training.setup import read_resume
+from .training.setup import check_lora_fits, read_resume
 from .training.sidecar import model_identity, probe_sidecar, quantization, read_sidecar
 from .training.targets import plan_teacher, training_facts
 
@@ -79,6 +79,7 @@ def _run_train(cfg: TrainConfig, echo: bool):
         cfg.model_name, *where, cfg.trust_remote_code, **model_options(cfg), tokenizer=tokenizer
     )
     check_token_ids(train_rows + (val_rows or []), model)
+    check_lora_fits(model, cfg)  # before anything is allocated or written
     student = None
     if source is not None:
         student = onpolicy.student_prompts(source, tokenizer, model, cfg.max_traj_len)

@@ -79,3 +79,45 @@ def require_finite(cfg: Any, *names: str) -> None:
         require(
             value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}"
         )
+
+
+# ---------------------------------------------------------------- numeric ranges
+# A count, length, rank or step number above this is a typo (a 100-million-row batch, a
+# billion-token answer) that would only fail deep inside torch, after work was done.
+MAX_INT = 2**31 - 1
+# what torch, numpy and random all accept as a seed (numpy: below 2**32)
+MAX_SEED = 2**32 - 1
+# sampling temperatures: below the minimum sampling is greedy in effect and the scaled
+# logits overflow float32 (--temperature 1e-39 crashed); above the maximum it is noise
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+
+
+def check_int_ranges(cfg: Any) -> None:
+    """Every integer field of `cfg` within [-MAX_INT, MAX_INT], its seed within
+    [0, MAX_SEED]: refused in one line naming the flag, before any work."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if type(value) is not int:
+            continue
+        if f.name == "seed":
+            require(
+                0 <= value <= MAX_SEED,
+                f"--seed must be in [0, {MAX_SEED}] (what torch, numpy and random accept), "
+                f"got {value}",
+            )
+            continue
+        flag = "-r" if f.name == "r" else f"--{f.name}"
+        require(abs(value) <= MAX_INT, f"{flag} {value} is too large (at most {MAX_INT})")
+
+
+def check_temperature(value: float, greedy_zero: bool) -> None:
+    """A sampling temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE] (or 0, greedy, where
+    `greedy_zero`); finiteness and sign are checked by the caller first."""
+    if greedy_zero and value == 0:
+        return
+    zero = "0 (greedy) or " if greedy_zero else ""
+    require(
+        MIN_TEMPERATURE <= value <= MAX_TEMPERATURE,
+        f"--temperature must be {zero}between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g} "
+        f"(below it sampling is greedy in effect and the scaled logits overflow), got {value:g}",
+    )

@@ -4,15 +4,26 @@ LoRA training, and the bake (and pursuit) built from them."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..distributed import world_size
+from ..errors import UserError
 from ..loss import DIVERGENCE_NAMES, check_divergence
 from ..models import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, check_model_options, resolve_device
 from .choices import ENGINE_NAMES
-from .fields import check_regex, field_values, opt, require, require_finite, with_defaults
+from .fields import (
+    check_int_ranges,
+    check_regex,
+    check_temperature,
+    field_values,
+    opt,
+    require,
+    require_finite,
+    with_defaults,
+)
 
 
 # ---------------------------------------------------------------- shared by all stages
@@ -48,6 +59,7 @@ class ModelArgs:
     def __post_init__(self) -> None:
         # at construction, so every command refuses a bad combination before any work
         check_model_options(self.attn_implementation, self.load_in_8bit, self.load_in_4bit)
+        check_int_ranges(self)  # every count and the seed, for every command
 
 
 # ---------------------------------------------------------------- generation
@@ -124,6 +136,7 @@ class GenerateConfig(ModelArgs):
         )
         require_finite(self, "temperature", "top_p")
         require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature, greedy_zero=False)
         require(
             self.max_sequence_length >= self.min_sequence_length,
             f"--max_sequence_length ({self.max_sequence_length}) is smaller than "
@@ -355,6 +368,10 @@ BAKE_WHY: dict[str, str] = {
 }
 
 
+# generation's --batch_size is bake's --gen_batch_size (BakeConfig.generate_config)
+GEN_FLAG = re.compile(r"--batch_size\b")
+
+
 @with_defaults(BAKE_DEFAULTS, BAKE_WHY)
 @dataclass
 class BakeConfig(TrainConfig, GenerateConfig):
@@ -391,7 +408,14 @@ class BakeConfig(TrainConfig, GenerateConfig):
         require(0 <= self.val_fraction < 1, "--val_fraction must be in [0, 1)")
         check_regex(self.marker, "--marker")
         require(self.answer_tokens > 0, "--answer_tokens must be positive")
-        self.generate_config("x").validate()
+        # bake's own names first, then the stages' checks in the names the user typed
+        require(
+            self.gen_batch_size > 0, f"--gen_batch_size must be positive, got {self.gen_batch_size}"
+        )
+        try:
+            self.generate_config("x").validate()
+        except UserError as e:
+            raise UserError(GEN_FLAG.sub("--gen_batch_size", str(e))) from None
         self.train_config().validate()
 
     def generate_config(self, out_file: str) -> GenerateConfig:

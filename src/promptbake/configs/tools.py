@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .choices import DATASET_NAMES, ENGINE_NAMES, MODES, SCORER_SPECS
-from .fields import opt, require, require_finite
+from .fields import check_int_ranges, check_temperature, opt, require, require_finite
 from .stages import ModelArgs
 
 
@@ -82,6 +82,7 @@ class EvalConfig(ModelArgs):
         require(self.batch_size > 0, "--batch_size must be positive")
         require_finite(self, "temperature")
         require(self.temperature >= 0, "--temperature must be >= 0")
+        check_temperature(self.temperature, greedy_zero=True)
         require(self.num_samples > 0, "--num_samples must be positive")
         require(
             self.num_samples == 1 or self.temperature > 0,
@@ -120,6 +121,7 @@ class ChatConfig(ModelArgs):
         require(self.max_new_tokens > 0, "--max_new_tokens must be positive")
         require_finite(self, "temperature", "adapter_scale")
         require(self.temperature >= 0, "--temperature must be >= 0")
+        check_temperature(self.temperature, greedy_zero=True)
 
 
 # ---------------------------------------------------------------- merge
@@ -157,3 +159,4 @@ class DataConfig:
     def validate(self) -> None:
         require(self.name is not None, f"name the question set: one of {', '.join(DATASET_NAMES)}")
         require(self.max_rows is None or self.max_rows > 0, "--max_rows must be positive")
+        check_int_ranges(self)

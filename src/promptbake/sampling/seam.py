@@ -119,11 +119,16 @@ def resolve_engine(name: str, device: torch.device | str) -> str:
     return choice
 
 
+def context_limit(model) -> int | None:
+    """The model's context in positions (``config.max_position_embeddings``), or None."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     """UserError, before any work, when a prompt plus its new tokens exceeds the model's
     context (``config.max_position_embeddings``; no check when the config has none)."""
-    config = model.config.get_text_config(decoder=True)
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = context_limit(model)
     longest = max((len(p) for p in prompts), default=0)
     if limit is not None and longest + max_new_tokens > limit:
         raise UserError(

@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 from .. import __version__, distributed
 from ..configs import GenerateConfig
 from ..errors import UserError
-from ..files import atomic_write, write_json
+from ..files import append_bytes, atomic_write, write_json, writing
 from ..models import end_of_turn_ids, tokenizer_fingerprint
 from ..prompts import render_prompts
 from ..records import make_trajectory, meta_path, read_json, read_trajectories, sidecar_path
-from .seam import Sampling, sample
+from .seam import Sampling, check_context, sample
 
 
 @dataclass
@@ -318,8 +318,8 @@ class _Kept:
 
 
 def _sample_into(f, work: _Work, todo: list[int], kept: _Kept | None, pbar) -> tuple[list, int]:
-    """Sample batches `todo` and append their records to `f`, one flushed write per
-    batch (a kill loses at most one batch); returns (records, new tokens)."""
+    """Sample batches `todo` and append their records to `f` (unbuffered, binary), one
+    write per batch (a kill loses at most one batch); returns (records, new tokens)."""
     cfg, tok = work.cfg, work.tokenizer
     settings = sampling_settings(cfg)
     eot = end_of_turn_ids(tok, work.model)
@@ -346,13 +346,16 @@ def _sample_into(f, work: _Work, todo: list[int], kept: _Kept | None, pbar) -> t
             )  # fmt: skip
             for (qi, si), gen in zip(batch, out.new_ids)
         ]
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-        f.flush()
+        # a batch is appended whole or not at all (a full disk: one line, the batches
+        # before it kept for the resume)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode("utf-8")
+        append_bytes(f.name, data, "the trajectories", f=f)
         records += new
         n_tokens += sum(len(g) for g in out.new_ids)
         pbar.update(len(batch))
         pbar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-    os.fsync(f.fileno())
+    with writing(f.name, "the trajectories"):
+        os.fsync(f.fileno())
     return records, n_tokens
 
 
@@ -401,6 +404,9 @@ def generate_trajectories(
     out_path = Path(out_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
     prompts = render_prompts(tokenizer, x0, questions, cfg.enable_thinking)
+    # every prompt is checked before anything is written (no .partial, no key to block a
+    # corrected command); the prompted side is the longer one
+    check_context(model, [p[0] for p in prompts], cfg.max_sequence_length)
     batches = plan_batches(
         [len(p[0]) for p in prompts], cfg.num_sequences_per_question, cfg.batch_size
     )
@@ -422,7 +428,7 @@ def generate_trajectories(
     with (
         _no_leftovers_on_failure(run.partial, run.key_path, run.fresh),
         pbar,
-        open(run.own, "a", encoding="utf-8") as f,
+        open(run.own, "ab", buffering=0) as f,
     ):
         todo = run.mine[run.done_batches :]
         new, n_tokens = _sample_into(f, work, todo, kept, pbar)

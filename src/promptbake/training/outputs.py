@@ -53,7 +53,9 @@ def save_adapter(model, out_dir: Path, lora: dict | None = None) -> None:
 
     `lora`: the weights to write (checkpoint.trainable_state), when the model's own
     are FSDP shards."""
-    with atomic_dir(out_dir, into=True) as tmp:
+    tensors = lora.values() if lora is not None else model.parameters()
+    need = sum(t.numel() * t.element_size() for t in tensors if lora is not None or t.requires_grad)
+    with atomic_dir(out_dir, into=True, what="the adapter", need=need) as tmp:
         save_peft(model, tmp, lora)  # no Hub request, the user's file modes
 
 

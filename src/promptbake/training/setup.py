@@ -12,6 +12,7 @@ this process's batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -25,7 +26,7 @@ import torch
 from .. import distributed
 from ..configs import LoraArgs, TrainConfig
 from ..errors import UserError
-from ..files import prepare_out_dir, write_json, write_jsonl
+from ..files import human_bytes, prepare_out_dir, write_json, write_jsonl
 from ..models import pad_id
 from . import checkpoint, onpolicy
 from .batches import Batch, collate, make_batches
@@ -41,10 +42,8 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def add_lora(model, lora: LoraArgs):
-    """Wrap `model` in a fresh LoRA adapter; unknown target modules are a clear error."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
+def lora_targets(model, lora: LoraArgs) -> list[str]:
+    """The --target_modules names, each checked to name linear modules of `model`."""
     targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
     available = linear_module_names(model)
     missing = [t for t in targets if t not in available]
@@ -53,6 +52,62 @@ def add_lora(model, lora: LoraArgs):
             f"--target_modules {','.join(missing)} not found in the model; its linear modules "
             f"are: {', '.join(available)}"
         )
+    return targets
+
+
+# bytes a trained LoRA parameter takes: float32 weight, gradient and AdamW's two moments
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def lora_params(model, lora: LoraArgs) -> int:
+    """How many parameters the LoRA of `lora` adds to `model`: r x (in + out) for every
+    targeted linear module, computed from the module shapes before anything is allocated."""
+    targets = set(lora_targets(model, lora))
+    return sum(
+        lora.r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: free GPU memory, or the CPU's
+    MemAvailable; None when it cannot be told."""
+    if device.type == "cuda":
+        with contextlib.suppress(RuntimeError):
+            return torch.cuda.mem_get_info(device)[0]
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_lora_fits(model, lora: LoraArgs) -> None:
+    """Refuse, before any LoRA weight is allocated (and in bake before sampling), a rank
+    whose weights, gradients and optimizer state cannot fit the device's free memory:
+    ``-r 100000000`` would otherwise ask torch for hundreds of GB and die in a traceback."""
+    n = lora_params(model, lora)
+    need = n * TRAIN_BYTES_PER_PARAM
+    device = next(model.parameters()).device
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(
+            f"-r {lora.r}: the LoRA on {lora.target_modules} would have {n:.3g} parameters, "
+            f"{human_bytes(need)} with their gradients and AdamW state, more than the "
+            f"{human_bytes(free)} free on {device.type}; choose a smaller -r (or fewer "
+            "--target_modules)"
+        )
+
+
+def add_lora(model, lora: LoraArgs):
+    """Wrap `model` in a fresh LoRA adapter; unknown target modules are a clear error,
+    and so is a LoRA too large for the device (:func:`check_lora_fits`)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = lora_targets(model, lora)
+    check_lora_fits(model, lora)
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         inference_mode=False,

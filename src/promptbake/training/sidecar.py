@@ -96,7 +96,8 @@ def save_sidecar(traj_path: str | Path, cache: TeacherCache, rows: list[dict], i
         "sha256": table_sha256(cache.logp, cache.offsets),
         **ident,
     }
-    with atomic_path(path) as tmp:
+    need = cache.logp.nbytes + cache.offsets.nbytes
+    with atomic_path(path, "the teacher sidecar", need) as tmp:
         # save_file streams the tensors to disk (no second in-memory copy of the table)
         save_file({"logp": cache.logp.contiguous(), "offsets": cache.offsets}, str(tmp), meta)
     return path
