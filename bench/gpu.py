@@ -10,7 +10,8 @@ missing, which the results name):
   (a) the seed's Example 1 as written, timed as processes: ``generate_data.py`` 100 x 25 x 300
       at --batch_size 38 --temperature 2.0 --min_sequence_length 100, then ``train_loop.py``
       for 1 epoch at --batch_size 10 -r 32;
-  (b) generation tokens/s of the default CUDA engine at batch 38 and 256 (every row decodes
+  (b) generation tokens/s of each CUDA engine (static, hf, and vllm where installed) at
+      batch 38 and 256, the default engine first (every row decodes
       all its tokens) and their share of the decode roofline: measured copy bandwidth over
       the bytes one step must read (weights + the KV cache);
   (c) training tokens/s and model FLOPs utilisation (6 x params FLOPs per token against a
@@ -63,14 +64,26 @@ def timed(cmd: list[str], timeout: float) -> dict:
     return {"seconds": time.perf_counter() - t0, "rc": rc, "tail": tail, "cmd": " ".join(cmd)}
 
 
-def example1(model_dir: Path, work: Path, questions: int, timeout: float) -> dict:
-    """(a): the seed's two commands as processes (the model path instead of the hub name)."""
-    traj = work / "traj.jsonl"
+def engines() -> list[str]:
+    """The CUDA engines to compare, the default (auto) one first."""
+    names = ["static", "hf"]
+    if importlib.util.find_spec("vllm") is not None:
+        names = ["vllm", *names]
+    return names
+
+
+def example1(model_dir: Path, work: Path, questions: int, timeout: float, engine=None) -> dict:
+    """(a): the seed's two commands as processes (the model path instead of the hub name);
+    with `engine`, generate_data.py alone, with --engine `engine`."""
+    traj = work / ("traj.jsonl" if engine is None else f"traj-{engine}.jsonl")
     gen = [sys.executable, "generate_data.py", "--model_name", str(model_dir)]
     gen += ["--x0_file", X0, "--question_dataset", QUESTIONS, "--num_questions", str(questions)]
     gen += ["--num_sequences_per_question", "25", "--max_sequence_length", "300"]
     gen += ["--min_sequence_length", "100", "--temperature", "2.0", "--batch_size", "38"]
     gen += ["--traj_out_file", str(traj), "--seed", "42"]
+    if engine is not None:
+        gen += ["--engine", engine]
+        return {"engine": engine, "generate": timed(gen, timeout)}
     train = [sys.executable, "train_loop.py", "--model_name", str(model_dir), "--num_epochs", "1"]
     train += ["--batch_size", "10", "--learning_rate", "1e-4", "--data_path", str(traj)]
     train += ["--out_dir", str(work / "run"), "-r", "32", "--save_every", "10"]
@@ -119,6 +132,17 @@ def table(res: dict) -> str:
         row("measured copy bandwidth, GB/s", res.get("bandwidth_bytes_per_s", 0) / 1e9 or None),
         row("measured bf16 matmul, TFLOP/s", res.get("matmul_flops", 0) / 1e12 or None),
     ]
+    for engine in engines():
+        per = res.get(f"generation_{engine}", {})
+        lines.append(
+            row(f"{engine}: generation tok/s at 38", per.get("38", {}).get("tokens_per_s"))
+        )
+        lines.append(
+            row(f"{engine}: generation tok/s at 256", per.get("256", {}).get("tokens_per_s"))
+        )
+        ex = res.get(f"example1_{engine}", {}).get("generate", {})
+        if ex:
+            lines.append(row(f"{engine}: Example 1 generate_data.py, s", ex.get("seconds")))
     if e1.get("scaled_down"):
         lines.append(f"Example 1 scaled down to {e1['questions']} questions (of 100)")
     return "\n".join(lines)
@@ -177,11 +201,22 @@ def measure(args: argparse.Namespace) -> dict:
         model.to("cpu")  # the processes of (a) get the whole card
         torch.cuda.empty_cache()
         res["example1"] = example1(work / "model", work, args.questions, args.timeout)
+        for engine in engines()[1:]:  # Example 1's generation with the other engines too
+            ex = example1(work / "model", work, args.questions, args.timeout, engine)
+            res[f"example1_{engine}"] = ex
         model.to(dev)
+        model.name_or_path = str(work / "model")  # where vLLM loads the weights from
         torch.cuda.reset_peak_memory_stats(dev)
         res["generation"] = {
             str(b): gm.generation(model, tok, b, args.new_tokens, bw) for b in (38, 256)
         }
+        for engine in engines():
+            res[f"generation_{engine}"] = {
+                str(b): gm.generation(model, tok, b, args.new_tokens, bw, engine) for b in (38, 256)
+            }
+            from promptbake.sampling.seam import release
+
+            release(model)
         traj = Path(res["example1"]["trajectories"])
         if traj.exists():
             steps, flops = args.train_steps, res["matmul_flops"]

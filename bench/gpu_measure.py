@@ -199,9 +199,11 @@ def save_model(out: Path):
     return model, tok, vocab
 
 
-def generation(model, tok, batch: int, new_tokens: int, bandwidth: float) -> dict:
-    """(b): tokens/s of the default engine with every row decoding `new_tokens` (the
-    first call compiles and captures the graph; the second is timed)."""
+def generation(
+    model, tok, batch: int, new_tokens: int, bandwidth: float, engine: str = "auto"
+) -> dict:
+    """(b): tokens/s of `engine` with every row decoding `new_tokens` (the first call
+    starts the engine, compiles and captures the graph; the second is timed)."""
     from promptbake.models import end_of_turn_ids
     from promptbake.prompts import render_prompts
     from promptbake.sampling.seam import Sampling, resolve_engine, sample
@@ -211,7 +213,7 @@ def generation(model, tok, batch: int, new_tokens: int, bandwidth: float) -> dic
     prompts = [p[0] for p in render_prompts(tok, read_prompt(str(ROOT / job.x0_file)), qs)]
     rows = [prompts[i % len(prompts)] for i in range(batch)]
     s = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=2.0)
-    kw = dict(pad_id=tok.pad_token_id, eot_ids=end_of_turn_ids(tok, model), engine="auto")
+    kw = dict(pad_id=tok.pad_token_id, eot_ids=end_of_turn_ids(tok, model), engine=engine)
     sample(model, rows, s, **kw)  # compile + capture the graph for this shape
     synchronize(model.device)
     t0 = time.perf_counter()
@@ -222,7 +224,7 @@ def generation(model, tok, batch: int, new_tokens: int, bandwidth: float) -> dic
     avg_context = sum(len(r) for r in rows) / batch + new_tokens / 2
     roof = decode_roofline(model, batch, avg_context, bandwidth)
     return {
-        "engine": resolve_engine("auto", model.device),
+        "engine": resolve_engine(engine, model.device),
         "batch": batch,
         "new_tokens": tokens,
         "seconds": secs,

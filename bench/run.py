@@ -2,7 +2,7 @@
 same machine, same data.
 
     python -m bench.run                 # every job: cpu, seed, memory, gpu
-    python -m bench.run --config cpu    # one of: cpu, seed, memory, gpu, all (default)
+    python -m bench.run --config cpu    # one of: cpu, seed, memory, engines, gpu, all (default)
     python -m bench.run --quick         # a tiny random model, seconds: checks the harness only
 
 Jobs (see bench/README.md for the method and the latest numbers):
@@ -14,6 +14,8 @@ Jobs (see bench/README.md for the method and the latest numbers):
 * seed: the seed's commands as users type them (generate_data.py, then train_loop.py)
   against the original's two scripts, each a timed process (bench/seed.py).
 * memory: loss-step peak memory at Qwen3's vocabulary (151,936) (bench/memory.py).
+* engines: the CPU sampling rate of each engine (hf, static, vllm where installed), a
+  fact with no target (bench/engines.py).
 * gpu: a Qwen3-1.7B-shaped model with random weights in bf16 at the seed's Example 1
   sizes (100 questions x 25 sequences x 300 tokens), generate + 1 epoch; skipped, with
   a message, when no CUDA device is present (bench/gpu_measure.py: run_gpu).
@@ -39,6 +41,7 @@ import torch
 
 from bench.common import log, machine_name
 from bench.cpu import run_cpu
+from bench.engines import engines_table, run_engines
 from bench.gpu_measure import run_gpu
 from bench.jobs import QUICK, GpuJob, Job
 from bench.memory import run_memory
@@ -48,7 +51,9 @@ from bench.tables import RESULTS, summary, update_readme
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="promptbake vs the original algorithm")
-    p.add_argument("--config", choices=["cpu", "seed", "memory", "gpu", "all"], default="all")
+    p.add_argument(
+        "--config", choices=["cpu", "seed", "memory", "engines", "gpu", "all"], default="all"
+    )
     p.add_argument("--quick", action="store_true", help="tiny random model: a harness check")
     p.add_argument(
         "--out", default=None, help="results file (default bench/results/<machine>.json)"
@@ -92,18 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.config in ("memory", "all"):
         log("loss-step memory microbenchmark")
         results["memory"] = run_memory(a.quick)
+    if a.config in ("engines", "all"):
+        log("sampling engines: CPU rate of each")
+        results["engines"] = run_engines(Job(), a.quick)
     if a.config in ("gpu", "all"):
         results["gpu"] = run_gpu(GpuJob())
     results["seconds"] = time.perf_counter() - t_start
     out = Path(a.out) if a.out else RESULTS / f"{results['machine']}.json"
     if a.config != "all" and out.is_file():  # one job: keep the file's other jobs' results
         kept = json.loads(out.read_text(encoding="utf-8"))
-        jobs = ("cpu", "seed", "memory", "gpu")
+        jobs = ("cpu", "seed", "memory", "engines", "gpu")
         results = {**kept, **{k: v for k, v in results.items() if k in jobs}}
     write_json(out, results)
     if not a.quick and a.out is None:
         update_readme()
     print("\n" + summary(results))
+    if results.get("engines"):
+        print("\n" + engines_table(results["engines"]))
     print(f"\nresults: {out} ({results['seconds']:.0f} s)")
     return 0
 
