@@ -255,7 +255,10 @@ class TrainConfig(LoraArgs, ModelArgs):
         "share of each epoch's batches sampled from the student itself (adapter on, no "
         "prompt) on the training questions, scored by the teacher per step (0: the paper's "
         "off-policy baking). Needs the prompt and questions: --x0_file/--question_dataset "
-        "or the trajectory file's .meta.json",
+        "or the trajectory file's .meta.json. With --engine vllm each on-policy batch after "
+        "an optimizer step first syncs the adapter: its LoRA weights are written to a "
+        "temporary folder and vLLM loads them as a new LoRA (a save of the adapter plus an "
+        "adapter load; the base weights are never copied or merged)",
     )
     x0_file: str | None = opt(
         None, "with --on_policy: the baked prompt (default: the trajectory file's sidecar)"
