@@ -52,8 +52,9 @@ from promptbake.errors import UserError
 from promptbake.evaluation.conditions import Answering, answer
 from promptbake.evaluation.scorers import parse_scorer, score_all
 from promptbake.files import write_json, write_jsonl
-from promptbake.records import read_prompt, read_questions, read_trajectories, select_questions
+from promptbake.records import read_prompt, read_questions, select_questions
 from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.schema import read_trajectories
 from promptbake.training.batches import make_batches
 from promptbake.training.objective import evaluate_kl
 

@@ -31,8 +31,9 @@ from bench.original import (
     generate_original,
     time_original_steps,
 )
-from promptbake.records import read_prompt, read_questions, read_trajectories
+from promptbake.records import read_prompt, read_questions
 from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.schema import read_trajectories
 from promptbake.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ What makes it "the original" (and slow), on purpose:
 
 Everything that is not an optimization is kept identical to promptbake, so the
 benchmark compares only speed: the chat template (``prompts.format_prompt``), the record
-schema (``records.make_trajectory``), the KL formula (``loss.token_kl``), the LoRA
+schema (``schema.make_trajectory``), the KL formula (``loss.token_kl``), the LoRA
 configuration and initial weights (same seed), the optimizer and the per-epoch
 shuffle (``torch.Generator().manual_seed(seed * 100_003 + epoch)``, as in
 ``training/loop.py``). Nothing else from promptbake is used (the command line below also
@@ -43,7 +43,7 @@ import torch
 
 from promptbake.loss import token_kl
 from promptbake.prompts import encode, format_prompt
-from promptbake.records import make_trajectory
+from promptbake.schema import make_trajectory
 
 
 @dataclass

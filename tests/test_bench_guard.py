@@ -30,7 +30,7 @@ from bench.original import (  # noqa: E402
     step_kl,
 )
 from promptbake.prompts import encode, format_prompt  # noqa: E402
-from promptbake.records import make_trajectory  # noqa: E402
+from promptbake.schema import make_trajectory  # noqa: E402
 from promptbake.training.batches import collate  # noqa: E402
 from promptbake.training.forward import base_of, selected_hidden  # noqa: E402
 from promptbake.training.objective import batch_kl  # noqa: E402

@@ -9,7 +9,7 @@ from promptbake.adapters import CHAIN_FILE, load_adapter
 from promptbake.cli import main
 from promptbake.models import load_model
 from promptbake.pursue import cross_model_kl
-from promptbake.records import read_trajectories
+from promptbake.schema import read_trajectories
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,11 @@ from promptbake.errors import UserError
 from promptbake.files import write_json
 from promptbake.generate import run_generate
 from promptbake.models import load_model, load_tokenizer, tokenizer_fingerprint
-from promptbake.records import read_prompt, read_questions, read_trajectories, select_questions
+from promptbake.records import read_prompt, read_questions, select_questions
 from promptbake.sampling.trajectories import _resume_key
-from promptbake.training import batches, checkpoint, objective, setup
+from promptbake.schema import read_trajectories
+from promptbake.training import batches, checkpoint, objective
+from promptbake.training.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

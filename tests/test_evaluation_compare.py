@@ -19,7 +19,7 @@ from promptbake.configs import CompareConfig, TrainConfig
 from promptbake.errors import UserError
 from promptbake.evaluation.compare import compare, override_prompt, trajectory_nll
 from promptbake.models import load_model
-from promptbake.records import read_trajectories
+from promptbake.schema import read_trajectories
 from promptbake.training.loop import train
 
 

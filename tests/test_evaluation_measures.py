@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from promptbake.adapters import load_adapter
-from promptbake.records import read_trajectories
+from promptbake.schema import read_trajectories
 
 
 def kl_rows_logits(model, rec: dict, sfx: str) -> torch.Tensor:

@@ -17,14 +17,9 @@ from promptbake.configs import GenerateConfig, TrainConfig
 from promptbake.evaluation.measures import heldout_kl
 from promptbake.models import end_of_turn_ids
 from promptbake.prompts import encode, format_prompt
-from promptbake.records import (
-    TRAJECTORY_KEYS,
-    generated_ids,
-    read_meta,
-    read_questions,
-    read_trajectories,
-)
+from promptbake.records import read_questions
 from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.schema import TRAJECTORY_KEYS, generated_ids, read_meta, read_trajectories
 from promptbake.training.loop import train
 
 pytestmark = pytest.mark.slow

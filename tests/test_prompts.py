@@ -180,8 +180,8 @@ def test_generation_bakes_the_conversation_prefix(qwen3_tok, tmp_path):
     import tiny
 
     from promptbake.configs import GenerateConfig
-    from promptbake.records import read_meta, read_trajectories
     from promptbake.sampling.trajectories import generate_trajectories
+    from promptbake.schema import read_meta, read_trajectories
 
     out = tmp_path / "t.jsonl"
     cfg = GenerateConfig(

@@ -28,7 +28,7 @@ from promptbake.cli import main
 from promptbake.errors import UserError
 from promptbake.models import end_of_turn_ids
 from promptbake.prompts import format_prompt
-from promptbake.records import cut_at_end_of_turn, make_trajectory, read_trajectories
+from promptbake.schema import cut_at_end_of_turn, make_trajectory, read_trajectories
 
 X0 = "You are a pirate. Answer in one short sentence."
 QUESTIONS = ["Reply with one word: is fire hot?", "What colour is the sky?"]

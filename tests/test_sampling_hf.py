@@ -15,9 +15,9 @@ import torch
 from tiny import bias_towards, sampling_prompts
 
 from promptbake.prompts import encode, format_prompt
-from promptbake.records import make_trajectory  # noqa: E402
 from promptbake.sampling import hf as engine_hf
 from promptbake.sampling.hf import left_pad, sample_batch
+from promptbake.schema import make_trajectory  # noqa: E402
 from promptbake.training.batches import collate  # noqa: E402
 from promptbake.training.forward import selected_hidden  # noqa: E402
 

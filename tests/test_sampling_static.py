@@ -12,12 +12,12 @@ from tiny import PIRATE, SAMPLING_QUESTIONS, bias_towards, im_end, sample_with, 
 
 from promptbake.configs import GenerateConfig
 from promptbake.models import end_of_turn_ids
-from promptbake.records import TRAJECTORY_KEYS, generated_ids, make_trajectory
 from promptbake.sampling import static as engine_static
 from promptbake.sampling import trajectories
 from promptbake.sampling.seam import Sampling
 from promptbake.sampling.static import draw, filter_scores
 from promptbake.sampling.trajectories import generate_trajectories
+from promptbake.schema import TRAJECTORY_KEYS, generated_ids, make_trajectory
 from promptbake.training.batches import collate
 from promptbake.training.forward import selected_hidden
 

@@ -27,9 +27,9 @@ from promptbake.errors import UserError
 from promptbake.generate import run_generate
 from promptbake.models import end_of_turn_ids, tokenizer_fingerprint
 from promptbake.prompts import encode, format_prompt
-from promptbake.records import TRAJECTORY_KEYS, generated_ids, read_meta
 from promptbake.sampling import trajectories
 from promptbake.sampling.trajectories import generate_trajectories, plan_batches
+from promptbake.schema import TRAJECTORY_KEYS, generated_ids, read_meta
 
 
 def cfg(**kw) -> GenerateConfig:

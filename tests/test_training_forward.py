@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import noisy_lora, zorblax_rows
 
-from promptbake.records import make_trajectory
+from promptbake.schema import make_trajectory
 from promptbake.training import batches, forward
 from promptbake.training.batches import collate, tree_mask
 from promptbake.training.forward import base_of, prefix_reuse_hidden, selected_hidden

@@ -31,7 +31,7 @@ from tiny import (
 from promptbake.configs import TrainConfig
 from promptbake.errors import UserError
 from promptbake.prompts import encode, format_prompt
-from promptbake.records import make_trajectory
+from promptbake.schema import make_trajectory
 from promptbake.training import checkpoint, objective
 from promptbake.training import loop as train
 from promptbake.training.batches import collate

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from promptbake.cli import main
 from promptbake.configs import GenerateConfig
 from promptbake.errors import UserError
-from promptbake.records import read_trajectories, sidecar_path
+from promptbake.schema import read_trajectories, sidecar_path
 from promptbake.training.sidecar import cut, probe_sidecar, read_sidecar, rows_fingerprint
 from promptbake.training.teacher import build_teacher_cache
 

@@ -71,8 +71,8 @@ def test_cache_order_groups_rows_by_prompt(chatml_tok):
 # ---------------------------------------------------------------- kept from generation
 def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, chatml_tok, tmp_path):
     from promptbake.configs import GenerateConfig
-    from promptbake.records import read_trajectories
     from promptbake.sampling.trajectories import generate_trajectories
+    from promptbake.schema import read_trajectories
 
     qs = [{"question": q} for q in ZORBLAX_QUESTIONS]
     cfg = GenerateConfig(

@@ -611,7 +611,7 @@ IDS = torch.tensor([[5, 17, 99, 230, 7, 64, 301, 12]])  # token ids any tiny mod
 def pirate_rows(tok, n_gen=(5, 3, 7), seed=0):
     """Trajectories with random 'generated' ids ending in <|im_end|> (no sampling needed)."""
     from promptbake.prompts import encode, format_prompt
-    from promptbake.records import make_trajectory
+    from promptbake.schema import make_trajectory
 
     g = torch.Generator().manual_seed(seed)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -634,7 +634,7 @@ def zorblax_rows(tok, n_seq=3, seed=0, max_gen=9) -> list[dict]:
     """Trajectories with real prompts (shared per question) and random answers of
     random length (1..max_gen tokens)."""
     from promptbake.prompts import encode, format_prompt
-    from promptbake.records import make_trajectory
+    from promptbake.schema import make_trajectory
 
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -651,7 +651,7 @@ def zorblax_rows(tok, n_seq=3, seed=0, max_gen=9) -> list[dict]:
 def loop_rows(tok, n_seq=2, seed=0) -> list[dict]:
     """The training-loop tests' rows: LOOP_QUESTIONS x n_seq answers of 2..7 random ids."""
     from promptbake.prompts import encode, format_prompt
-    from promptbake.records import make_trajectory
+    from promptbake.schema import make_trajectory
 
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -667,7 +667,7 @@ def loop_rows(tok, n_seq=2, seed=0) -> list[dict]:
 
 def small_rows(tok, n_gen: int = 2) -> list[dict]:
     """Two valid trajectory rows (our layout) with `n_gen` generated ids each."""
-    from promptbake.records import make_trajectory
+    from promptbake.schema import make_trajectory
 
     out = []
     for q in PIRATE_QUESTIONS[:2]:
@@ -681,7 +681,7 @@ def write_rows(path: Path, recs: list[dict], meta: dict | None = None) -> Path:
     """`recs` as a trajectory file, and `meta` as its .meta.json sidecar if given."""
     import json
 
-    from promptbake.records import meta_path
+    from promptbake.schema import meta_path
 
     path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     if meta is not None:
@@ -770,8 +770,9 @@ def sample_with(model, tok, prompts, settings, engine, **kw):
 def sample_heldout(model, tok, path, n_questions=3, n_seq=2, max_len=8, seed=0, x0=DATA_X0):
     """Trajectories of data/identity_heldout.jsonl's first questions, written to `path`."""
     from promptbake.configs import GenerateConfig
-    from promptbake.records import read_questions, read_trajectories
+    from promptbake.records import read_questions
     from promptbake.sampling.trajectories import generate_trajectories
+    from promptbake.schema import read_trajectories
 
     cfg = GenerateConfig(
         x0_file="<x0>",

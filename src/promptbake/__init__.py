@@ -7,7 +7,8 @@ ground      errors.py       UserError (one line, exit 2), warnings, Ctrl-C
             files.py        every file written: atomic files and folders, modes, locks, plots
             models.py       load a model + tokenizer: hub id, local dir, .gguf, bundled alias
             prompts.py      render (prompt, question) through the model's chat template
-            records.py      prompts, question sets, the trajectory schema and its checks
+            records.py      the user's inputs: prompt files, question sets, JSON read back
+            schema.py       the trajectory schema: rows, reading trajectory files, their checks
             loss.py         the divergences (forward KL, reverse KL, JSD), chunked and fused
             distributed.py  torchrun data parallelism and FSDP
             configs/        every command's config: flags, defaults, --help, validation

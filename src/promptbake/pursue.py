@@ -58,7 +58,8 @@ from .files import (
     write_json,
 )
 from .models import load_model, model_options, pad_id
-from .records import prompt_text, read_prompt, read_questions, read_trajectories
+from .records import prompt_text, read_prompt, read_questions
+from .schema import read_trajectories
 
 
 def cross_model_kl(

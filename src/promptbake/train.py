@@ -23,7 +23,7 @@ from . import distributed
 from .configs import TrainConfig
 from .files import check_not_inputs, check_run_dir, run_dir_lock
 from .models import load_model, load_tokenizer, model_options
-from .records import check_fingerprint, check_token_ids, read_meta, read_trajectories
+from .schema import check_fingerprint, check_token_ids, read_meta, read_trajectories
 from .training import onpolicy
 from .training.loop import train
 from .training.outputs import RUN_WRITES, check_report_to

@@ -48,13 +48,13 @@ from ..files import (
 )
 from ..models import load_tokenizer, model_options, pad_id
 from ..prompts import encode, format_prompt
-from ..records import (
+from ..records import read_prompt
+from ..schema import (
     check_fingerprint,
     check_token_ids,
     generated_ids,
     make_trajectory,
     read_meta,
-    read_prompt,
     read_trajectories,
 )
 from ..training.batches import make_batches

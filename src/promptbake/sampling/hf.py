@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError, warn
 from ..models import cache_arg
-from ..records import cut_at_end_of_turn, group_identical
+from ..schema import cut_at_end_of_turn, group_identical
 from .seam import Samples, Sampling
 
 RETURNS = "full"  # every row's [n_i, V] log-probs (sampling.seam.returns)

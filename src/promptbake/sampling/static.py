@@ -33,7 +33,7 @@ from transformers import StaticCache
 
 from ..errors import UserError, warn
 from ..models import cache_arg
-from ..records import cut_at_end_of_turn, group_identical
+from ..schema import cut_at_end_of_turn, group_identical
 from . import hf as engine_hf
 from .hf import left_pad
 from .seam import Samples, Sampling

@@ -41,7 +41,8 @@ from ..errors import UserError
 from ..files import append_bytes, atomic_write, write_json, writing
 from ..models import end_of_turn_ids, tokenizer_fingerprint
 from ..prompts import render_prompts
-from ..records import make_trajectory, meta_path, read_json, read_trajectories, sidecar_path
+from ..records import read_json
+from ..schema import make_trajectory, meta_path, read_trajectories, sidecar_path
 from .seam import Sampling, check_context, sample
 
 
@@ -50,7 +51,7 @@ class Generation:
     """What a generation run hands to training, so nothing is re-read or re-joined.
 
     ``rows``: every trajectory of the written file, in file order (the records
-    records.read_trajectories would return). ``kept``: with a keep budget, the sampler's
+    schema.read_trajectories would return). ``kept``: with a keep budget, the sampler's
     log-probs of every row, by (question_index, sample_index) (the teacher's targets,
     training.teacher.cache_from_generation turns them into its table); None when any row
     has no kept log-probs (a resumed run's earlier rows, or several processes), and

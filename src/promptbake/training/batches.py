@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import distributed
-from ..records import group_identical
+from ..schema import group_identical
 
 if TYPE_CHECKING:  # a type only: loss.py does not depend on batches
     from ..loss import TeacherTarget

@@ -27,8 +27,9 @@ from .. import distributed
 from ..errors import UserError
 from ..models import end_of_turn_ids, pad_id
 from ..prompts import render_prompts
-from ..records import make_trajectory, read_prompt, read_questions, select_questions
+from ..records import read_prompt, read_questions, select_questions
 from ..sampling.seam import Sampling, sample
+from ..schema import make_trajectory
 
 # the generation stage's defaults (configs.GenerateConfig), for a sidecar without them
 DEFAULT_GENERATION = {"max_sequence_length": 300, "min_sequence_length": 1, "temperature": 1.0}

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import warn
 from ..files import atomic_path
-from ..records import sidecar_path
+from ..schema import sidecar_path
 from .teacher import TeacherCache, kl_rows
 
 FORMAT = "promptbake-teacher-cache/1"
