@@ -49,7 +49,7 @@ from tiny import (
 from promptbake.chat import NOT_UTF8
 from promptbake.cli import main
 from promptbake.errors import UserError
-from promptbake.files import exclusive_lock
+from promptbake.guards import exclusive_lock
 from promptbake.models import load_model, tokenizer_fingerprint
 from promptbake.training import objective
 

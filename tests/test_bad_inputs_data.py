@@ -19,7 +19,7 @@ import tiny
 from tiny import BINARY, PIRATE_QUESTIONS, float_mask, negative_id, null_ids, write_rows
 
 from promptbake.cli import main
-from promptbake.files import exclusive_lock
+from promptbake.guards import exclusive_lock
 from promptbake.models import tokenizer_fingerprint
 
 

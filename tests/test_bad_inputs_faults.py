@@ -215,7 +215,7 @@ def check(row: Row, ctx: Ctx) -> None:
         changed = [k for k in b if a.get(k) != b[k]]
         assert not changed, f"changed or deleted under {root}: {changed}"
         new = [k for k in a if k not in b]
-        # a run folder's marker (files.prepare_out_dir) belongs to the run like its args.json
+        # a run folder's marker (guards.prepare_out_dir) belongs to the run like its args.json
         allowed = [*row.new, "*/.promptbake-run", ".promptbake-run"]
         stray = [k for k in new if not any(fnmatch.fnmatch(k, g) for g in allowed)]
         assert not stray, f"left behind under {root}: {stray}"

@@ -3,9 +3,9 @@
     python -m pytest tests/test_bad_inputs_sweep.py -q
 
 1. Outputs never replace what the tool did not write: no output is an input
-   (files.check_not_inputs), and a folder the tool did not write keeps its files
-   (files.check_run_dir, the .promptbake-run marker).
-2. Runs never mix: one run at a time in a run folder (files.run_dir_lock), and a
+   (guards.check_not_inputs), and a folder the tool did not write keeps its files
+   (guards.check_run_dir, the .promptbake-run marker).
+2. Runs never mix: one run at a time in a run folder (guards.run_dir_lock), and a
    generation resumes only with the same inputs, by content (the resume key).
 3. Damage is detected: checkpoint checksums, the teacher table's checksum, and one
    reader for every JSON file read back (records.read_json).
@@ -43,7 +43,7 @@ import tiny
 from promptbake.bake import BAKE_WRITES
 from promptbake.cli import main
 from promptbake.evaluation import report
-from promptbake.files import RUN_MARKER
+from promptbake.guards import RUN_MARKER
 from promptbake.merge import MERGED_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def interrupted(ctx: Ctx, argv: list[str], at_call: int = 2) -> list[str]:
 def hold_run_lock(ctx: Ctx, folder: Path) -> None:
     """Another process holding the run folder's lock, as a run in progress does."""
     code = (
-        "import sys\nfrom promptbake.files import run_dir_lock\n"
+        "import sys\nfrom promptbake.guards import run_dir_lock\n"
         "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))

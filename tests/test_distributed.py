@@ -33,8 +33,7 @@ from promptbake.models import load_model, load_tokenizer, tokenizer_fingerprint
 from promptbake.records import read_prompt, read_questions, select_questions
 from promptbake.sampling.trajectories import _resume_key
 from promptbake.schema import read_trajectories
-from promptbake.training import batches, checkpoint, objective
-from promptbake.training.setup import setup
+from promptbake.training import batches, checkpoint, objective, setup
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

@@ -3,8 +3,9 @@
 A prompt u is baked into LoRA weights so that the model *without* u behaves like the
 model *with* u. The house, from the ground up (a module imports only what is below it):
 
-ground      errors.py       UserError (one line, exit 2), warnings, Ctrl-C
-            files.py        every file written: atomic files and folders, modes, locks, plots
+ground      errors.py       UserError (one line, exit 2), warnings, Ctrl-C and SIGTERM
+            files.py        every file written: atomic files and folders, modes, full disks, plots
+            guards.py       where a run may write: never an input, marked run folders, locks
             models.py       load a model + tokenizer: hub id, local dir, .gguf, bundled alias
             prompts.py      render (prompt, question) through the model's chat template
             records.py      the user's inputs: prompt files, question sets, JSON read back

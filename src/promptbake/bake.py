@@ -29,15 +29,9 @@ from .evaluation.conditions import Answering, answer_condition, side_by_side
 from .evaluation.measures import heldout_kl
 from .evaluation.report import write_report
 from .evaluation.scorers import marker, score_all
-from .files import (
-    atomic_write,
-    check_not_inputs,
-    check_run_dir,
-    prepare_out_dir,
-    run_dir_lock,
-    write_json,
-)
+from .files import atomic_write, write_json
 from .flags import flag_values
+from .guards import check_not_inputs, check_run_dir, prepare_out_dir, run_dir_lock
 from .models import load_model, model_options, peak_gpu_memory
 from .records import distinct_questions, prompt_text, read_prompt, read_questions, select_questions
 from .sampling import seam as sampling
@@ -178,7 +172,7 @@ def report_answers(out: Path, cfg: BakeConfig, summary: dict, cols: dict, heldou
         }
 
 
-# What a bake writes into --out_dir besides a training run's files (files.check_run_dir);
+# What a bake writes into --out_dir besides a training run's files (guards.check_run_dir);
 # trajectories_*.jsonl* covers each split's .meta.json, .partial, .partial.key.json, .lock
 BAKE_WRITES = (
     *RUN_WRITES, "trajectories_train.jsonl*", "trajectories_val.jsonl*", "summary.json",
@@ -187,7 +181,7 @@ BAKE_WRITES = (
 
 
 def bake_inputs(cfg: BakeConfig) -> list[tuple[str, str | None]]:
-    """Every input file of a bake, for files.check_not_inputs."""
+    """Every input file of a bake, for guards.check_not_inputs."""
     return [
         ("--x0_file", cfg.x0_file),
         ("--question_dataset", cfg.question_dataset),

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import distributed
 from .configs import GenerateConfig
 from .errors import UserError
-from .files import check_not_inputs, check_writable, exclusive_lock
+from .guards import check_not_inputs, check_writable, exclusive_lock
 from .models import load_model, model_options, peak_gpu_memory
 from .records import read_prompt, read_questions, select_questions
 from .sampling.seam import returns
@@ -63,7 +63,7 @@ def run_generate(cfg: GenerateConfig, model=None, tokenizer=None) -> dict:
     if out.is_dir():
         raise UserError(f"--traj_out_file {out} is a directory; give a .jsonl file path")
     check_writable(out, "--traj_out_file")  # before the model loads
-    # no output, the file or one written beside it, is an input (files.check_not_inputs)
+    # no output, the file or one written beside it, is an input (guards.check_not_inputs)
     check_not_inputs(
         [("--traj_out_file", p, None) for p in (out, *side_files(out))],
         [

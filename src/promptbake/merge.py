@@ -16,7 +16,8 @@ from pathlib import Path
 from .adapters import adapter_dir, base_model_name, load_adapter, set_adapter_scale
 from .configs import MergeConfig
 from .errors import UserError
-from .files import atomic_dir, check_not_inputs, check_out_dir, write_text
+from .files import atomic_dir, write_text
+from .guards import check_not_inputs, check_out_dir
 from .models import model_options
 
 MERGED_MARKER = ".promptbake-merged"

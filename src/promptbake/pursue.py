@@ -49,14 +49,8 @@ from .evaluation.conditions import CONDITIONS, Answering, answer
 from .evaluation.measures import condition_kl, heldout_kl
 from .evaluation.report import format_table, pct
 from .evaluation.scorers import marker, score_all
-from .files import (
-    atomic_write,
-    check_not_inputs,
-    check_run_dir,
-    prepare_out_dir,
-    run_dir_lock,
-    write_json,
-)
+from .files import atomic_write, write_json
+from .guards import check_not_inputs, check_run_dir, prepare_out_dir, run_dir_lock
 from .models import load_model, model_options, pad_id
 from .records import prompt_text, read_prompt, read_questions
 from .schema import read_trajectories
@@ -178,7 +172,7 @@ def write_result(out: Path, result: dict) -> None:
         f.write(render_markdown(result))
 
 
-# What a pursuit writes into --out_dir, and into each round_k/ (files.check_run_dir)
+# What a pursuit writes into --out_dir, and into each round_k/ (guards.check_run_dir)
 PURSUE_WRITES = ("pursuit.json", "pursuit.md", "round_*")
 ROUND_WRITES = (*BAKE_WRITES, CHAIN_FILE, "pursuit_round.json")
 

@@ -21,7 +21,7 @@ import contextlib
 
 from . import distributed
 from .configs import TrainConfig
-from .files import check_not_inputs, check_run_dir, run_dir_lock
+from .guards import check_not_inputs, check_run_dir, run_dir_lock
 from .models import load_model, load_tokenizer, model_options
 from .schema import check_fingerprint, check_token_ids, read_meta, read_trajectories
 from .training import onpolicy
@@ -33,7 +33,7 @@ from .training.targets import plan_teacher, training_facts
 
 
 def train_inputs(cfg: TrainConfig) -> list[tuple[str, str | None]]:
-    """Every input file of a training run, for files.check_not_inputs."""
+    """Every input file of a training run, for guards.check_not_inputs."""
     return [
         ("--data_path", cfg.data_path),
         ("--val_path", cfg.val_path),

@@ -38,14 +38,8 @@ from ..adapters import (
 )
 from ..configs import CompareConfig
 from ..errors import UserError
-from ..files import (
-    atomic_write,
-    check_not_inputs,
-    check_run_dir,
-    prepare_out_dir,
-    save_figure,
-    write_json,
-)
+from ..files import atomic_write, save_figure, write_json
+from ..guards import check_not_inputs, check_run_dir, prepare_out_dir
 from ..models import load_tokenizer, model_options, pad_id
 from ..prompts import encode, format_prompt
 from ..records import read_prompt
@@ -204,6 +198,31 @@ def default_data_file(adapter: str) -> str:
     return str(found)
 
 
+def write_markdown(cfg: CompareConfig, out: Path, result: dict, scores: dict) -> None:
+    """<prefix>compare.md: the summary table, fidelity and (--plot) the scatter plots."""
+    p, summary, kl = cfg.path_prefix, result["summary"], result["heldout_kl"]
+    md = [
+        f"# compare: {result['adapter']}",
+        "",
+        f"{result['num_trajectories']} trajectories from `{result['data_file']}`, adapter "
+        f"scale {cfg.adapter_scale:g}"
+        + (", prompt overridden" if result["prompt_override"] else "")
+        + ". NLL = sum over generated tokens of -log p(token).",
+        "",
+        summary_table(summary, markdown=True),
+        "",
+        f"Baked NLL closer to prompted than base NLL on "
+        f"{100 * summary['baked']['closer_than_base_share']:.0f}% of trajectories.",
+        "",
+        fidelity_line(kl),
+        "",
+    ]
+    if cfg.plot:
+        md += [f"![{x.stem}]({x.name})" for x in plot_pairs(scores, out, p)] + [""]
+    with atomic_write(out / f"{p}compare.md") as f:
+        f.write("\n".join(md))
+
+
 def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     """Run the comparison; pass `model` (a PeftModel) and `tokenizer` to skip loading."""
     cfg.validate()
@@ -230,13 +249,9 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     )
     if model is None:
         model, tokenizer, _ = load_adapter(
-            adapter,
-            cfg.model_name,
-            cfg.device,
-            cfg.dtype,
-            cfg.trust_remote_code,
+            adapter, cfg.model_name, cfg.device, cfg.dtype, cfg.trust_remote_code,
             **model_options(cfg),
-        )
+        )  # fmt: skip
     check_fingerprint(data_file, tokenizer)
     check_token_ids(rows, model)
     if override is not None:
@@ -273,24 +288,6 @@ def compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
         ],
     }
     write_json(out / f"{p}compare.json", result)
-    md = [
-        f"# compare: {adapter}",
-        "",
-        f"{len(rows)} trajectories from `{data_file}`, adapter scale {cfg.adapter_scale:g}"
-        + (", prompt overridden" if override else "")
-        + ". NLL = sum over generated tokens of -log p(token).",
-        "",
-        summary_table(summary, markdown=True),
-        "",
-        f"Baked NLL closer to prompted than base NLL on "
-        f"{100 * summary['baked']['closer_than_base_share']:.0f}% of trajectories.",
-        "",
-        fidelity_line(kl),
-        "",
-    ]
-    if cfg.plot:
-        md += [f"![{x.stem}]({x.name})" for x in plot_pairs(scores, out, p)] + [""]
-    with atomic_write(out / f"{p}compare.md") as f:
-        f.write("\n".join(md))
+    write_markdown(cfg, out, result, scores)
     print(f"wrote {out / (p + 'compare.md')} and {out / (p + 'compare.json')}")
     return result

@@ -30,7 +30,8 @@ from ..adapters import adapter_dir, load_model_and_adapter, resolve_prompt, set_
 from ..configs import EvalConfig, require
 from ..configs.choices import MODES
 from ..errors import UserError
-from ..files import atomic_write, check_not_inputs, check_run_dir, prepare_out_dir, write_json
+from ..files import atomic_write, write_json
+from ..guards import check_not_inputs, check_run_dir, prepare_out_dir
 from ..prompts import Prompt
 from ..records import read_questions
 from .conditions import CONDITIONS, GREEDY, Answering, answer_condition

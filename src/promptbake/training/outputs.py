@@ -22,7 +22,7 @@ from ..files import append_line, atomic_dir, save_figure
 
 REPORT_TO = ["none", "tensorboard"]
 
-# What a training run writes into --out_dir (glob patterns), for files.check_run_dir: a
+# What a training run writes into --out_dir (glob patterns), for guards.check_run_dir: a
 # folder promptbake did not write that holds one of these is refused, left untouched.
 # save_peft writes the adapter files and peft's README.md model card.
 RUN_WRITES = (

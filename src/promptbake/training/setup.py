@@ -26,7 +26,8 @@ import torch
 from .. import distributed
 from ..configs import LoraArgs, TrainConfig
 from ..errors import UserError
-from ..files import human_bytes, prepare_out_dir, write_json, write_jsonl
+from ..files import human_bytes, write_json, write_jsonl
+from ..guards import prepare_out_dir
 from ..models import pad_id
 from . import checkpoint, onpolicy
 from .batches import Batch, collate, make_batches
