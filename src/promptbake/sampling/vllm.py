@@ -43,6 +43,7 @@ import torch
 from .. import distributed
 from ..errors import UserError, warn
 from ..models import resolve_model_path
+from ..schema import cut_at_end_of_turn
 from . import hf
 from .seam import Samples, Sampling
 
@@ -309,13 +310,6 @@ def _groups(prompts: list[list[int]], budget: int) -> list[range]:
     return [*out, range(start, len(prompts))]
 
 
-def _cut(ids: list[int], eot: set[int]) -> list[int]:
-    for j, t in enumerate(ids):
-        if t in eot:
-            return ids[: j + 1]
-    return ids
-
-
 def sample(
     model,
     prompts: list[list[int]],
@@ -368,8 +362,7 @@ def sample(
     except BaseException:
         release()  # a failed step leaves vLLM unusable: the next call starts a fresh one
         raise
-    eot = set(eot_ids)
-    new_ids = [_cut(list(o.outputs[0].token_ids), eot) for o in outs]
+    new_ids = [cut_at_end_of_turn(list(o.outputs[0].token_ids), eot_ids) for o in outs]
     topk = None
     if return_logprobs:
         topk = [_topk(o.outputs[0].logprobs, ids, k) for o, ids in zip(outs, new_ids)]
