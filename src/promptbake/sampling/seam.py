@@ -23,6 +23,7 @@ Contract of an engine, whatever it does inside:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -150,6 +151,18 @@ def returns(name: str, device: torch.device | str) -> str:
     return getattr(importlib.import_module(module), "RETURNS", "none")
 
 
+def with_model_defaults(settings: Sampling, model) -> Sampling:
+    """`settings` with the top-k / top-p the model's generation config gives where they
+    are None (what --top_k / --top_p's "default: the model's generation config" means),
+    so that every engine samples the same distribution. 0 asks for no filter."""
+    if not settings.temperature:
+        return settings
+    config = getattr(model, "generation_config", None)
+    top_k = settings.top_k if settings.top_k is not None else getattr(config, "top_k", None)
+    top_p = settings.top_p if settings.top_p is not None else getattr(config, "top_p", None)
+    return dataclasses.replace(settings, top_k=top_k, top_p=top_p)
+
+
 def sample(
     model,
     prompts: list[list[int]],
@@ -163,6 +176,7 @@ def sample(
     """Sample one batch of rows with `engine` (see the module docstring)."""
     check_context(model, prompts, settings.max_new_tokens)
     name = resolve_engine(engine, model.device)
+    settings = with_model_defaults(settings, model)
     return get_engine(name)(
         model, prompts, settings, pad_id=pad_id, eot_ids=eot_ids, return_logprobs=return_logprobs
     )
