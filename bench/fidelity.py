@@ -12,11 +12,11 @@ A *method* is a dict of `promptbake bake` flags (BakeConfig fields) on top of th
 sizes. The first method (``paper``: forward KL on the prompted model's own samples, a
 fixed number of epochs) sets the time budget T of each bake and seed: seconds from the
 start of its bake to the end of its training (model load + generation + epochs). Every
-other method gets the training time that leaves it T in all (``--max_train_seconds``:
-T minus the paper's load time minus its own generation time, estimated from the paper's
-by the number of sampled tokens), and is read at T: its bake saves an adapter after
-every epoch, and the harness takes the one a bake stopped at T would have kept (the
-best validation KL among the epochs finished by T, bench.fidelity_report.read_at).
+other method trains for what is left of T when its training starts
+(``--max_train_seconds``, set at that moment: a method that samples more answers
+trains less), and is read at T: its bake saves an adapter after every epoch, and the
+harness takes the one a bake stopped at T would have kept (the best validation KL among
+the epochs finished by T, bench.fidelity_report.read_at).
 
 Each method runs once per seed (``--seeds N``: seeds 42 .. 42+N-1); the seed picks the
 training questions from the bake's pool, and is the bake's --seed (question shuffle and
@@ -57,7 +57,6 @@ import torch
 
 from bench import fidelity_report as report
 from bench.jobs import loadavg, log, machine_name
-from promptbake.bake import bake
 from promptbake.configs import BakeConfig
 from promptbake.errors import UserError
 from promptbake.evaluation.conditions import CONDITIONS, answer
@@ -182,11 +181,10 @@ OURS = {
     for k, v in {f.name: f.default for f in dataclasses.fields(BakeConfig)}.items()
     if k in OURS_FLAGS
 }
-# The bake flag that stops training after this many seconds: a method gets exactly the
-# training time that leaves it the paper's total time.
+# The bake flag that stops training after this many seconds: a method gets what is left
+# of the paper's total time when its training starts (timed_bake), unless it sets it.
 BUDGET_FLAG = "max_train_seconds"
-# generation settings: a method that changes them samples longer or shorter than the
-# paper, and its training budget moves by the difference (gen_seconds)
+# the flags every method shares (the harness sets them)
 SHARED = {"x0_file", "question_dataset", "out_dir", "num_questions", "save_every", "seed"}
 
 
@@ -269,17 +267,31 @@ def bake_config(
     return BakeConfig(**{**shared, **flags})  # a method may change the generation sizes
 
 
-def sampled_tokens(cfg: BakeConfig) -> int:
-    return cfg.num_sequences_per_question * cfg.max_sequence_length
+def clock() -> float:
+    return time.perf_counter()
 
 
-def training_budget(budget: dict, paper: BakeConfig, cfg: BakeConfig) -> float:
-    """Training seconds that leave a method the paper's total time T: T minus the
-    paper's load time minus this method's generation time, estimated from the paper's
-    by the number of tokens sampled (answers per question x answer length). At least
-    one second: a method whose sampling alone takes T still trains a step."""
-    gen = budget["generate"] * sampled_tokens(cfg) / max(1, sampled_tokens(paper))
-    return max(1.0, budget["total"] - budget["load"] - gen)
+def timed_bake(cfg: BakeConfig, total_s: float | None) -> dict:
+    """``bake(cfg)``; with `total_s`, its training gets what is left of `total_s` seconds
+    since the bake started when training starts (``--max_train_seconds``, at least one
+    second), so a method that loads or samples longer than the paper trains less and
+    every method ends at the same total time."""
+    import promptbake.bake as bake_module
+
+    if total_s is None:
+        return bake_module.bake(cfg)
+    t0 = clock()
+    train_stage = bake_module.train_stage
+
+    def budgeted(stage_cfg, *args, **kwargs):
+        stage_cfg.max_train_seconds = max(1.0, total_s - (clock() - t0))
+        return train_stage(stage_cfg, *args, **kwargs)
+
+    bake_module.train_stage = budgeted
+    try:
+        return bake_module.bake(cfg)
+    finally:
+        bake_module.train_stage = train_stage
 
 
 class Evaluator:
@@ -337,16 +349,20 @@ def epoch_times(out: Path, summary: dict, t0: float) -> list[dict]:
     return points
 
 
-def run_method(ev: Evaluator, cfg: BakeConfig, base_scores: dict, budget: dict | None) -> dict:
-    """Bake with `cfg`, then the held-out KL / top-1 curve and the behaviour read at
-    the total time `budget["total"]` (None: this run sets the budget)."""
+def run_method(
+    ev: Evaluator, cfg: BakeConfig, flags: dict, base_scores: dict, budget: dict | None
+) -> dict:
+    """Bake with `cfg` (a method's `flags` on the shared sizes), then the held-out KL /
+    top-1 curve and the behaviour read at the total time `budget["total"]` (None: this
+    run sets the budget; otherwise training stops when it is spent, timed_bake)."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     out = Path(cfg.out_dir)
     shutil.rmtree(out, ignore_errors=True)  # no epoch_N/ of an earlier run
     t0 = time.time()
-    summary = bake(cfg)
+    own_budget = budget is not None and BUDGET_FLAG not in flags
+    summary = timed_bake(cfg, budget["total"] if own_budget else None)
     total = time.time() - t0
     secs = summary["seconds"]
     ran_until = sum(secs[k] for k in ("load", "generate", "train"))
@@ -417,18 +433,16 @@ def run_task(
         train, _ = task_questions(task, sizes, seed)
         train_file = work / f"train_questions_seed{seed}.jsonl"
         write_jsonl(train_file, train)
-        budget, paper_cfg = None, None
+        budget = None
         for name, flags in methods.items():
-            cfg = bake_config(task, sizes, flags, train_file, work / name, seed)
-            if budget is not None and BUDGET_FLAG not in flags:
-                cfg.max_train_seconds = training_budget(budget, paper_cfg, cfg)
+            out = work / name.replace(":", "-")  # screen variants are axis:variant
+            cfg = bake_config(task, sizes, flags, train_file, out, seed)
             log(f"{task.name} seed {seed}: baking with {name} {flags}")
-            m = run_method(ev, cfg, base_scores, budget)
+            m = run_method(ev, cfg, flags, base_scores, budget)
             record["answers"].setdefault(name, []).append(m.pop("answers"))
             record["methods"][name]["runs"].append(m)
             if budget is None:  # the first method sets the time budget of this seed
                 budget = {"total": m["total_s"], **m["seconds"]}
-                paper_cfg = cfg
             r = m["read"]
             log(
                 f"{task.name} seed {seed} {name}: held-out KL {r['kl']:.4f} (ratio "
@@ -509,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "loadavg_before": load_before,
         "seeds": seeds,
+        "slack": args.slack,
         "sizes": dataclasses.asdict(sizes),
         "methods": methods,
         "tasks": {},

@@ -173,6 +173,36 @@ def misses(results: dict, method: str) -> list[str]:
     return out
 
 
+def validation_picks(results: dict) -> dict:
+    """How well the bakes' own validation KL picked the epoch: over every run, how often
+    the epoch read (best validation KL by T) is also the best on held-out KL among the
+    epochs finished by then, and the held-out KL ratio and top-1 agreement lost by the
+    picks (mean over runs; 0 when validation always picked the held-out best)."""
+    n = same = 0
+    lost_ratio, lost_top1 = [], []
+    slack = results.get("slack", 0.0)
+    for task in results["tasks"].values():
+        for m in task["methods"].values():
+            for run in m["runs"]:
+                done = [p for p in run["curve"] if p["t"] <= run["budget_s"] * (1 + slack)]
+                if not done:
+                    continue
+                best = min(done, key=lambda p: p["kl"])
+                read = run["read"]
+                n += 1
+                same += best["epoch"] == read["epoch"]
+                lost_ratio.append(kl_ratio(read["kl"] - best["kl"], task["kl_base"]))
+                top = max(p.get("top1", float("nan")) for p in done)
+                lost_top1.append(top - read.get("top1", float("nan")))
+    mean = statistics.fmean
+    return {
+        "runs": n,
+        "best_picked": same,
+        "ratio_lost": mean(lost_ratio) if lost_ratio else float("nan"),
+        "top1_lost": mean(lost_top1) if lost_top1 else float("nan"),
+    }
+
+
 def header(results: dict) -> list[str]:
     """When, where, the load, the command, seeds and sizes."""
     s = results["sizes"]
@@ -208,6 +238,15 @@ def describe(results: dict) -> str:
     lines += ["Methods (bake flags beyond the shared sizes; the first sets the time budget):", ""]
     lines += [f"- `{name}`: `{flags or '{}'}`" for name, flags in results["methods"].items()]
     lines += ["", table(results, markdown=True), ""]
+    v = validation_picks(results)
+    if v["runs"]:
+        lines += [
+            f"Validation KL ({round(results['sizes']['n_train_q'] * results['sizes'].get('val_fraction', 0.1))} "
+            f"questions per bake) picked the epoch with the best held-out KL in "
+            f"{v['best_picked']} of {v['runs']} runs; its picks cost {v['ratio_lost']:.3f} "
+            f"of KL ratio and {v['top1_lost']:.3f} of top-1 agreement on average.",
+            "",
+        ]
     for name in results["methods"]:
         if targets_met(results, name):
             lines.append(f"- `{name}` meets both targets on every bake.")

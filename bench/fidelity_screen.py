@@ -134,4 +134,12 @@ def describe(results: dict) -> str:
         table(results),
         "",
     ]
+    v = report.validation_picks(results)
+    if v["runs"]:
+        lines += [
+            f"Validation KL picked the held-out-best epoch in {v['best_picked']} of "
+            f"{v['runs']} runs (cost: {v['ratio_lost']:.3f} KL ratio, {v['top1_lost']:.3f} "
+            "top-1 on average).",
+            "",
+        ]
     return "\n".join(lines) + "\n"

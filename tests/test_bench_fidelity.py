@@ -232,20 +232,40 @@ def test_rare_bake_is_a_name_in_a_longer_persona():
     assert "Quibbleton" in x0 and len(x0.split()) > 20
 
 
-def test_training_budget_leaves_every_method_the_papers_total_time(tmp_path):
+def test_timed_bake_trains_for_what_is_left_of_the_total_time(tmp_path, monkeypatch):
+    import promptbake.bake as bake_module
+
     task = fidelity.TASKS["persona"]
-    paper = fidelity.bake_config(task, fidelity.FULL, {}, tmp_path / "q", tmp_path / "o")
-    more = fidelity.bake_config(
+    cfg = fidelity.bake_config(
         task, fidelity.FULL, {"num_sequences_per_question": 16}, tmp_path / "q", tmp_path / "o"
     )
-    assert more.num_sequences_per_question == 16  # a method may change the shared sizes
-    budget = {"total": 60.0, "load": 5.0, "generate": 5.0, "train": 50.0}
-    assert fidelity.training_budget(budget, paper, paper) == pytest.approx(50.0)
-    assert fidelity.training_budget(budget, paper, more) == pytest.approx(60 - 5 - 20)
-    huge = {**budget, "generate": 30.0}
-    assert fidelity.training_budget(huge, paper, more) == 1.0  # still one step
-    assert paper.val_fraction == fidelity.FULL.val_fraction and paper.seed == 42
+    assert cfg.num_sequences_per_question == 16  # a method may change the shared sizes
+    assert cfg.val_fraction == fidelity.FULL.val_fraction and cfg.seed == 42
     assert fidelity.bake_config(task, fidelity.FULL, {}, "q", "o", seed=44).seed == 44
+    now = [100.0]
+    monkeypatch.setattr(fidelity, "clock", lambda: now[0])
+    seen = []
+    monkeypatch.setattr(
+        bake_module, "train_stage", lambda c, *a, **k: seen.append(c.max_train_seconds)
+    )
+
+    before_training = [25.0]
+
+    def fake_bake(c):  # load + generation take 25 s, then training
+        now[0] += before_training[0]
+        bake_module.train_stage(c)
+        return {"ok": True}
+
+    monkeypatch.setattr(bake_module, "bake", fake_bake)
+    assert fidelity.timed_bake(cfg, 60.0) == {"ok": True}
+    assert seen == [35.0] and cfg.max_train_seconds == 35.0
+    before_training[0] = 100.0  # sampling alone took longer than the budget: one second
+    fidelity.timed_bake(cfg, 60.0)
+    assert seen[-1] == 1.0
+    assert bake_module.train_stage is not fidelity.timed_bake  # restored after the bake
+    cfg.max_train_seconds = 0.0
+    fidelity.timed_bake(cfg, None)  # the paper's run: no budget
+    assert seen[-1] == 0.0
 
 
 def test_screen_variants_change_one_axis_of_ours():
@@ -287,3 +307,14 @@ def test_screen_table():
     )
     line = next(x for x in text.splitlines() if x.startswith("| paper |"))
     assert "0.240±0.057 / 0.880 / 62%" in line and "+0.190 / -0.095 / -38 pts" in line
+
+
+def test_validation_picks():
+    res = fake_results()
+    v = report.validation_picks(res)
+    # paper seed 42: read epoch 2 (kl 0.1) is the held-out best by 40 s; seed 43 too
+    # (0.14 < 0.2 and 0.12 at 40 s: epoch 3 is best on held-out, validation picked 2)
+    assert v["runs"] == 4 and v["best_picked"] == 3
+    assert v["ratio_lost"] == pytest.approx((0.14 - 0.12) / 0.5 / 4)
+    assert v["top1_lost"] == pytest.approx(0.02 / 4)
+    assert "picked the epoch with the best held-out KL in 3 of 4 runs" in report.describe(res)
