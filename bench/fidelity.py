@@ -34,7 +34,7 @@ held-out questions, a scorer) the harness loads the bundled SmolLM2-135M once an
    curve against time) and answers the held-out questions with the adapter read at T.
 
 Writes bench/results/fidelity-<machine>.json (``--quick``: ...-quick.json, not
-committed; ``--screen``: fidelity-screen-<machine>.json) after every bake, the plot
+committed; ``--screen``: fidelity-screen-<machine>.json) after every run, the plot
 bench/results/fidelity-kl-vs-time.png, the table between the fidelity markers of
 bench/README.md (the screen's between the fidelity-screen markers; not with --quick),
 and prints the table with the targets: held-out KL ratio <= 0.10 and baked behaviour
@@ -402,8 +402,17 @@ def run_method(
 
 
 def run_task(
-    task: Task, sizes: Sizes, methods: dict[str, dict], seeds: list[int], model, tok, slack
+    task: Task,
+    sizes: Sizes,
+    methods: dict[str, dict],
+    seeds: list[int],
+    model,
+    tok,
+    slack: float,
+    saved=lambda record: None,
 ) -> dict:
+    """Every method on every seed of one bake; `saved(record)` after each run, so a
+    stopped run keeps what it measured."""
     work = RUNS / task.name
     work.mkdir(parents=True, exist_ok=True)
     _, heldout = task_questions(task, sizes)
@@ -441,6 +450,7 @@ def run_task(
             m = run_method(ev, cfg, flags, base_scores, budget)
             record["answers"].setdefault(name, []).append(m.pop("answers"))
             record["methods"][name]["runs"].append(m)
+            saved(record)
             if budget is None:  # the first method sets the time budget of this seed
                 budget = {"total": m["total_s"], **m["seconds"]}
             r = m["read"]
@@ -474,6 +484,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--slack", type=float, default=0.05, help="share of T a method may overrun")
     ap.add_argument("--no_readme", action="store_true", help="do not update bench/README.md")
+    ap.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="run nothing: print the table of a results file (a stopped run's too) and "
+        "put it into bench/README.md",
+    )
     return ap.parse_args(argv)
 
 
@@ -496,8 +513,28 @@ def pick_methods(args) -> dict[str, dict]:
     return methods
 
 
+def publish(results: dict, no_readme: bool = False) -> str:
+    """The table of `results` (the screen's or the main one), printed and, unless it is a
+    --quick run or `no_readme`, written between its markers of bench/README.md."""
+    if results.get("screen"):
+        from bench import fidelity_screen
+
+        text = fidelity_screen.describe(results)
+        markers = (report.SCREEN_START, report.SCREEN_END)
+    else:
+        text = report.describe(results)
+        markers = (report.README_START, report.README_END)
+    print(text)
+    if not results.get("quick") and not no_readme:
+        report.write_readme(README, [text], markers)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        publish(json.loads(Path(args.report).read_text(encoding="utf-8")), args.no_readme)
+        return 0
     names = args.tasks.split(",") if args.tasks else (["persona"] if args.quick else list(TASKS))
     unknown = [n for n in names if n not in TASKS]
     if unknown:
@@ -533,24 +570,18 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"{kind}-{results['machine']}{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     for n in names:
-        results["tasks"][n] = run_task(TASKS[n], sizes, methods, seeds, model, tok, args.slack)
-        results["loadavg_after"] = loadavg()
-        results["seconds"] = time.perf_counter() - start
-        write_json(path, results)  # after every bake: a stopped run keeps what it measured
-    if args.screen:
-        from bench import fidelity_screen
 
-        text = fidelity_screen.describe(results)
-        markers = (report.SCREEN_START, report.SCREEN_END)
-    else:
-        # the quick run's plot stays out of bench/results (only its JSON is git-ignored)
+        def saved(record: dict, n: str = n) -> None:  # after every run: nothing is lost
+            results["tasks"][n] = record
+            results["loadavg_after"] = loadavg()
+            results["seconds"] = time.perf_counter() - start
+            write_json(path, results)
+
+        saved(run_task(TASKS[n], sizes, methods, seeds, model, tok, args.slack, saved))
+    if not args.screen:  # the quick run's plot stays out of bench/results (git-ignored JSON only)
         where = RUNS if args.quick else RESULTS
         report.plot(results, where / f"fidelity-kl-vs-time{suffix}.png")
-        text = report.describe(results)
-        markers = (report.README_START, report.README_END)
-    print(text)
-    if not args.quick and not args.no_readme:
-        report.write_readme(README, [text], markers)
+    publish(results, args.no_readme)
     log(f"wrote {path} in {results['seconds']:.0f} s")
     return 0
 

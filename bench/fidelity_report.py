@@ -180,7 +180,7 @@ def validation_picks(results: dict) -> dict:
     picks (mean over runs; 0 when validation always picked the held-out best)."""
     n = same = 0
     lost_ratio, lost_top1 = [], []
-    slack = results.get("slack", 0.0)
+    slack = results.get("slack", 0.05)  # the harness default (--slack)
     for task in results["tasks"].values():
         for m in task["methods"].values():
             for run in m["runs"]:

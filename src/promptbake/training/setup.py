@@ -135,6 +135,11 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         self.elapsed_s = time.perf_counter() - self.origin
+        if self.budget_s > 0 and self.schedule != "constant" and distributed.active():
+            # under torchrun every process must step with the same learning rate: the
+            # mean of their clocks (every process steps the scheduler at the same points)
+            (total,) = distributed.all_reduce_sum([self.elapsed_s])
+            self.elapsed_s = total / distributed.world_size()
         progress = run_progress(
             step, self.warmup_steps, self.total_steps, self.elapsed_s, self.budget_s
         )
