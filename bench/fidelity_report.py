@@ -239,10 +239,12 @@ def describe(results: dict) -> str:
     lines += [f"- `{name}`: `{flags or '{}'}`" for name, flags in results["methods"].items()]
     lines += ["", table(results, markdown=True), ""]
     v = validation_picks(results)
+    s = results["sizes"]
+    n_val = round(s["n_train_q"] * s.get("val_fraction", 0.1))
     if v["runs"]:
         lines += [
-            f"Validation KL ({round(results['sizes']['n_train_q'] * results['sizes'].get('val_fraction', 0.1))} "
-            f"questions per bake) picked the epoch with the best held-out KL in "
+            f"Validation KL (validation questions per bake: {n_val}) picked the epoch "
+            f"with the best held-out KL in "
             f"{v['best_picked']} of {v['runs']} runs; its picks cost {v['ratio_lost']:.3f} "
             f"of KL ratio and {v['top1_lost']:.3f} of top-1 agreement on average.",
             "",

@@ -317,4 +317,8 @@ def test_validation_picks():
     assert v["runs"] == 4 and v["best_picked"] == 3
     assert v["ratio_lost"] == pytest.approx((0.14 - 0.12) / 0.5 / 4)
     assert v["top1_lost"] == pytest.approx(0.02 / 4)
-    assert "picked the epoch with the best held-out KL in 3 of 4 runs" in report.describe(res)
+    text = report.describe(res)
+    assert (
+        "(validation questions per bake: 4) picked the epoch with the best held-out KL in 3 of 4"
+        in text
+    )
