@@ -485,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slack", type=float, default=0.05, help="share of T a method may overrun")
     ap.add_argument("--no_readme", action="store_true", help="do not update bench/README.md")
     ap.add_argument(
+        "--note", default=None, help="a sentence printed under the table's title (what was run)"
+    )
+    ap.add_argument(
         "--report",
         default=None,
         metavar="JSON",
@@ -533,7 +536,10 @@ def publish(results: dict, no_readme: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        publish(json.loads(Path(args.report).read_text(encoding="utf-8")), args.no_readme)
+        results = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        if args.note:
+            results["note"] = args.note
+        publish(results, args.no_readme)
         return 0
     names = args.tasks.split(",") if args.tasks else (["persona"] if args.quick else list(TASKS))
     unknown = [n for n in names if n not in TASKS]
@@ -554,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "screen": args.screen,
         "command": "python -m bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
+        "note": args.note,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -217,6 +217,8 @@ def header(results: dict) -> list[str]:
         f"{results.get('seconds', 0):.0f} s.",
         "",
     ]
+    if results.get("note"):
+        lines += [f"**{results['note']}**", ""]
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     seeds = results.get("seeds", [s.get("seed")])

@@ -139,6 +139,7 @@ def test_table_and_description():
     assert "`ours` meets both targets" in md
     assert "`paper` misses a target on at least one bake: persona: KL ratio 0.240" in md
     assert "Seeds: 42, 43" in md and "`python -m bench.fidelity --tasks persona --seeds 2`" in md
+    assert "**a note**" in report.describe({**res, "note": "a note"}) and "**" not in md
     json.dumps(res)  # the results are plain JSON
 
 
