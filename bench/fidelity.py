@@ -1,33 +1,44 @@
-"""`make bench-fidelity`: how well a bake reproduces its prompt, per method, at equal time.
+"""`make bench-fidelity`: how well a bake reproduces its prompt, per method, at equal time,
+over several seeds.
 
-    python -m bench.fidelity                       # four bakes x two methods, ~20 min on 2 cores
+    python -m bench.fidelity                       # five bakes x two methods x 3 seeds
+    python -m bench.fidelity --seeds 1             # one seed: a third of the time, no spread
     python -m bench.fidelity --quick               # one tiny bake: checks the harness only
-    python -m bench.fidelity --tasks persona,cot   # some of: persona, style, knowledge, cot
+    python -m bench.fidelity --tasks rare,persona  # some of: persona, style, knowledge, cot, rare
     python -m bench.fidelity --method 'ours={"learning_rate": 2e-3, "num_epochs": 6}'
+    python -m bench.fidelity --screen --axes divergence,schedule   # the screen (fidelity_screen)
 
 A *method* is a dict of `promptbake bake` flags (BakeConfig fields) on top of the shared
 sizes. The first method (``paper``: forward KL on the prompted model's own samples, a
-fixed number of epochs) sets the time budget T of each bake: seconds from the start of
-its bake to the end of its training (model load + generation + epochs). Every other
-method is read at T: its bake saves an adapter after every epoch, and the harness takes
-the one a bake stopped at T would have kept (the best validation KL among the epochs
-finished by T, bench.fidelity_report.read_at). Both times are reported.
+fixed number of epochs) sets the time budget T of each bake and seed: seconds from the
+start of its bake to the end of its training (model load + generation + epochs). Every
+other method trains for what is left of T when its training starts
+(``--max_train_seconds``, set at that moment: a method that samples more answers
+trains less), and is read at T: its bake saves an adapter after every epoch, and the
+harness takes the one a bake stopped at T would have kept (the best validation KL among
+the epochs finished by T, bench.fidelity_report.read_at).
 
-For each bake (a prompt, training questions, disjoint held-out questions, a scorer) the
-harness loads the bundled SmolLM2-135M once for evaluation and
+Each method runs once per seed (``--seeds N``: seeds 42 .. 42+N-1); the seed picks the
+training questions from the bake's pool, and is the bake's --seed (question shuffle and
+validation split, sampling, LoRA init). The evaluation of a bake is the same for every
+seed and method: for each bake (a prompt, a pool of training questions, disjoint
+held-out questions, a scorer) the harness loads the bundled SmolLM2-135M once and
 
 1. answers the held-out questions greedily without and with the prompt (behaviour of
    base and prompted: marker rate, capital-letter share or math accuracy);
 2. samples answers of the prompted model to the held-out questions: the trajectories
-   on which held-out KL(prompted || model) per token is measured;
-3. per method, runs ``promptbake.bake.bake`` in-process (it loads its own model), then
-   measures held-out KL for every saved epoch (the KL-against-time curve) and answers the
-   held-out questions with the adapter read at T.
+   on which held-out KL(prompted || model) per token and top-1 agreement (the share of
+   their positions where the model's argmax token is the prompted model's) are measured;
+3. per seed and method, runs ``promptbake.bake.bake`` in-process (it loads its own
+   model), then measures held-out KL and top-1 agreement for every saved epoch (the
+   curve against time) and answers the held-out questions with the adapter read at T.
 
 Writes bench/results/fidelity-<machine>.json (``--quick``: ...-quick.json, not
-committed), bench/results/fidelity-kl-vs-time.png, the table between the fidelity
-markers of bench/README.md (not with --quick), and prints the table with the targets:
-held-out KL ratio <= 0.10 and baked behaviour >= 95% of prompted on every bake.
+committed; ``--screen``: fidelity-screen-<machine>.json) after every run, the plot
+bench/results/fidelity-kl-vs-time.png, the table between the fidelity markers of
+bench/README.md (the screen's between the fidelity-screen markers; not with --quick),
+and prints the table with the targets: held-out KL ratio <= 0.10 and baked behaviour
+>= 95% of prompted on every bake (means over seeds).
 """
 
 from __future__ import annotations
@@ -46,17 +57,16 @@ import torch
 
 from bench import fidelity_report as report
 from bench.common import loadavg, log, machine_name
-from promptbake.bake import bake
 from promptbake.configs import BakeConfig
 from promptbake.errors import UserError
-from promptbake.evaluation.conditions import Answering, answer
+from promptbake.evaluation.conditions import CONDITIONS, Answering, answer
+from promptbake.evaluation.measures import condition_scores
 from promptbake.evaluation.scorers import parse_scorer, score_all
 from promptbake.files import write_json, write_jsonl
+from promptbake.models import pad_id
 from promptbake.records import read_prompt, read_questions, select_questions
 from promptbake.sampling.trajectories import generate_trajectories
 from promptbake.schema import read_trajectories
-from promptbake.training.batches import make_batches
-from promptbake.training.objective import evaluate_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -71,7 +81,7 @@ class Task:
 
     name: str
     x0_file: str
-    train: str  # question file; `train_slice` of it are the training questions
+    train: str  # question file(s), comma-separated; `train_slice` of them are the pool
     heldout: str
     scorer: str  # a scorers.parse_scorer spec
     train_slice: tuple[int, int] | None = None
@@ -80,12 +90,13 @@ class Task:
     max_new_tokens: int | None = None  # sampled answers; None: the Sizes value
 
 
+IDENTITY_HELDOUT = "data/identity_heldout.jsonl,data/identity_heldout_extra.jsonl"
 TASKS = {
     "persona": Task(
         "persona",
         "data/zorblax_x0.md",
         "data/identity_train.jsonl",
-        "data/identity_heldout.jsonl",
+        IDENTITY_HELDOUT,
         "marker:Zorblax",
     ),
     "style": Task(
@@ -101,7 +112,7 @@ TASKS = {
         "knowledge",
         "data/eldravia_x0.md",
         "data/eldravia_train.jsonl",
-        "data/eldravia_heldout.jsonl",
+        "data/eldravia_heldout.jsonl,data/eldravia_heldout_extra.jsonl",
         "marker:Quelmoor",
     ),
     "cot": Task(
@@ -110,27 +121,39 @@ TASKS = {
         "data/math_questions.jsonl",
         "data/math_questions.jsonl",
         "math",
-        train_slice=(0, 30),
-        heldout_slice=(30, 45),
+        train_slice=(0, 20),
+        heldout_slice=(20, 45),
         answer_tokens=128,
         max_new_tokens=64,
+    ),
+    # one rare token per answer: a name in a longer persona, where the average token
+    # is close long before the name is (issue 23)
+    "rare": Task(
+        "rare",
+        "data/quibbleton_x0.md",
+        "data/identity_train.jsonl",
+        IDENTITY_HELDOUT,
+        "marker:Quibbleton",
     ),
 }
 
 
 @dataclass(frozen=True)
 class Sizes:
-    n_train_q: int = 12  # training questions (the bake splits off val_fraction for validation)
+    n_train_q: int = 16  # questions per bake; val_fraction of them validate
+    val_fraction: float = 0.25  # 4 of 16: validation sees more than one question
     n_seq: int = 4  # sampled answers per training question
     max_new_tokens: int = 32
-    n_heldout_q: int = 12  # held-out questions: behaviour and KL
-    heldout_samples: int = 2  # sampled answers per held-out question, for the KL
+    n_heldout_q: int = 24  # held-out questions: one answer moves a share by ~4 points
+    heldout_samples: int = 2  # sampled answers per held-out question, for KL and top-1
     gen_batch_size: int = 32
-    seed: int = 42
+    seed: int = 42  # the first seed; the evaluation's seed
 
 
 FULL = Sizes()
-QUICK = Sizes(n_train_q=4, n_seq=2, max_new_tokens=8, n_heldout_q=3, heldout_samples=1)
+QUICK = Sizes(
+    n_train_q=4, n_seq=2, max_new_tokens=8, n_heldout_q=3, heldout_samples=1, val_fraction=0.25
+)
 
 # The paper's method, pinned so that it stays the paper whatever bake's defaults become:
 # forward KL on the prompted model's samples, LoRA r=8 at scale 2 on the attention
@@ -145,20 +168,25 @@ PAPER = {
 }
 # ... and, where bake has these flags, the values that mean "as in the paper"
 PAPER_IF_AVAILABLE = {
-    "divergence": "forward_kl", "on_policy": 0.0, "patience": 0, "autocast": "off"
+    "divergence": "forward_kl", "on_policy": 0.0, "patience": 0, "autocast": "off",
+    "lr_schedule": "constant", "warmup_steps": 0, "temperature": 1.0,
 }  # fmt: skip
 # Our best settings: bake's own defaults (configs.BAKE_DEFAULTS), chosen by measurement
 # on this benchmark (README: "Why `promptbake bake` has other defaults").
+OURS_FLAGS = (
+    "learning_rate", "batch_size", "r", "lora_alpha", "target_modules", "num_epochs",
+    "patience", "divergence", "on_policy", "autocast", "lr_schedule", "warmup_steps",
+)  # fmt: skip
 OURS = {
-    k: {f.name: f.default for f in dataclasses.fields(BakeConfig)}[k]
-    for k in (
-        "learning_rate", "batch_size", "r", "lora_alpha", "target_modules", "num_epochs",
-        "patience", "divergence", "on_policy", "autocast",
-    )
-}  # fmt: skip
-# A bake flag that stops training after this many seconds, if bake grows one: a method
-# then gets exactly the paper's training time instead of being read at T afterwards.
+    k: v
+    for k, v in {f.name: f.default for f in dataclasses.fields(BakeConfig)}.items()
+    if k in OURS_FLAGS
+}
+# The bake flag that stops training after this many seconds: a method gets what is left
+# of the paper's total time when its training starts (timed_bake), unless it sets it.
 BUDGET_FLAG = "max_train_seconds"
+# the flags every method shares (the harness sets them)
+SHARED = {"x0_file", "question_dataset", "out_dir", "num_questions", "save_every", "seed"}
 
 
 def bake_fields() -> set[str]:
@@ -174,9 +202,8 @@ def default_methods() -> dict[str, dict]:
 def check_methods(methods: dict[str, dict]) -> None:
     """Every flag must be a bake flag: fail before any model is loaded."""
     fields = bake_fields()
-    shared = {"x0_file", "question_dataset", "out_dir", "num_questions", "save_every"}
     for name, flags in methods.items():
-        bad = sorted(k for k in flags if k not in fields or k in shared)
+        bad = sorted(k for k in flags if k not in fields or k in SHARED)
         if bad:
             raise UserError(
                 f"method {name!r}: {', '.join(bad)} is not a bake flag this harness lets a "
@@ -200,39 +227,77 @@ def select(task: Task, path: str, part: tuple[int, int] | None) -> list[dict]:
     return qs[part[0] : part[1]] if part else qs
 
 
-def task_questions(task: Task, sizes: Sizes) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) questions; refuses a held-out question that is also trained on."""
-    train = select_questions(
-        select(task, task.train, task.train_slice), sizes.n_train_q, sizes.seed
-    )
+def task_questions(task: Task, sizes: Sizes, seed: int | None = None) -> tuple[list, list]:
+    """(training, held-out) questions; refuses a held-out question that is also trained
+    on. `seed` (default: the sizes' one) picks the training questions from the pool;
+    the held-out ones are the same for every seed."""
+    pool = select(task, task.train, task.train_slice)
+    train = select_questions(pool, sizes.n_train_q, sizes.seed if seed is None else seed)
     heldout = select(task, task.heldout, task.heldout_slice)[: sizes.n_heldout_q]
-    seen = {q["question"].strip().lower() for q in select(task, task.train, task.train_slice)}
+    seen = {q["question"].strip().lower() for q in pool}
     overlap = [q["question"] for q in heldout if q["question"].strip().lower() in seen]
     if overlap:
         raise UserError(f"task {task.name}: held-out questions also in training: {overlap[:3]}")
     return train, heldout
 
 
-def bake_config(task: Task, sizes: Sizes, flags: dict, train_file: Path, out: Path) -> BakeConfig:
-    return BakeConfig(
-        model_name=MODEL,
-        device="cpu",
-        dtype="float32",
-        x0_file=task.x0_file,
-        question_dataset=str(train_file),
-        num_questions=sizes.n_train_q,
-        num_sequences_per_question=sizes.n_seq,
-        max_sequence_length=task.max_new_tokens or sizes.max_new_tokens,
-        gen_batch_size=sizes.gen_batch_size,
-        seed=sizes.seed,
-        out_dir=str(out),
-        save_every=1,
-        **flags,
-    )
+def n_validation(sizes: Sizes) -> int:
+    """Validation questions per bake (as bake.split_questions cuts them)."""
+    n = round(sizes.n_train_q * sizes.val_fraction)
+    return max(1, min(n, sizes.n_train_q - 1)) if sizes.val_fraction > 0 else 0
+
+
+def bake_config(
+    task: Task, sizes: Sizes, flags: dict, train_file: Path, out: Path, seed: int | None = None
+) -> BakeConfig:
+    shared = {
+        "model_name": MODEL,
+        "device": "cpu",
+        "dtype": "float32",
+        "x0_file": task.x0_file,
+        "question_dataset": str(train_file),
+        "num_questions": sizes.n_train_q,
+        "num_sequences_per_question": sizes.n_seq,
+        "max_sequence_length": task.max_new_tokens or sizes.max_new_tokens,
+        "gen_batch_size": sizes.gen_batch_size,
+        "val_fraction": sizes.val_fraction,
+        "seed": sizes.seed if seed is None else seed,
+        "out_dir": str(out),
+        "save_every": 1,
+    }
+    return BakeConfig(**{**shared, **flags})  # a method may change the generation sizes
+
+
+def clock() -> float:
+    return time.perf_counter()
+
+
+def timed_bake(cfg: BakeConfig, total_s: float | None) -> dict:
+    """``bake(cfg)``; with `total_s`, its training gets what is left of `total_s` seconds
+    since the bake started when training starts (``--max_train_seconds``, at least one
+    second), so a method that loads or samples longer than the paper trains less and
+    every method ends at the same total time."""
+    import promptbake.bake as bake_module
+
+    if total_s is None:
+        return bake_module.bake(cfg)
+    t0 = clock()
+    train_stage = bake_module.train_stage
+
+    def budgeted(stage_cfg, *args, **kwargs):
+        stage_cfg.max_train_seconds = max(1.0, total_s - (clock() - t0))
+        return train_stage(stage_cfg, *args, **kwargs)
+
+    bake_module.train_stage = budgeted
+    try:
+        return bake_module.bake(cfg)
+    finally:
+        bake_module.train_stage = train_stage
 
 
 class Evaluator:
-    """The evaluation model of one task: behaviour scores and held-out KL, per adapter."""
+    """The evaluation model of one task: behaviour scores, held-out KL and top-1
+    agreement, per adapter; the same for every seed and method."""
 
     def __init__(self, model, tok, task: Task, sizes: Sizes, heldout: list[dict], work: Path):
         self.model, self.tok, self.task, self.heldout = model, tok, task, heldout
@@ -243,16 +308,22 @@ class Evaluator:
         gcfg = bake_config(task, sizes, {}, path, work).generate_config(str(path))
         gcfg.num_sequences_per_question = sizes.heldout_samples
         generate_trajectories(model, tok, gcfg, self.x0, heldout, path, progress=False)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.batches = make_batches(read_trajectories(path), 8, pad, None)
+        self.rows = read_trajectories(path)
+        self.pad = pad_id(tok)
 
     def behaviour(self, model, system: str | None, adapter: bool) -> tuple[float, list[str]]:
         how = Answering(self.task.answer_tokens)
         answers = answer(model, self.tok, self.heldout, system, adapter, how)
         return score_all(answers, self.heldout, self.scorer), answers
 
-    def kl(self, model, adapter: bool) -> float:
-        return evaluate_kl(model, self.batches, student_adapter=adapter)["kl"]
+    def scores(self, model, adapter: bool) -> dict:
+        """{"kl", "top1"}: held-out KL(prompted || model) per token and top-1 agreement
+        with the prompted model; `adapter` False: the base model (no prompt)."""
+        student = CONDITIONS["baked" if adapter else "base"]
+        s = condition_scores(
+            (model, CONDITIONS["prompted"]), {"m": (model, student)}, self.rows, self.pad
+        )["m"]
+        return {"kl": s["kl"], "top1": s["top1"]}
 
 
 def epoch_times(out: Path, summary: dict, t0: float) -> list[dict]:
@@ -273,30 +344,34 @@ def epoch_times(out: Path, summary: dict, t0: float) -> list[dict]:
     return points
 
 
-def run_method(ev: Evaluator, task: Task, sizes: Sizes, flags: dict, train_file, out, budget):
-    """Bake with `flags`, then the held-out KL curve and the behaviour read at `budget`."""
+def run_method(
+    ev: Evaluator, cfg: BakeConfig, flags: dict, base_scores: dict, budget: dict | None
+) -> dict:
+    """Bake with `cfg` (a method's `flags` on the shared sizes), then the held-out KL /
+    top-1 curve and the behaviour read at the total time `budget["total"]` (None: this
+    run sets the budget; otherwise training stops when it is spent, timed_bake)."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if budget is not None and BUDGET_FLAG in bake_fields() and BUDGET_FLAG not in flags:
-        flags = {**flags, BUDGET_FLAG: budget["train"]}
-    cfg = bake_config(task, sizes, flags, train_file, out)
+    out = Path(cfg.out_dir)
     shutil.rmtree(out, ignore_errors=True)  # no epoch_N/ of an earlier run
     t0 = time.time()
-    summary = bake(cfg)
+    own_budget = budget is not None and BUDGET_FLAG not in flags
+    summary = timed_bake(cfg, budget["total"] if own_budget else None)
     total = time.time() - t0
-    ran_until = sum(summary["seconds"][k] for k in ("load", "generate", "train"))
+    secs = summary["seconds"]
+    ran_until = sum(secs[k] for k in ("load", "generate", "train"))
     curve = epoch_times(out, summary, t0)
     peft = None
     for p in curve:
         if p["epoch"] == 0:
-            p["kl"] = ev.kl(ev.model, adapter=False)
+            p.update(base_scores)
             continue
         d = out / f"epoch_{p['epoch']}"
         if peft is None:
             peft = PeftModel.from_pretrained(ev.model, d).eval()
         set_peft_model_state_dict(peft, load_file(d / "adapter_model.safetensors"))
-        p["kl"] = ev.kl(peft, adapter=True)
+        p.update(ev.scores(peft, adapter=True))
     limit = ran_until if budget is None else budget["total"]
     read = dict(report.read_at(curve, limit, ev.slack))
     if read["epoch"] > 0:
@@ -309,9 +384,11 @@ def run_method(ev: Evaluator, task: Task, sizes: Sizes, flags: dict, train_file,
     if peft is not None:
         ev.model = peft.unload()  # the plain model again, for the next method
     return {
-        "flags": flags,
+        "seed": cfg.seed,
+        "max_train_seconds": cfg.max_train_seconds,
         "budget_s": limit,
         "total_s": ran_until,
+        "seconds": {k: secs[k] for k in ("load", "generate", "train")},
         "bake_wall_s": total,
         "curve": curve,
         "read": read,
@@ -319,41 +396,64 @@ def run_method(ev: Evaluator, task: Task, sizes: Sizes, flags: dict, train_file,
     }
 
 
-def run_task(task: Task, sizes: Sizes, methods: dict[str, dict], model, tok, slack: float):
+def run_task(
+    task: Task,
+    sizes: Sizes,
+    methods: dict[str, dict],
+    seeds: list[int],
+    model,
+    tok,
+    slack: float,
+    saved=lambda record: None,
+) -> dict:
+    """Every method on every seed of one bake; `saved(record)` after each run, so a
+    stopped run keeps what it measured."""
     work = RUNS / task.name
     work.mkdir(parents=True, exist_ok=True)
-    train, heldout = task_questions(task, sizes)
-    train_file = work / "train_questions.jsonl"
-    write_jsonl(train_file, train)
-    log(f"{task.name}: {len(train)} training, {len(heldout)} held-out questions")
+    _, heldout = task_questions(task, sizes)
     ev = Evaluator(model, tok, task, sizes, heldout, work)
     ev.slack = slack
     base, base_answers = ev.behaviour(model, None, adapter=False)
     prompted, prompted_answers = ev.behaviour(model, ev.x0, adapter=False)
-    log(f"{task.name}: behaviour ({task.scorer}) base {base:.3f}, prompted {prompted:.3f}")
+    base_scores = ev.scores(model, adapter=False)
+    log(
+        f"{task.name}: {sizes.n_train_q} training questions ({n_validation(sizes)} validate), "
+        f"{len(heldout)} held-out; behaviour ({task.scorer}) base {base:.3f}, prompted "
+        f"{prompted:.3f}; KL(prompted || base) {base_scores['kl']:.4f}, top-1 agreement "
+        f"{base_scores['top1']:.3f}"
+    )
     record = {
         "scorer": task.scorer,
         "x0_file": task.x0_file,
-        "kl_base": ev.kl(model, adapter=False),
+        "kl_base": base_scores["kl"],
+        "top1_base": base_scores["top1"],
+        "positions": len(ev.rows),
         "behaviour": {"base": base, "prompted": prompted},
         "heldout": [q["question"] for q in heldout],
         "answers": {"base": base_answers, "prompted": prompted_answers},
-        "methods": {},
+        "methods": {name: {"flags": flags, "runs": []} for name, flags in methods.items()},
     }
-    budget = None
-    for name, flags in methods.items():
-        log(f"{task.name}: baking with {name} {flags}")
-        m = run_method(ev, task, sizes, flags, train_file, work / name, budget)
-        record["answers"][name] = m.pop("answers")
-        record["methods"][name] = m
-        if budget is None:  # the first method sets the time budget
-            budget = {"total": m["total_s"], "train": m["total_s"] - m["curve"][0]["t"]}
-        r = m["read"]
-        log(
-            f"{task.name}/{name}: held-out KL {r['kl']:.4f} (ratio "
-            f"{report.kl_ratio(r['kl'], record['kl_base']):.3f}) at epoch {r['epoch']}, "
-            f"{r['t']:.0f} s; behaviour {r['baked']:.3f}"
-        )
+    for seed in seeds:
+        train, _ = task_questions(task, sizes, seed)
+        train_file = work / f"train_questions_seed{seed}.jsonl"
+        write_jsonl(train_file, train)
+        budget = None
+        for name, flags in methods.items():
+            out = work / name.replace(":", "-")  # screen variants are axis:variant
+            cfg = bake_config(task, sizes, flags, train_file, out, seed)
+            log(f"{task.name} seed {seed}: baking with {name} {flags}")
+            m = run_method(ev, cfg, flags, base_scores, budget)
+            record["answers"].setdefault(name, []).append(m.pop("answers"))
+            record["methods"][name]["runs"].append(m)
+            saved(record)
+            if budget is None:  # the first method sets the time budget of this seed
+                budget = {"total": m["total_s"], **m["seconds"]}
+            r = m["read"]
+            log(
+                f"{task.name} seed {seed} {name}: held-out KL {r['kl']:.4f} (ratio "
+                f"{report.kl_ratio(r['kl'], record['kl_base']):.3f}), top-1 {r['top1']:.3f} "
+                f"at epoch {r['epoch']}, {r['t']:.0f} s; behaviour {r['baked']:.3f}"
+            )
     return record
 
 
@@ -361,63 +461,129 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one tiny bake (harness check)")
     ap.add_argument("--tasks", default=None, help=f"comma-separated of {', '.join(TASKS)}")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per method and bake (>= 1)")
     ap.add_argument(
         "--method",
         action="append",
         default=[],
         help='NAME={"flag": value}: add or replace a method (repeatable); the first sets T',
     )
+    ap.add_argument(
+        "--screen",
+        action="store_true",
+        help="screen the axes of issue 23 against `ours` (bench/fidelity_screen.py)",
+    )
+    ap.add_argument(
+        "--axes", default=None, help="with --screen: comma-separated axes (default: all)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--slack", type=float, default=0.05, help="share of T a method may overrun")
     ap.add_argument("--no_readme", action="store_true", help="do not update bench/README.md")
+    ap.add_argument(
+        "--note", default=None, help="a sentence printed under the table's title (what was run)"
+    )
+    ap.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="run nothing: print the table of a results file (a stopped run's too) and "
+        "put it into bench/README.md",
+    )
     return ap.parse_args(argv)
+
+
+def pick_methods(args) -> dict[str, dict]:
+    from bench import fidelity_screen
+
+    methods = default_methods()
+    if args.screen:
+        methods.update(fidelity_screen.variants(args.axes))
+    elif args.axes:
+        raise UserError("--axes goes with --screen")
+    for text in args.method:
+        name, flags = parse_method(text)
+        methods[name] = flags
+    if args.quick:  # at most 2 epochs each: the harness, not the numbers
+        methods = {
+            k: {**v, "num_epochs": min(v.get("num_epochs", 2), 2)} for k, v in methods.items()
+        }
+    check_methods(methods)
+    return methods
+
+
+def publish(results: dict, no_readme: bool = False) -> str:
+    """The table of `results` (the screen's or the main one), printed and, unless it is a
+    --quick run or `no_readme`, written between its markers of bench/README.md."""
+    if results.get("screen"):
+        from bench import fidelity_screen
+
+        text = fidelity_screen.describe(results)
+        markers = (report.SCREEN_START, report.SCREEN_END)
+    else:
+        text = report.describe(results)
+        markers = (report.README_START, report.README_END)
+    print(text)
+    if not results.get("quick") and not no_readme:
+        report.write_readme(README, [text], markers)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        if args.note:
+            results["note"] = args.note
+        publish(results, args.no_readme)
+        return 0
     names = args.tasks.split(",") if args.tasks else (["persona"] if args.quick else list(TASKS))
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    methods = default_methods()
-    for text in args.method:
-        name, flags = parse_method(text)
-        methods[name] = flags
-    if args.quick:  # one epoch each: the harness, not the numbers
-        methods = {
-            k: {**v, "num_epochs": min(v.get("num_epochs", 1), 2)} for k, v in methods.items()
-        }
-    check_methods(methods)
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    methods = pick_methods(args)
     sizes = QUICK if args.quick else FULL
+    seeds = [sizes.seed + i for i in range(args.seeds)]
     torch.set_num_threads(args.threads)
     from promptbake.models import load_model
 
     start, load_before = time.perf_counter(), loadavg()
     model, tok = load_model(MODEL, device="cpu", dtype="float32")
-    tasks = {n: run_task(TASKS[n], sizes, methods, model, tok, args.slack) for n in names}
     results = {
         "machine": machine_name(),
         "quick": args.quick,
+        "screen": args.screen,
+        "command": "python -m bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
+        "note": args.note,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": args.threads,
         "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "seconds": time.perf_counter() - start,
+        "seeds": seeds,
+        "slack": args.slack,
         "sizes": dataclasses.asdict(sizes),
         "methods": methods,
-        "tasks": tasks,
+        "tasks": {},
     }
+    kind = "fidelity-screen" if args.screen else "fidelity"
     suffix = "-quick" if args.quick else ""
-    path = RESULTS / f"fidelity-{results['machine']}{suffix}.json"
+    path = RESULTS / f"{kind}-{results['machine']}{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)
-    # the quick run's plot stays out of bench/results (only its JSON is git-ignored there)
-    report.plot(results, (RUNS if args.quick else RESULTS) / f"fidelity-kl-vs-time{suffix}.png")
-    print(report.describe(results))
-    if not args.quick and not args.no_readme:
-        report.write_readme(README, [report.describe(results)])
+    for n in names:
+
+        def saved(record: dict, n: str = n) -> None:  # after every run: nothing is lost
+            results["tasks"][n] = record
+            results["loadavg_after"] = loadavg()
+            results["seconds"] = time.perf_counter() - start
+            write_json(path, results)
+
+        saved(run_task(TASKS[n], sizes, methods, seeds, model, tok, args.slack, saved))
+    if not args.screen:  # the quick run's plot stays out of bench/results (git-ignored JSON only)
+        where = RUNS if args.quick else RESULTS
+        report.plot(results, where / f"fidelity-kl-vs-time{suffix}.png")
+    publish(results, args.no_readme)
     log(f"wrote {path} in {results['seconds']:.0f} s")
     return 0
 

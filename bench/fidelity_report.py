@@ -1,25 +1,30 @@
-"""The fidelity benchmark's results, without a model: reading at equal time, the table,
-the targets, the plot and the bench/README.md section.
+"""The fidelity benchmark's results, without a model: reading at equal time, the spread
+over seeds, the table, the targets, the plot and the bench/README.md sections.
 
 Everything here works on the plain dict that ``bench/fidelity.py`` writes to
 ``bench/results/fidelity-<machine>.json`` (tests/test_bench_fidelity.py feeds it fake
 results). One task's record::
 
-    {"scorer": "marker:Zorblax", "kl_base": 0.57,
+    {"scorer": "marker:Zorblax", "kl_base": 0.57, "top1_base": 0.62,
      "behaviour": {"base": 0.0, "prompted": 0.9},
-     "methods": {"paper": {"flags": {...}, "budget_s": 41.0, "total_s": 41.0,
-                           "curve": [{"epoch": 0, "t": 9.1, "kl": 0.57, "val_kl": 0.6}, ...],
-                           "read": {"epoch": 3, "t": 40.2, "kl": 0.11, "baked": 0.8}}}}
+     "methods": {"paper": {"flags": {...}, "runs": [
+         {"seed": 42, "budget_s": 41.0, "total_s": 41.0,
+          "curve": [{"epoch": 0, "t": 9.1, "kl": 0.57, "top1": 0.62, "val_kl": 0.6}, ...],
+          "read": {"epoch": 3, "t": 40.2, "kl": 0.11, "top1": 0.9, "baked": 0.8}},
+         ...]}}}
 
-``curve`` holds one point per finished epoch (epoch 0: before training, at the end of
-generation), ``t`` in seconds since the bake started, ``kl`` the held-out
-KL(prompted || model) per token, ``val_kl`` the bake's own validation KL (which picks
-the adapter a bake keeps).
+``runs`` holds one run per seed; ``curve`` one point per finished epoch (epoch 0:
+before training, at the end of generation), ``t`` in seconds since the bake started,
+``kl`` the held-out KL(prompted || model) per token, ``top1`` the share of held-out
+positions where the model's argmax token is the prompted model's, ``val_kl`` the bake's
+own validation KL (which picks the adapter a bake keeps).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from pathlib import Path
 
 from promptbake.evaluation.report import format_table
@@ -28,6 +33,7 @@ from promptbake.files import atomic_write
 KL_RATIO_TARGET = 0.10  # held-out KL(prompted || baked) / KL(prompted || base), at most
 BEHAVIOUR_TARGET = 0.95  # baked behaviour score / prompted, at least
 README_START, README_END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
+SCREEN_START, SCREEN_END = "<!-- fidelity-screen:start -->", "<!-- fidelity-screen:end -->"
 
 
 def read_at(curve: list[dict], budget_s: float, slack: float = 0.0) -> dict:
@@ -52,24 +58,50 @@ def behaviour_share(baked: float, prompted: float) -> float:
     return 1.0 if baked <= 0 else float("inf")
 
 
+def stats(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max, and n."""
+    vals = list(values)
+    finite = all(math.isfinite(v) for v in vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 and finite else 0.0
+    mean = statistics.fmean(vals) if finite else max(vals, key=abs)
+    return {"mean": mean, "sd": sd, "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def spread(st: dict, fmt: str = ".3f", pct: bool = False) -> str:
+    """`mean ± sd (min-max)` over seeds; the mean alone for one seed."""
+
+    def f(v: float) -> str:
+        return "inf" if math.isinf(v) else (f"{v:.0%}" if pct else format(v, fmt))
+
+    if st["n"] == 1:
+        return f(st["mean"])
+    return f"{f(st['mean'])} ± {f(st['sd'])} ({f(st['min'])}-{f(st['max'])})"
+
+
 def method_row(task: dict, name: str) -> dict:
-    """One table row's numbers for a (task, method) pair, with the two target checks."""
+    """One table row's numbers for a (task, method) pair over its seeds, with the two
+    target checks on the means."""
     m = task["methods"][name]
-    r = m["read"]
-    ratio = kl_ratio(r["kl"], task["kl_base"])
-    share = behaviour_share(r["baked"], task["behaviour"]["prompted"])
+    runs = m["runs"]
+    reads = [r["read"] for r in runs]
+    prompted = task["behaviour"]["prompted"]
+    ratio = stats([kl_ratio(r["kl"], task["kl_base"]) for r in reads])
+    share = stats([behaviour_share(r["baked"], prompted) for r in reads])
     return {
         "kl_ratio": ratio,
+        "top1": stats([r.get("top1", float("nan")) for r in reads]),
+        "top1_base": task.get("top1_base", float("nan")),
         "base": task["behaviour"]["base"],
-        "prompted": task["behaviour"]["prompted"],
-        "baked": r["baked"],
+        "prompted": prompted,
+        "baked": stats([r["baked"] for r in reads]),
         "share": share,
-        "read_s": r["t"],
-        "budget_s": m["budget_s"],
-        "total_s": m["total_s"],
-        "epoch": r["epoch"],
-        "kl_ok": ratio <= KL_RATIO_TARGET,
-        "behaviour_ok": share >= BEHAVIOUR_TARGET,
+        "read_s": statistics.fmean(r["t"] for r in reads),
+        "budget_s": statistics.fmean(r["budget_s"] for r in runs),
+        "total_s": statistics.fmean(r["total_s"] for r in runs),
+        "epochs": [r["epoch"] for r in reads],
+        "seeds": [r.get("seed") for r in runs],
+        "kl_ok": ratio["mean"] <= KL_RATIO_TARGET,
+        "behaviour_ok": share["mean"] >= BEHAVIOUR_TARGET,
     }
 
 
@@ -77,7 +109,8 @@ def rows(results: dict) -> list[tuple[str, str, dict]]:
     return [
         (task_name, name, method_row(task, name))
         for task_name, task in results["tasks"].items()
-        for name in task["methods"]
+        for name, m in task["methods"].items()
+        if m["runs"]
     ]
 
 
@@ -86,11 +119,13 @@ def mark(ok: bool) -> str:
 
 
 def table(results: dict, markdown: bool = False) -> str:
-    """bake x method: KL ratio, behaviour base / prompted / baked, baked / prompted, time."""
+    """bake x method: KL ratio, top-1 agreement, behaviour, baked / prompted, time;
+    mean ± sd (min-max) over seeds where there are several."""
     head = [
         "bake",
         "method",
         f"KL ratio (<= {KL_RATIO_TARGET:.2f})",
+        "top-1 agreement: base -> baked",
         "behaviour base / prompted / baked",
         f"baked / prompted (>= {BEHAVIOUR_TARGET:.0%})",
         "epoch read",
@@ -100,10 +135,11 @@ def table(results: dict, markdown: bool = False) -> str:
         [
             task,
             method,
-            f"{r['kl_ratio']:.3f} {mark(r['kl_ok'])}",
-            f"{r['base']:.2f} / {r['prompted']:.2f} / {r['baked']:.2f}",
-            f"{r['share']:.0%} {mark(r['behaviour_ok'])}",
-            str(r["epoch"]),
+            f"{spread(r['kl_ratio'])} {mark(r['kl_ok'])}",
+            f"{r['top1_base']:.3f} -> {spread(r['top1'])}",
+            f"{r['base']:.2f} / {r['prompted']:.2f} / {r['baked']['mean']:.2f}",
+            f"{spread(r['share'], pct=True)} {mark(r['behaviour_ok'])}",
+            ",".join(map(str, r["epochs"])),
             f"{r['read_s']:.0f} / {r['budget_s']:.0f} / {r['total_s']:.0f}",
         ]
         for task, method, r in rows(results)
@@ -112,56 +148,140 @@ def table(results: dict, markdown: bool = False) -> str:
 
 
 def targets_met(results: dict, method: str) -> bool:
-    """Whether `method` meets both targets on every bake."""
+    """Whether `method` meets both targets (means over seeds) on every bake."""
     picked = [r for _, m, r in rows(results) if m == method]
     return bool(picked) and all(r["kl_ok"] and r["behaviour_ok"] for r in picked)
 
 
-def describe(results: dict) -> str:
-    """Markdown: when, where, sizes, methods, the table and the target verdicts."""
+def misses(results: dict, method: str) -> list[str]:
+    """Each target `method` misses, on which bake and by how much (means over seeds)."""
+    out = []
+    for task, m, r in rows(results):
+        if m != method:
+            continue
+        if not r["kl_ok"]:
+            out.append(
+                f"{task}: KL ratio {r['kl_ratio']['mean']:.3f}, "
+                f"{r['kl_ratio']['mean'] - KL_RATIO_TARGET:+.3f} over {KL_RATIO_TARGET:.2f}"
+            )
+        if not r["behaviour_ok"]:
+            out.append(
+                f"{task}: behaviour {r['share']['mean']:.0%} of prompted, "
+                f"{100 * (BEHAVIOUR_TARGET - r['share']['mean']):.0f} points under "
+                f"{BEHAVIOUR_TARGET:.0%}"
+            )
+    return out
+
+
+def validation_picks(results: dict) -> dict:
+    """How well the bakes' own validation KL picked the epoch: over every run, how often
+    the epoch read (best validation KL by T) is also the best on held-out KL among the
+    epochs finished by then, and the held-out KL ratio and top-1 agreement lost by the
+    picks (mean over runs; 0 when validation always picked the held-out best)."""
+    n = same = 0
+    lost_ratio, lost_top1 = [], []
+    slack = results.get("slack", 0.05)  # the harness default (--slack)
+    for task in results["tasks"].values():
+        for m in task["methods"].values():
+            for run in m["runs"]:
+                done = [p for p in run["curve"] if p["t"] <= run["budget_s"] * (1 + slack)]
+                if not done:
+                    continue
+                best = min(done, key=lambda p: p["kl"])
+                read = run["read"]
+                n += 1
+                same += best["epoch"] == read["epoch"]
+                lost_ratio.append(kl_ratio(read["kl"] - best["kl"], task["kl_base"]))
+                top = max(p.get("top1", float("nan")) for p in done)
+                lost_top1.append(top - read.get("top1", float("nan")))
+    mean = statistics.fmean
+    return {
+        "runs": n,
+        "best_picked": same,
+        "ratio_lost": mean(lost_ratio) if lost_ratio else float("nan"),
+        "top1_lost": mean(lost_top1) if lost_top1 else float("nan"),
+    }
+
+
+def header(results: dict) -> list[str]:
+    """When, where, the load, the command, seeds and sizes."""
     s = results["sizes"]
+    n_val = round(s["n_train_q"] * s.get("val_fraction", 0.1))
+    after = results.get("loadavg_after", "?")
     lines = [
         f"### {results['machine']}{' (--quick)' if results.get('quick') else ''}",
         "",
         f"{results['date']}, torch {results['torch']}, {results['threads']} threads; "
-        f"load average before / after: {results['loadavg_before']} / "
-        f"{results['loadavg_after']}; whole run {results['seconds']:.0f} s.",
-        "",
-        f"Sizes: {s['n_train_q']} training questions x {s['n_seq']} samples x <= "
-        f"{s['max_new_tokens']} tokens; held-out: {s['n_heldout_q']} questions, KL on "
-        f"{s['heldout_samples']} sampled answers each (<= {s['max_new_tokens']} tokens), "
-        "behaviour on one greedy answer each.",
-        "",
-        "Methods (bake flags beyond the shared sizes; the first sets the time budget):",
+        f"load average before / after: {results['loadavg_before']} / {after} (the 2 cores "
+        f"were shared: times are disturbed where the load exceeds 2); whole run "
+        f"{results.get('seconds', 0):.0f} s.",
         "",
     ]
+    if results.get("note"):
+        lines += [f"**{results['note']}**", ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
+    seeds = results.get("seeds", [s.get("seed")])
+    lines += [
+        f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} run(s) per method and bake; "
+        "mean ± sd (min-max) where there are several). "
+        f"Sizes: {s['n_train_q']} questions per bake ({n_val} of them validate) x "
+        f"{s['n_seq']} samples x <= {s['max_new_tokens']} tokens; held-out: "
+        f"{s['n_heldout_q']} questions, KL and top-1 agreement on {s['heldout_samples']} "
+        "sampled answers each of the prompted model, behaviour on one greedy answer each.",
+        "",
+    ]
+    return lines
+
+
+def describe(results: dict) -> str:
+    """Markdown: when, where, sizes, methods, the table and the target verdicts."""
+    lines = header(results)
+    lines += ["Methods (bake flags beyond the shared sizes; the first sets the time budget):", ""]
     lines += [f"- `{name}`: `{flags or '{}'}`" for name, flags in results["methods"].items()]
     lines += ["", table(results, markdown=True), ""]
+    v = validation_picks(results)
+    s = results["sizes"]
+    n_val = round(s["n_train_q"] * s.get("val_fraction", 0.1))
+    if v["runs"]:
+        lines += [
+            f"Validation KL (validation questions per bake: {n_val}) picked the epoch "
+            f"with the best held-out KL in "
+            f"{v['best_picked']} of {v['runs']} runs; its picks cost {v['ratio_lost']:.3f} "
+            f"of KL ratio and {v['top1_lost']:.3f} of top-1 agreement on average.",
+            "",
+        ]
     for name in results["methods"]:
-        verdict = (
-            "meets both targets on every bake"
-            if targets_met(results, name)
-            else ("misses a target on at least one bake")
-        )
-        lines.append(f"- `{name}` {verdict}.")
+        if targets_met(results, name):
+            lines.append(f"- `{name}` meets both targets on every bake.")
+        else:
+            missed = misses(results, name)
+            lines.append(
+                f"- `{name}` misses a target on at least one bake"
+                + (f": {'; '.join(missed)}." if missed else ".")
+            )
     return "\n".join(lines) + "\n"
 
 
-def write_readme(readme: Path, sections: list[str]) -> None:
-    """Replace the text between the fidelity markers of `readme` with `sections`."""
+def write_readme(
+    readme: Path, sections: list[str], markers: tuple[str, str] = (README_START, README_END)
+) -> None:
+    """Replace the text between `markers` (the fidelity ones by default) of `readme`
+    with `sections`."""
+    start, end = markers
     text = readme.read_text(encoding="utf-8")
-    if README_START not in text or README_END not in text:
+    if start not in text or end not in text:
         return
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     body = "\n".join(sections)
     with atomic_write(readme) as f:
-        f.write(f"{head}{README_START}\n{body}{README_END}{tail}")
+        f.write(f"{head}{start}\n{body}{end}{tail}")
 
 
 def plot(results: dict, path: Path) -> None:
-    """Held-out KL against seconds since the bake started: one panel per bake, one line
-    per method, a dotted line at the first method's budget."""
+    """Held-out KL against seconds since the bake started: one panel per bake, one
+    colour per method (a line per seed), a dotted line at the first method's budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,11 +290,17 @@ def plot(results: dict, path: Path) -> None:
     tasks = results["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, (task_name, task) in zip(axes[0], tasks.items(), strict=True):
-        for name, m in task["methods"].items():
-            ax.plot([p["t"] for p in m["curve"]], [p["kl"] for p in m["curve"]], "o-", label=name)
-            ax.plot([m["read"]["t"]], [m["read"]["kl"]], "k*", markersize=10)
+        for i, (name, m) in enumerate(task["methods"].items()):
+            color = f"C{i % 10}"
+            for j, run in enumerate(m["runs"]):
+                c = run["curve"]
+                label = name if j == 0 else None
+                ax.plot([p["t"] for p in c], [p["kl"] for p in c], "o-", color=color,
+                        label=label, lw=1, ms=3)  # fmt: skip
+                ax.plot([run["read"]["t"]], [run["read"]["kl"]], "k*", markersize=8)
         first = next(iter(task["methods"].values()))
-        ax.axvline(first["budget_s"], color="grey", linestyle=":", label="time budget")
+        for run in first["runs"]:
+            ax.axvline(run["budget_s"], color="grey", linestyle=":", lw=0.8)
         ax.axhline(KL_RATIO_TARGET * task["kl_base"], color="green", linestyle="--", lw=0.8)
         ax.set_title(task_name)
         ax.set_xlabel("seconds since the bake started")

@@ -153,6 +153,9 @@ class GenerateConfig(ModelArgs):
 
 
 # ---------------------------------------------------------------- training
+LR_SCHEDULES = ("constant", "linear", "cosine")  # --lr_schedule (training.setup.lr_factor)
+
+
 @dataclass
 class LoraArgs:
     r: int = opt(32, "LoRA rank", "-r")
@@ -180,6 +183,13 @@ class TrainConfig(LoraArgs, ModelArgs):
     learning_rate: float = opt(1e-4, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    lr_schedule: str = opt(
+        "constant",
+        "learning rate after warm-up: constant, or linear / cosine decay to 0 at the end of "
+        "the run (the --num_epochs ceiling, or --max_train_seconds when set, whichever "
+        "comes first), so the last steps refine instead of overshooting",
+        choices=list(LR_SCHEDULES),
+    )
     save_every: int = opt(10, "also save the adapter to epoch_N/ every N epochs (0: never)")
     max_traj_len: int | None = opt(
         None, "truncate each trajectory to this many generated tokens (default: no limit)"
@@ -248,7 +258,7 @@ class TrainConfig(LoraArgs, ModelArgs):
         0.0,
         "a time budget: stop training this many seconds after it started (teacher cache "
         "and validation included); the epoch running then ends early, is validated and "
-        "saved like any other; 0: no limit",
+        "saved like any other; a resumed run continues the same budget; 0: no limit",
     )
     on_policy: float = opt(
         0.0,
@@ -297,6 +307,10 @@ class TrainConfig(LoraArgs, ModelArgs):
         require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         require(self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
         require(self.save_every >= 0, "--save_every must be >= 0")
         require_finite(self, "max_train_seconds")
         require(self.max_train_seconds >= 0, "--max_train_seconds must be >= 0 (0: no limit)")

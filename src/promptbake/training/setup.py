@@ -25,6 +25,7 @@ import torch
 
 from .. import distributed
 from ..configs import LoraArgs, TrainConfig
+from ..configs.stages import LR_SCHEDULES
 from ..errors import UserError
 from ..files import human_bytes, write_json, write_jsonl
 from ..guards import prepare_out_dir
@@ -142,6 +143,76 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+def decay_factor(progress: float, schedule: str) -> float:
+    """The multiplier after warm-up at `progress` (0: warm-up done, 1: the end of the
+    run): 1 throughout (constant), or falling to 0 at the end (linear, cosine)."""
+    p = min(1.0, max(0.0, progress))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - p
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from {LR_SCHEDULES}")
+
+
+def run_progress(
+    step: int, warmup_steps: int, total_steps: int, elapsed_s: float = 0.0, budget_s: float = 0.0
+) -> float:
+    """How far a run is from the end of warm-up (0) to its end (1): the epoch ceiling
+    (`total_steps` optimizer steps, counted after warm-up) or, with a time budget
+    (`budget_s` > 0), `elapsed_s` / `budget_s`, whichever end comes first."""
+    by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    by_time = elapsed_s / budget_s if budget_s > 0 else 0.0
+    return min(1.0, max(0.0, by_steps, by_time))
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", progress: float = 0.0):
+    """The learning-rate multiplier of optimizer step `step` (0-based): the linear
+    warm-up, capped by the schedule's decay at `progress` (:func:`run_progress`)."""
+    return min(warmup_factor(step, warmup_steps), decay_factor(progress, schedule))
+
+
+@dataclass
+class LRSchedule:
+    """The LambdaLR multiplier of a run (--lr_schedule, --warmup_steps).
+
+    A callable object, so LambdaLR saves its ``__dict__`` with the scheduler state (the
+    checkpoint): ``elapsed_s``, the training seconds up to the last step, is how a
+    resumed run continues a time-budget schedule where it stopped (:meth:`resumed`).
+    """
+
+    schedule: str
+    warmup_steps: int
+    total_steps: int  # the epoch ceiling: --num_epochs x batches per epoch
+    budget_s: float = 0.0  # --max_train_seconds (0: none)
+    elapsed_s: float = 0.0
+    origin: float = field(default_factory=lambda: time.perf_counter())  # clock at 0 s
+
+    def __call__(self, step: int) -> float:
+        self.elapsed_s = time.perf_counter() - self.origin
+        if self.budget_s > 0 and self.schedule != "constant" and distributed.active():
+            # under torchrun every process must step with the same learning rate: the
+            # mean of their clocks (every process steps the scheduler at the same points)
+            (total,) = distributed.all_reduce_sum([self.elapsed_s])
+            self.elapsed_s = total / distributed.world_size()
+        progress = run_progress(
+            step, self.warmup_steps, self.total_steps, self.elapsed_s, self.budget_s
+        )
+        return lr_factor(step, self.warmup_steps, self.schedule, progress)
+
+    def resumed(self, settings: dict) -> float:
+        """After LambdaLR.load_state_dict put a checkpoint's values into ``__dict__``:
+        this run's own `settings` again (its flags may differ), the saved training
+        seconds kept and counted on from now; returns those seconds."""
+        spent = float(self.__dict__.get("elapsed_s") or 0.0)
+        self.__dict__.update(
+            {k: settings[k] for k in ("schedule", "warmup_steps", "total_steps", "budget_s")}
+        )
+        self.elapsed_s, self.origin = spent, time.perf_counter() - spent
+        return spent
+
+
 @dataclass
 class Run:
     """One training run's inputs and its state between epochs."""
@@ -193,6 +264,14 @@ class Run:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
+def lr_schedule(cfg: TrainConfig, n_train_rows: int) -> LRSchedule:
+    """The run's multiplier; its clock starts now, as --max_train_seconds' does."""
+    per_epoch = math.ceil(n_train_rows / cfg.batch_size)
+    return LRSchedule(
+        cfg.lr_schedule, cfg.warmup_steps, cfg.num_epochs * per_epoch, cfg.max_train_seconds
+    )
+
+
 def setup(cfg, model, tokenizer, train_rows, val_rows, echo, student) -> Run:
     """Model with LoRA, optimizer, output directory, validation batches: a Run at epoch 0."""
     model = prepare_model(cfg, model)
@@ -205,9 +284,7 @@ def setup(cfg, model, tokenizer, train_rows, val_rows, echo, student) -> Run:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, functools.partial(warmup_factor, warmup_steps=cfg.warmup_steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg, len(train_rows)))
     pad = pad_id(tokenizer)
     run = Run(
         cfg, model, tokenizer, train_rows, val_rows or [], out,
@@ -283,7 +360,13 @@ def resume(run: Run, state: dict | None) -> None:
     cfg, out = run.cfg, run.out
     if state is not None:
         changed = checkpoint.changed_args(state["args"], dataclasses.asdict(cfg))
+        schedule = run.sched.lr_lambdas[0]
+        settings = dict(schedule.__dict__)
         checkpoint.restore(state, run.model, run.opt, run.sched, cfg.learning_rate)
+        # the same schedule and the same time budget go on: the seconds trained before
+        # count (a checkpoint older than --lr_schedule carries none: 0)
+        spent = schedule.resumed(settings)
+        run.deadline -= spent
         run.start, run.best, run.metrics = state["epoch"], state["best"], list(state["metrics"])
         run.saved, run.bad_epochs = run.start, state.get("bad_epochs", 0)
         run.log(
