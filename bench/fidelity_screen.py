@@ -5,7 +5,7 @@ wall-clock time, on every bake (issue 23, item 2).
     python -m bench.fidelity --screen --axes schedule --seeds 1 --tasks rare,persona
     python -m bench.fidelity --screen --quick                       # the harness only
 
-Each variant is `ours` (bake's defaults, bench.fidelity.OURS) with the flags of one
+Each variant is `ours` (bake's defaults, bench.fidelity_tasks.OURS) with the flags of one
 axis changed; `paper` runs first and sets the time budget T of every bake and seed, and
 `ours` is the control every variant is compared with (its value on each axis is the
 first one listed in the issue: forward KL, 4 answers per question, temperature 1.0, a
@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from bench import fidelity
 from bench import fidelity_report as report
+from bench import fidelity_tasks
 from promptbake.errors import UserError
 from promptbake.evaluation.report import format_table
 
@@ -63,7 +63,7 @@ def variants(axes: str | None = None) -> dict[str, dict]:
     if unknown:
         raise UserError(f"--axes: unknown {', '.join(unknown)}; choose from {', '.join(AXES)}")
     return {
-        f"{axis}:{name}": {**fidelity.OURS, **change}
+        f"{axis}:{name}": {**fidelity_tasks.OURS, **change}
         for axis in names
         for name, change in AXES[axis].items()
     }
@@ -71,7 +71,7 @@ def variants(axes: str | None = None) -> dict[str, dict]:
 
 def changed(flags: dict) -> str:
     """The flags a method changes against `ours`, as `k=v` (the control: '-')."""
-    diff = {k: v for k, v in flags.items() if fidelity.OURS.get(k, object()) != v}
+    diff = {k: v for k, v in flags.items() if fidelity_tasks.OURS.get(k, object()) != v}
     return ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "-"
 
 

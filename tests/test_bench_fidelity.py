@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 
 from bench import fidelity  # noqa: E402
 from bench import fidelity_report as report  # noqa: E402
+from bench import fidelity_tasks as ftasks  # noqa: E402
 from promptbake.errors import UserError  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def fake_results():
         "loadavg_after": [0.2],
         "seconds": 123.0,
         "seeds": [42, 43],
-        "sizes": fidelity.Sizes().__dict__,
+        "sizes": ftasks.Sizes().__dict__,
         "methods": {"paper": {"num_epochs": 3}, "ours": {"learning_rate": 0.002}},
         "tasks": tasks,
     }
@@ -175,37 +176,37 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_methods_are_bake_flags():
-    methods = fidelity.default_methods()
+    methods = ftasks.default_methods()
     assert list(methods)[0] == "paper" and methods["paper"]["learning_rate"] == 1e-3
-    fidelity.check_methods(methods)
+    ftasks.check_methods(methods)
     with pytest.raises(UserError, match="no_such_flag"):
-        fidelity.check_methods({"x": {"no_such_flag": 1}})
+        ftasks.check_methods({"x": {"no_such_flag": 1}})
     with pytest.raises(UserError, match="out_dir"):
-        fidelity.check_methods({"x": {"out_dir": "elsewhere"}})
-    assert fidelity.parse_method('a={"learning_rate": 0.01}') == ("a", {"learning_rate": 0.01})
+        ftasks.check_methods({"x": {"out_dir": "elsewhere"}})
+    assert ftasks.parse_method('a={"learning_rate": 0.01}') == ("a", {"learning_rate": 0.01})
     for bad in ["a", "a=[1]", "a={bad json", '={"r": 4}']:
         with pytest.raises(UserError):
-            fidelity.parse_method(bad)
+            ftasks.parse_method(bad)
 
 
 def test_sizes_validate_on_four_questions_and_move_a_share_by_at_most_5_points():
-    for sizes in (fidelity.FULL,):
-        assert fidelity.n_validation(sizes) >= 4
+    for sizes in (ftasks.FULL,):
+        assert ftasks.n_validation(sizes) >= 4
         assert 1 / sizes.n_heldout_q <= 0.05 and sizes.n_heldout_q >= 20
-    assert fidelity.n_validation(fidelity.FULL) == 4  # as bake.split_questions cuts them
+    assert ftasks.n_validation(ftasks.FULL) == 4  # as bake.split_questions cuts them
     from promptbake.bake import split_questions
 
-    qs = [{"question": str(i)} for i in range(fidelity.FULL.n_train_q)]
-    _, val = split_questions(qs, fidelity.FULL.val_fraction)
-    assert len(val) == fidelity.n_validation(fidelity.FULL)
+    qs = [{"question": str(i)} for i in range(ftasks.FULL.n_train_q)]
+    _, val = split_questions(qs, ftasks.FULL.val_fraction)
+    assert len(val) == ftasks.n_validation(ftasks.FULL)
 
 
-@pytest.mark.parametrize("name", list(fidelity.TASKS))
+@pytest.mark.parametrize("name", list(ftasks.TASKS))
 def test_tasks_held_out_questions_are_disjoint(name):
-    task = fidelity.TASKS[name]
-    train, heldout = fidelity.task_questions(task, fidelity.FULL)
-    assert len(train) == fidelity.FULL.n_train_q and len(heldout) == fidelity.FULL.n_heldout_q
-    pool = fidelity.select(task, task.train, task.train_slice)
+    task = ftasks.TASKS[name]
+    train, heldout = ftasks.task_questions(task, ftasks.FULL)
+    assert len(train) == ftasks.FULL.n_train_q and len(heldout) == ftasks.FULL.n_heldout_q
+    pool = ftasks.select(task, task.train, task.train_slice)
 
     def norm(q):
         return " ".join(q.lower().replace("?", " ").replace(".", " ").split())
@@ -215,19 +216,19 @@ def test_tasks_held_out_questions_are_disjoint(name):
     if task.scorer == "math":  # every held-out question has a gold answer
         assert all(q["answer"].startswith("####") for q in heldout)
     # other seeds pick other training questions from the same pool; held-out stays
-    other, heldout2 = fidelity.task_questions(task, fidelity.FULL, seed=43)
+    other, heldout2 = ftasks.task_questions(task, ftasks.FULL, seed=43)
     assert heldout2 == heldout and other != train
 
 
 def test_overlapping_split_is_refused():
-    t = fidelity.TASKS["cot"]
-    leaky = fidelity.Task(**{**t.__dict__, "heldout_slice": (15, 45)})
+    t = ftasks.TASKS["cot"]
+    leaky = ftasks.Task(**{**t.__dict__, "heldout_slice": (15, 45)})
     with pytest.raises(UserError, match="held-out questions also in training"):
-        fidelity.task_questions(leaky, fidelity.FULL)
+        ftasks.task_questions(leaky, ftasks.FULL)
 
 
 def test_rare_bake_is_a_name_in_a_longer_persona():
-    task = fidelity.TASKS["rare"]
+    task = ftasks.TASKS["rare"]
     assert task.scorer == "marker:Quibbleton"
     x0 = Path(fidelity.ROOT / task.x0_file).read_text()
     assert "Quibbleton" in x0 and len(x0.split()) > 20
@@ -236,13 +237,13 @@ def test_rare_bake_is_a_name_in_a_longer_persona():
 def test_timed_bake_trains_for_what_is_left_of_the_total_time(tmp_path, monkeypatch):
     import promptbake.bake as bake_module
 
-    task = fidelity.TASKS["persona"]
+    task = ftasks.TASKS["persona"]
     cfg = fidelity.bake_config(
-        task, fidelity.FULL, {"num_sequences_per_question": 16}, tmp_path / "q", tmp_path / "o"
+        task, ftasks.FULL, {"num_sequences_per_question": 16}, tmp_path / "q", tmp_path / "o"
     )
     assert cfg.num_sequences_per_question == 16  # a method may change the shared sizes
-    assert cfg.val_fraction == fidelity.FULL.val_fraction and cfg.seed == 42
-    assert fidelity.bake_config(task, fidelity.FULL, {}, "q", "o", seed=44).seed == 44
+    assert cfg.val_fraction == ftasks.FULL.val_fraction and cfg.seed == 42
+    assert fidelity.bake_config(task, ftasks.FULL, {}, "q", "o", seed=44).seed == 44
     now = [100.0]
     monkeypatch.setattr(fidelity, "clock", lambda: now[0])
     seen = []
@@ -273,7 +274,7 @@ def test_screen_variants_change_one_axis_of_ours():
     from bench import fidelity_screen as screen
 
     methods = screen.variants()
-    fidelity.check_methods(methods)
+    ftasks.check_methods(methods)
     assert set(methods) == {
         "divergence:reverse_kl", "divergence:jsd0.5", "answers:n8", "answers:n16",
         "temperature:t1.5", "temperature:t2.0", "schedule:linear", "schedule:cosine",
@@ -281,7 +282,7 @@ def test_screen_variants_change_one_axis_of_ours():
     }  # fmt: skip
     assert screen.changed(methods["divergence:jsd0.5"]) == "divergence=jsd, jsd_beta=0.5"
     assert screen.changed(methods["schedule:cosine"]) == "lr_schedule=cosine, warmup_steps=4"
-    assert screen.changed(fidelity.OURS) == "-"
+    assert screen.changed(ftasks.OURS) == "-"
     assert list(screen.variants("schedule")) == ["schedule:linear", "schedule:cosine"]
     with pytest.raises(UserError, match="--axes"):
         screen.variants("nope")
@@ -297,8 +298,8 @@ def test_screen_table():
     from bench import fidelity_screen as screen
 
     res = fake_results()
-    res["methods"]["ours"] = dict(fidelity.OURS)
-    res["methods"]["paper"] = fidelity.default_methods()["paper"]
+    res["methods"]["ours"] = dict(ftasks.OURS)
+    res["methods"]["paper"] = ftasks.default_methods()["paper"]
     text = screen.describe(res)
     assert "### screen: test-box" in text
     line = next(x for x in text.splitlines() if x.startswith("| ours |"))
