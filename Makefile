@@ -62,7 +62,8 @@ BENCH_GPU_ARGS ?=
 bench-gpu:
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=src $(GPU_PYTHON) -m bench.gpu $(BENCH_GPU_ARGS)
 
-# held-out KL and behaviour of four public bakes, the paper's method vs ours at equal time
+# held-out KL, top-1 agreement and behaviour of five public bakes, the paper's method vs ours
+# at equal time, mean and spread over --seeds (3)
 # (bench/README.md, "Fidelity"); FIDELITY_ARGS="--quick" checks the harness in a minute or two
 FIDELITY_ARGS ?=
 bench-fidelity: $(STAMP)
