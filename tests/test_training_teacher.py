@@ -104,3 +104,29 @@ def test_teacher_cache_kept_from_generation_equals_a_teacher_pass(tiny_model, ch
     assert cache_from_generation(rows, kept, 2) is not None
     del kept[(rows[4]["question_index"], rows[4]["sample_index"])]
     assert cache_from_generation(rows, kept) is None
+
+
+def test_a_top_k_table_kept_from_generation_is_the_teacher_passs_top_k(tiny_model, chatml_tok):
+    """The vllm engine hands back top-k (ids, log-probs) per row: cache_from_generation
+    makes the same top-k + tail table a top-k teacher pass builds (--teacher_cache topk)."""
+    rows = [
+        dict(r, question_index=i, sample_index=0)
+        for i, r in enumerate(zorblax_rows(chatml_tok)[:4])
+    ]
+    full = build_teacher_cache(tiny_model, rows, chatml_tok.pad_token_id, log=lambda s: None)
+    ref = build_teacher_cache(
+        tiny_model, rows, chatml_tok.pad_token_id, mode="topk", topk=8, log=lambda s: None
+    )
+    o = full.offsets
+    kept = {}
+    for i, r in enumerate(rows):
+        vals, ids = full.logp[o[i] : o[i + 1]].topk(10, dim=-1)  # the engine's k = 10
+        kept[(r["question_index"], r["sample_index"])] = (ids, vals)
+    got = cache_from_generation(rows, kept, topk=8)
+    assert got.mode == "topk" and torch.equal(got.offsets, ref.offsets)
+    assert torch.equal(got.idx.long(), ref.idx.long())
+    torch.testing.assert_close(got.logp, ref.logp)
+    torch.testing.assert_close(got.log_tail, ref.log_tail, atol=1e-5, rtol=1e-5)
+    # a row the engine kept nothing for: no table (training then builds its own)
+    del kept[next(iter(kept))]
+    assert cache_from_generation(rows, kept, topk=8) is None
