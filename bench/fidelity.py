@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import shutil
 import sys
@@ -77,7 +76,7 @@ from promptbake.evaluation.measures import condition_scores
 from promptbake.evaluation.scorers import parse_scorer, score_all
 from promptbake.files import write_json, write_jsonl
 from promptbake.models import pad_id
-from promptbake.records import read_prompt
+from promptbake.records import read_json, read_prompt
 from promptbake.sampling.trajectories import generate_trajectories
 from promptbake.schema import read_trajectories
 
@@ -325,9 +324,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--report",
         default=None,
-        metavar="JSON",
+        metavar="JSON[,JSON...]",
         help="run nothing: print the table of a results file (a stopped run's too) and "
-        "put it into bench/README.md",
+        "put it into bench/README.md; several files (runs of other --tasks, e.g. two "
+        "processes side by side) are merged bake by bake",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        metavar="JSON",
+        help="the results file (default: bench/results/fidelity[-screen]-<machine>.json)",
     )
     return ap.parse_args(argv)
 
@@ -368,10 +374,31 @@ def publish(results: dict, no_readme: bool = False) -> str:
     return text
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One results dict from runs of other bakes (the same methods and seeds): the
+    first one's header, every part's bakes, the longest run's seconds and the commands."""
+    merged = dict(parts[0], tasks={})
+    for part in parts:
+        if part["methods"] != merged["methods"] or part["seeds"] != merged["seeds"]:
+            raise UserError(
+                f"--report: {part['command']!r} ran other methods or seeds than "
+                f"{merged['command']!r}; merge only runs of the same methods and seeds"
+            )
+        clash = sorted(set(part["tasks"]) & set(merged["tasks"]))
+        if clash:
+            raise UserError(f"--report: bake {clash[0]!r} is in two of the files")
+        merged["tasks"].update(part["tasks"])
+    if len(parts) > 1:
+        merged["command"] = " & ".join(p["command"] for p in parts) + " (side by side)"
+        merged["seconds"] = max(p.get("seconds", 0) for p in parts)
+        merged["loadavg_after"] = parts[-1].get("loadavg_after")
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        results = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        results = merge_results([read_json(p) for p in args.report.split(",")])
         if args.note:
             results["note"] = args.note
         publish(results, args.no_readme)
@@ -409,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     kind = "fidelity-screen" if args.screen else "fidelity"
     suffix = "-quick" if args.quick else ""
-    path = RESULTS / f"{kind}-{results['machine']}{suffix}.json"
+    path = Path(args.out) if args.out else RESULTS / f"{kind}-{results['machine']}{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     for n in names:
 

@@ -57,16 +57,19 @@ AXES: dict[str, dict[str, dict]] = {
 
 
 def variants(axes: str | None = None) -> dict[str, dict]:
-    """The screen's methods beyond `paper` and `ours`: ``axis:variant`` -> full flags."""
-    names = axes.split(",") if axes else list(AXES)
-    unknown = [a for a in names if a not in AXES]
-    if unknown:
-        raise UserError(f"--axes: unknown {', '.join(unknown)}; choose from {', '.join(AXES)}")
-    return {
-        f"{axis}:{name}": {**fidelity_tasks.OURS, **change}
-        for axis in names
-        for name, change in AXES[axis].items()
-    }
+    """The screen's methods beyond `paper` and `ours`: ``axis:variant`` -> full flags.
+    `axes`: comma-separated axes, or single variants as ``axis:variant``."""
+    known = [f"{axis}:{name}" for axis in AXES for name in AXES[axis]]
+    picked = []
+    for item in axes.split(",") if axes else list(AXES):
+        some = [k for k in known if k == item or k.split(":")[0] == item]
+        if not some:
+            raise UserError(
+                f"--axes: unknown {item!r}; choose from {', '.join(AXES)} or one of "
+                f"{', '.join(known)}"
+            )
+        picked += [k for k in some if k not in picked]
+    return {k: {**fidelity_tasks.OURS, **AXES[k.split(":")[0]][k.split(":")[1]]} for k in picked}
 
 
 def changed(flags: dict) -> str:
