@@ -185,7 +185,7 @@ def validation_picks(results: dict) -> dict:
         for m in task["methods"].values():
             for run in m["runs"]:
                 done = [p for p in run["curve"] if p["t"] <= run["budget_s"] * (1 + slack)]
-                if not done:
+                if not done or any("kl" not in p for p in done):  # --read_only: no curve
                     continue
                 best = min(done, key=lambda p: p["kl"])
                 read = run["read"]
@@ -293,7 +293,7 @@ def plot(results: dict, path: Path) -> None:
         for i, (name, m) in enumerate(task["methods"].items()):
             color = f"C{i % 10}"
             for j, run in enumerate(m["runs"]):
-                c = run["curve"]
+                c = [p for p in run["curve"] if "kl" in p]  # --read_only scores one epoch
                 label = name if j == 0 else None
                 ax.plot([p["t"] for p in c], [p["kl"] for p in c], "o-", color=color,
                         label=label, lw=1, ms=3)  # fmt: skip

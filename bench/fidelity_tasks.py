@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from promptbake.bake import n_validation as bake_n_validation
 from promptbake.configs import BakeConfig
 from promptbake.errors import UserError
 from promptbake.records import read_questions, select_questions
@@ -201,6 +202,5 @@ def task_questions(task: Task, sizes: Sizes, seed: int | None = None) -> tuple[l
 
 
 def n_validation(sizes: Sizes) -> int:
-    """Validation questions per bake (as bake.split_questions cuts them)."""
-    n = round(sizes.n_train_q * sizes.val_fraction)
-    return max(1, min(n, sizes.n_train_q - 1)) if sizes.val_fraction > 0 else 0
+    """Validation questions per bake (bake.n_validation: as bake cuts them)."""
+    return bake_n_validation(sizes.n_train_q, sizes.val_fraction)

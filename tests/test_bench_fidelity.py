@@ -284,6 +284,10 @@ def test_screen_variants_change_one_axis_of_ours():
     assert screen.changed(methods["schedule:cosine"]) == "lr_schedule=cosine, warmup_steps=4"
     assert screen.changed(ftasks.OURS) == "-"
     assert list(screen.variants("schedule")) == ["schedule:linear", "schedule:cosine"]
+    # single variants, an axis given twice counts once
+    assert list(screen.variants("schedule:linear,divergence,schedule")) == [
+        "schedule:linear", "divergence:reverse_kl", "divergence:jsd0.5", "schedule:cosine",
+    ]  # fmt: skip
     with pytest.raises(UserError, match="--axes"):
         screen.variants("nope")
     args = fidelity.parse_args(["--screen", "--axes", "temperature", "--quick"])
@@ -324,3 +328,20 @@ def test_validation_picks():
         "(validation questions per bake: 4) picked the epoch with the best held-out KL in 3 of 4"
         in text
     )
+    # --read_only: a run whose curve has unscored epochs by T is left out, not misread
+    first = res["tasks"]["persona"]["methods"]["paper"]["runs"][0]
+    del next(p for p in first["curve"] if p["epoch"] == 1)["kl"]
+    assert report.validation_picks(res)["runs"] == 3
+
+
+def test_merge_results_of_side_by_side_runs():
+    a, b = fake_results(), fake_results()
+    b["tasks"] = {"rare": b["tasks"].pop("persona")}
+    b["command"], b["seconds"] = "python -m bench.fidelity --tasks rare", 900.0
+    merged = fidelity.merge_results([a, b])
+    assert list(merged["tasks"]) == [*a["tasks"], "rare"] and merged["seconds"] == 900.0
+    with pytest.raises(UserError, match="two of the files"):
+        fidelity.merge_results([a, a])
+    b["seeds"] = [7]
+    with pytest.raises(UserError, match="other methods or seeds"):
+        fidelity.merge_results([a, b])

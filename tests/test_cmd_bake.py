@@ -99,3 +99,24 @@ def test_bake_on_policy_trains_on_the_students_answers(tiny_model_dir, tmp_path,
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
     args = json.loads((out / "args.json").read_text())
     assert args["on_policy"] == 1.0
+
+
+def test_validation_split_is_the_fraction_with_one_question_each_side():
+    from promptbake.bake import n_validation, split_questions
+
+    # (questions, --val_fraction) -> validation questions, by hand
+    table = {
+        (12, 0.1): 1,
+        (16, 0.25): 4,
+        (64, 0.1): 6,
+        (5, 0.2): 1,
+        (3, 0.9): 2,  # one left to train on
+        (1, 0.1): 1,  # and bake_questions refuses: no training question left
+        (12, 0.0): 0,  # --val_fraction 0: no validation
+    }
+    assert {k: n_validation(*k) for k in table} == table
+    qs = [{"question": f"q{i}"} for i in range(16)]
+    train, val = split_questions(qs, 0.25)
+    assert (len(train), len(val)) == (12, 4) and not {q["question"] for q in val} & {
+        q["question"] for q in train
+    }

@@ -44,11 +44,17 @@ from .training.targets import TeacherPlan, plan_teacher, training_facts
 from .training.teacher import cache_bytes, cache_from_generation
 
 
+def n_validation(n_questions: int, val_fraction: float) -> int:
+    """How many of `n_questions` validate: the --val_fraction share, at least one
+    (when the fraction is above 0), and at least one question left to train on."""
+    if val_fraction <= 0:
+        return 0
+    return max(1, min(round(n_questions * val_fraction), n_questions - 1))
+
+
 def split_questions(questions: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
     """Validation questions are disjoint from training ones (no answer leaks across)."""
-    n_val = round(len(questions) * val_fraction)
-    if val_fraction > 0:
-        n_val = max(1, min(n_val, len(questions) - 1))
+    n_val = n_validation(len(questions), val_fraction)
     return questions[n_val:], questions[:n_val]
 
 
