@@ -387,18 +387,22 @@ def publish(results: dict, no_readme: bool = False) -> str:
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """One results dict from runs of other bakes (the same methods and seeds): the
-    first one's header, every part's bakes, the longest run's seconds and the commands."""
-    merged = dict(parts[0], tasks={})
+    """One results dict from runs of other bakes (the same seeds; a method run in two
+    of them must have the same flags): the first one's header, every part's bakes and
+    methods, the longest run's seconds and the commands."""
+    merged = dict(parts[0], tasks={}, methods={})
     for part in parts:
-        if part["methods"] != merged["methods"] or part["seeds"] != merged["seeds"]:
+        clash = [k for k, v in part["methods"].items() if merged["methods"].get(k, v) != v]
+        if clash or part["seeds"] != parts[0]["seeds"]:
+            what = f"method {clash[0]!r} with other flags" if clash else "other seeds"
             raise UserError(
-                f"--report: {part['command']!r} ran other methods or seeds than "
-                f"{merged['command']!r}; merge only runs of the same methods and seeds"
+                f"--report: {part['command']!r} ran {what} than {parts[0]['command']!r}; "
+                "merge only runs of the same methods and seeds"
             )
-        clash = sorted(set(part["tasks"]) & set(merged["tasks"]))
-        if clash:
-            raise UserError(f"--report: bake {clash[0]!r} is in two of the files")
+        twice = sorted(set(part["tasks"]) & set(merged["tasks"]))
+        if twice:
+            raise UserError(f"--report: bake {twice[0]!r} is in two of the files")
+        merged["methods"].update(part["methods"])
         merged["tasks"].update(part["tasks"])
     if len(parts) > 1:
         merged["command"] = " & ".join(p["command"] for p in parts) + " (side by side)"

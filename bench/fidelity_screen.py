@@ -97,7 +97,7 @@ def table(results: dict, markdown: bool = True) -> str:
     by_method: dict[str, dict[str, dict]] = {}
     for task, method, r in report.rows(results):
         by_method.setdefault(method, {})[task] = r
-    control = over_bakes(by_method["ours"]) if "ours" in by_method else None
+    ours = by_method.get("ours", {})
     head = ["method", "changes vs ours"]
     head += [f"{t}: KL ratio / top-1 / share" for t in tasks]
     head += ["mean over bakes: KL ratio / top-1 / share", "vs ours: KL ratio / top-1 / share"]
@@ -113,13 +113,15 @@ def table(results: dict, markdown: bool = True) -> str:
             sd = f"±{kl['sd']:.3f}" if kl["n"] > 1 else ""
             row.append(f"{kl['mean']:.3f}{sd} / {r['top1']['mean']:.3f} / {r['share']['mean']:.0%}")
         m = over_bakes(per_task)
-        row.append(f"{m['kl_ratio']:.3f} / {m['top1']:.3f} / {m['share']:.0%}")
-        if control is None or len(per_task) != len(tasks):
+        some = "" if len(per_task) == len(tasks) else f" ({len(per_task)} bakes)"
+        row.append(f"{m['kl_ratio']:.3f} / {m['top1']:.3f} / {m['share']:.0%}{some}")
+        if not set(per_task) <= set(ours):
             row.append("-")
-        else:
+        else:  # against ours on the same bakes (a variant screened on some bakes only)
+            c = over_bakes({t: ours[t] for t in per_task})
             row.append(
-                f"{m['kl_ratio'] - control['kl_ratio']:+.3f} / {m['top1'] - control['top1']:+.3f}"
-                f" / {100 * (m['share'] - control['share']):+.0f} pts"
+                f"{m['kl_ratio'] - c['kl_ratio']:+.3f} / {m['top1'] - c['top1']:+.3f}"
+                f" / {100 * (m['share'] - c['share']):+.0f} pts{some}"
             )
         body.append(row)
     return format_table(head, body, markdown)

@@ -343,5 +343,8 @@ def test_merge_results_of_side_by_side_runs():
     with pytest.raises(UserError, match="two of the files"):
         fidelity.merge_results([a, a])
     b["seeds"] = [7]
-    with pytest.raises(UserError, match="other methods or seeds"):
+    with pytest.raises(UserError, match="other seeds"):
+        fidelity.merge_results([a, b])
+    b["seeds"], b["methods"]["paper"] = a["seeds"], {"num_epochs": 9}
+    with pytest.raises(UserError, match="method 'paper' with other flags"):
         fidelity.merge_results([a, b])
