@@ -309,6 +309,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tasks", default=None, help=f"comma-separated of {', '.join(TASKS)}")
     ap.add_argument("--seeds", type=int, default=3, help="runs per method and bake (>= 1)")
     ap.add_argument(
+        "--first_seed",
+        type=int,
+        default=None,
+        help="the first seed (default 42): --first_seed 43 --seeds 2 adds seeds 43, 44 to a "
+        "seed-42 run (merge them with --report)",
+    )
+    ap.add_argument(
         "--method",
         action="append",
         default=[],
@@ -340,6 +347,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run nothing: print the table of a results file (a stopped run's too) and "
         "put it into bench/README.md; several files (runs of other --tasks, e.g. two "
         "processes side by side) are merged bake by bake",
+    )
+    ap.add_argument(
+        "--only", default=None, help="with --report: keep these methods (comma-separated)"
     )
     ap.add_argument(
         "--out",
@@ -386,26 +396,48 @@ def publish(results: dict, no_readme: bool = False) -> str:
     return text
 
 
-def merge_results(parts: list[dict]) -> dict:
-    """One results dict from runs of other bakes (the same seeds; a method run in two
-    of them must have the same flags): the first one's header, every part's bakes and
-    methods, the longest run's seconds and the commands."""
-    merged = dict(parts[0], tasks={}, methods={})
+def answers_of(task: dict, method: str) -> list:
+    """A method's held-out answers, one list per run (None where a file has none)."""
+    runs = task["methods"].get(method, {"runs": []})["runs"]
+    return task.get("answers", {}).get(method) or [None] * len(runs)
+
+
+def merge_results(parts: list[dict], only: list[str] | None = None) -> dict:
+    """One results dict from several runs: other bakes, or other seeds of the same bake
+    (then its evaluation must be the same: the same held-out KL of the base model). A
+    method in two runs must have the same flags; `only` keeps those methods. The
+    first run's header, the longest run's seconds, every command."""
+    merged = dict(parts[0], tasks={}, methods={}, seeds=[])
     for part in parts:
-        clash = [k for k, v in part["methods"].items() if merged["methods"].get(k, v) != v]
-        if clash or part["seeds"] != parts[0]["seeds"]:
-            what = f"method {clash[0]!r} with other flags" if clash else "other seeds"
+        methods = {k: v for k, v in part["methods"].items() if only is None or k in only}
+        clash = [k for k, v in methods.items() if merged["methods"].get(k, v) != v]
+        if clash:
             raise UserError(
-                f"--report: {part['command']!r} ran {what} than {parts[0]['command']!r}; "
-                "merge only runs of the same methods and seeds"
+                f"--report: {part['command']!r} ran method {clash[0]!r} with other flags "
+                f"than an earlier file; merge only runs of the same methods"
             )
-        twice = sorted(set(part["tasks"]) & set(merged["tasks"]))
-        if twice:
-            raise UserError(f"--report: bake {twice[0]!r} is in two of the files")
-        merged["methods"].update(part["methods"])
-        merged["tasks"].update(part["tasks"])
+        merged["methods"].update(methods)
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(part["seeds"]))
+        for name, task in part["tasks"].items():
+            task = dict(task, methods={k: v for k, v in task["methods"].items() if k in methods})
+            have = merged["tasks"].get(name)
+            if have is None:
+                merged["tasks"][name] = task
+                continue
+            if abs(have["kl_base"] - task["kl_base"]) > 1e-6 * have["kl_base"]:
+                raise UserError(f"--report: bake {name!r} was evaluated differently in two files")
+            for k, m in task["methods"].items():
+                mine = have["methods"].setdefault(k, {"flags": m["flags"], "runs": []})
+                if {r["seed"] for r in mine["runs"]} & {r["seed"] for r in m["runs"]}:
+                    raise UserError(f"--report: bake {name!r}, {k}: a seed is in two files")
+                # runs and their held-out answers, in seed order
+                pairs = [*zip(mine["runs"], answers_of(have, k), strict=True)]
+                pairs += zip(m["runs"], answers_of(task, k), strict=True)
+                pairs.sort(key=lambda ra: ra[0]["seed"])
+                mine["runs"] = [r for r, _ in pairs]
+                have.setdefault("answers", {})[k] = [a for _, a in pairs]
     if len(parts) > 1:
-        merged["command"] = " & ".join(p["command"] for p in parts) + " (side by side)"
+        merged["command"] = " & ".join(p["command"] for p in parts) + " (merged)"
         merged["seconds"] = max(p.get("seconds", 0) for p in parts)
         merged["loadavg_after"] = parts[-1].get("loadavg_after")
     return merged
@@ -414,7 +446,8 @@ def merge_results(parts: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        results = merge_results([read_json(p) for p in args.report.split(",")])
+        only = args.only.split(",") if args.only else None
+        results = merge_results([read_json(p) for p in args.report.split(",")], only)
         if args.note:
             results["note"] = args.note
         publish(results, args.no_readme)
@@ -427,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     methods = pick_methods(args)
     sizes = QUICK if args.quick else FULL
-    seeds = [sizes.seed + i for i in range(args.seeds)]
+    first = sizes.seed if args.first_seed is None else args.first_seed
+    seeds = [first + i for i in range(args.seeds)]
     torch.set_num_threads(args.threads)
     from promptbake.models import load_model
 

@@ -340,11 +340,26 @@ def test_merge_results_of_side_by_side_runs():
     b["command"], b["seconds"] = "python -m bench.fidelity --tasks rare", 900.0
     merged = fidelity.merge_results([a, b])
     assert list(merged["tasks"]) == [*a["tasks"], "rare"] and merged["seconds"] == 900.0
-    with pytest.raises(UserError, match="two of the files"):
-        fidelity.merge_results([a, a])
-    b["seeds"] = [7]
-    with pytest.raises(UserError, match="other seeds"):
-        fidelity.merge_results([a, b])
-    b["seeds"], b["methods"]["paper"] = a["seeds"], {"num_epochs": 9}
+    b["methods"]["paper"] = {"num_epochs": 9}
     with pytest.raises(UserError, match="method 'paper' with other flags"):
+        fidelity.merge_results([a, b])
+
+
+def test_merge_results_adds_seeds_and_keeps_only_some_methods():
+    a, b = fake_results(), fake_results()  # a: seeds 42, 43; b: seed 44, and a screen variant
+    b["seeds"], b["command"] = [44], "python -m bench.fidelity --first_seed 44 --seeds 1"
+    for m in b["tasks"]["persona"]["methods"].values():
+        m["runs"] = [dict(m["runs"][0], seed=44)]
+    b["methods"]["linear"] = {"lr_schedule": "linear"}
+    b["tasks"]["persona"]["methods"]["linear"] = {"flags": {}, "runs": [{"seed": 44}]}
+    merged = fidelity.merge_results([a, b], only=["paper", "ours"])
+    assert merged["seeds"] == [42, 43, 44] and list(merged["methods"]) == ["paper", "ours"]
+    runs = merged["tasks"]["persona"]["methods"]["ours"]["runs"]
+    assert [r["seed"] for r in runs] == [42, 43, 44]
+    assert set(merged["tasks"]["persona"]["methods"]) == {"paper", "ours"}
+    assert report.rows(merged)[1][2]["kl_ratio"]["n"] == 3  # the table sees 3 seeds
+    with pytest.raises(UserError, match="a seed is in two files"):
+        fidelity.merge_results([a, a])
+    b["tasks"]["persona"]["kl_base"] = 0.7
+    with pytest.raises(UserError, match="evaluated differently"):
         fidelity.merge_results([a, b])
