@@ -136,15 +136,15 @@ def test_max_train_seconds_cuts_the_epoch_and_keeps_the_best(
 ):
     fake_clock(monkeypatch)
     rows = loop_rows(chatml_tok)  # 8 rows, batch 4: 2 steps per epoch
-    cfg = loop_config(tmp_path, "b", num_epochs=5, max_train_seconds=3.0)
+    cfg = loop_config(tmp_path, "b", num_epochs=5, max_train_seconds=3.5)
     _, metrics = train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
-    # steps end at 1, 2 (epoch 1), 3 (epoch 2): the budget is spent before epoch 2's
-    # second step, which is not taken; epoch 2 is still validated and saved
+    # steps end at 1, 2 (epoch 1), 3 (epoch 2): a fourth step would end at 4, past the
+    # budget, so it is not taken; epoch 2 is still validated and saved
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
     assert [(m["steps"], m["partial"]) for m in metrics[1:]] == [(2, False), (1, True)]
     out = tmp_path / "b"
     log = (out / "train_loop.log").read_text()
-    assert "stopped after epoch 2 (cut short): --max_train_seconds 3 spent" in log
+    assert "stopped after epoch 2 (cut short): --max_train_seconds 3.5 spent" in log
     assert checkpoint.load_checkpoint(out)["epoch"] == 2
     # the epochs it ran are the unlimited run's
     full = loop_config(tmp_path, "full", num_epochs=2)
@@ -156,6 +156,29 @@ def test_max_train_seconds_cuts_the_epoch_and_keeps_the_best(
     _, m_t = train.train(tiny_budget, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
     assert [(m["epoch"], m["steps"]) for m in m_t[1:]] == [(1, 1)]
     assert (tmp_path / "t" / "adapter_model.safetensors").exists()
+
+
+def test_max_train_seconds_leaves_time_to_validate_and_save_the_last_epoch(
+    tiny_model, chatml_tok, tmp_path, monkeypatch
+):
+    """Validation takes 0.5 s on the fake clock, a step 1 s: with a 4 s budget, epoch 1
+    ends at 3.0 (validation 0.5, steps to 2.5, validation to 3.0); epoch 2 would take at
+    least a step and a validation (to 4.5), so it does not start: the run ends within
+    its budget instead of 0.5 s past it."""
+    now = fake_clock(monkeypatch)
+    real_validate = train.validate
+
+    def slow_validate(run):
+        now[0] += 0.5
+        return real_validate(run)
+
+    monkeypatch.setattr(train, "validate", slow_validate)
+    rows = loop_rows(chatml_tok)
+    cfg = loop_config(tmp_path, "v", num_epochs=5, max_train_seconds=4.0)
+    _, metrics = train.train(cfg, copy.deepcopy(tiny_model), chatml_tok, rows, rows, echo=False)
+    assert [m["epoch"] for m in metrics] == [0, 1] and now[0] == 3.0
+    log = (tmp_path / "v" / "train_loop.log").read_text()
+    assert "stopped after epoch 1: --max_train_seconds 4 spent" in log
 
 
 # ---------------------------------------------------------------- the KL curve

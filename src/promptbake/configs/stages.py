@@ -256,9 +256,10 @@ class TrainConfig(LoraArgs, ModelArgs):
     )
     max_train_seconds: float = opt(
         0.0,
-        "a time budget: stop training this many seconds after it started (teacher cache "
-        "and validation included); the epoch running then ends early, is validated and "
-        "saved like any other; a resumed run continues the same budget; 0: no limit",
+        "a time budget: training ends within this many seconds of its start (teacher "
+        "cache, validation and saves included): no step starts unless it and its epoch's "
+        "validation and save still fit, so the last epoch ends early and is validated "
+        "and saved like any other; a resumed run continues the same budget; 0: no limit",
     )
     on_policy: float = opt(
         0.0,

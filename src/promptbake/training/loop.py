@@ -219,7 +219,9 @@ def fit_epoch(run: Run, epoch: int, echo: bool) -> dict:
     desc = f"epoch {epoch}/{cfg.num_epochs}"
     pbar = tqdm(chunks, desc=desc, leave=False, disable=not (echo and run.main))
     for bi, chunk in enumerate(pbar):
-        if bi > 0 and out_of_time(run):  # at least one step, so the epoch has a loss
+        # at least one step, so the epoch has a loss; another only if it and the
+        # epoch's validation and save still end within --max_train_seconds
+        if bi > 0 and out_of_time(run, run.step_s + run.end_s):
             break
         batch, target, n_glob = load_batch(run, epoch, bi, chunk, bi in on_policy)
         kl_sum, seq_sum, k = train_step(run, batch, target, n_glob)
@@ -232,7 +234,7 @@ def fit_epoch(run: Run, epoch: int, echo: bool) -> dict:
         now = time.perf_counter()
         lr = run.sched.get_last_lr()[0]
         pending = Pending(sum_over_ranks(kl_sum), n_glob, bi, lr, now - t_step)
-        t_step = now
+        run.step_s, t_step = now - t_step, now
         if mean is not None and bi % POSTFIX_EVERY == 0:
             pbar.set_postfix(kl=f"{mean:.4f}")
     settle(run, pending, epoch, n_batches)
@@ -295,12 +297,22 @@ def plot(run: Run, final: bool = False) -> None:
         run.plotted, run.plot_time = len(run.metrics), time.monotonic()
 
 
-def out_of_time(run: Run) -> bool:
-    """--max_train_seconds is spent. Every process asks at the same points and they
-    agree (the slowest one's clock decides), so none waits in a collective alone."""
+def out_of_time(run: Run, reserve: float = 0.0) -> bool:
+    """--max_train_seconds is spent, or would be after `reserve` more seconds (work that
+    must still fit: a step, the epoch's validation and save). Every process asks at the
+    same points and they agree (the slowest one's clock decides), so none waits in a
+    collective alone."""
     if run.deadline == math.inf:
         return False
-    return bool(distributed.max_over_ranks(int(time.perf_counter() >= run.deadline)))
+    late = time.perf_counter() + reserve >= run.deadline
+    return bool(distributed.max_over_ranks(int(late)))
+
+
+def timed(run: Run, work, *args) -> None:
+    """`work(run, *args)`, its seconds kept as the end-of-epoch cost (run.end_s)."""
+    t0 = time.perf_counter()
+    work(run, *args)
+    run.end_s = time.perf_counter() - t0
 
 
 def patience_spent(run: Run) -> bool:
@@ -357,14 +369,17 @@ def train(
     resume(run, state)
     try:
         if run.val_rows and run.start == 0:
-            validate_before_training(run)
+            timed(run, validate_before_training)  # the first estimate of an epoch's end
         plan = teacher or plan_teacher(training_facts(cfg, run.model, train_rows, start=run.start))
         run.cache = teacher_table(plan, run.model, run.train_rows, run.pad, cfg, table, run.log)
         for epoch in range(run.start + 1, cfg.num_epochs + 1):
             # at least one step always runs, so every run leaves an adapter
-            if patience_spent(run) or (epoch > run.start + 1 and out_of_time(run)):
+            # an epoch takes at least a step and its validation and save
+            if patience_spent(run) or (
+                epoch > run.start + 1 and out_of_time(run, run.step_s + run.end_s)
+            ):
                 break
-            end_epoch(run, fit_epoch(run, epoch, echo))
+            timed(run, end_epoch, fit_epoch(run, epoch, echo))
     except KeyboardInterrupt:
         plot(run, final=True)  # the finished epochs' curve, however recent the last plot
         raise Interrupted(interrupted_message(run)) from None
@@ -375,7 +390,11 @@ def train(
             f"{'validation' if run.val_rows else 'training'} KL for {cfg.patience} epochs "
             f"(--patience {cfg.patience}); the best epoch's adapter is kept"
         )
-    if run.deadline < math.inf and out_of_time(run) and run.saved < cfg.num_epochs:
+    if (
+        run.deadline < math.inf
+        and out_of_time(run, run.step_s + run.end_s)
+        and run.saved < cfg.num_epochs
+    ):
         part = " (cut short)" if run.metrics and run.metrics[-1].get("partial") else ""
         run.log(
             f"stopped after epoch {run.saved}{part}: --max_train_seconds "

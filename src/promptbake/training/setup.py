@@ -242,6 +242,10 @@ class Run:
     saved: int = 0  # the epoch of the checkpoint on disk
     parts: int = 1  # row slices per step; grows on CUDA out-of-memory (backward_kl)
     deadline: float = math.inf  # time.perf_counter() at which --max_train_seconds runs out
+    # the last optimizer step's and end-of-epoch work's (validate, save) seconds: the
+    # run stops stepping early enough to finish both within --max_train_seconds
+    step_s: float = 0.0
+    end_s: float = 0.0
     autocast: torch.dtype | None = None  # --autocast resolved for this device and model
     plotted: int = 0  # epochs (metrics entries) in the last kl_curve.png
     plot_time: float = field(default_factory=time.monotonic)  # when it was drawn
