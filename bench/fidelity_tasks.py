@@ -130,6 +130,7 @@ PAPER_IF_AVAILABLE = {
 OURS_FLAGS = (
     "learning_rate", "batch_size", "r", "lora_alpha", "target_modules", "num_epochs",
     "patience", "divergence", "on_policy", "autocast", "lr_schedule", "warmup_steps",
+    "temperature", "num_sequences_per_question",
 )  # fmt: skip
 
 

@@ -76,3 +76,18 @@ def test_script_bad_input_exit_code_and_single_line(tmp_path):
         "file with the prompt)"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [c[0] for c in __import__("promptbake.cli").cli.COMMANDS])
+def test_every_command_help_renders_with_its_reasons(command, capsys):
+    """--help is argparse-formatted: a measured "50%" in a default's reason must not
+    break it (configs.fields.with_defaults escapes it)."""
+    from promptbake.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--help" in out
+    if command == "bake":  # each changed default's reason is in its flag's help
+        assert "Here: the paper's forward KL" in " ".join(out.split())

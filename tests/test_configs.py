@@ -183,3 +183,20 @@ def test_max_train_seconds_is_validated():
     for bad in (-1.0, float("inf")):
         with pytest.raises(UserError, match="--max_train_seconds"):
             TrainConfig(data_path="d", out_dir="o", max_train_seconds=bad).validate()
+
+
+def test_a_reason_with_a_percent_sign_keeps_help_printable():
+    import argparse
+    from dataclasses import dataclass
+
+    from promptbake.configs.fields import with_defaults
+    from promptbake.flags import add_arguments
+
+    @with_defaults({"temperature": 1.0}, {"temperature": "kept 50% of the name"})
+    @dataclass
+    class Cfg(GenerateConfig):
+        pass
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Cfg)
+    assert "kept 50% of the name" in " ".join(parser.format_help().split())

@@ -37,8 +37,8 @@ def with_defaults(defaults: dict[str, Any], why: dict[str, str] | None = None):
 
         def meta(name: str) -> dict:
             m = dict(fields[name].metadata)
-            if name in why:
-                m["help"] = f"{m['help']}. Here: {why[name]}"
+            if name in why:  # argparse formats help with %: a measured "50%" stays text
+                m["help"] = f"{m['help']}. Here: {why[name].replace('%', '%%')}"
             return m
 
         changed = [
