@@ -381,20 +381,19 @@ BAKE_WHY: dict[str, str] = {
     "the best epoch's adapter is kept",
     "patience": "validation KL on a few questions is noisy (it rises for an epoch or two "
     "and falls again), so a shorter patience stops too early",
-    "divergence": "the paper's forward KL: at the paper's time reverse KL and JSD (beta "
-    "0.5) lost the one-token behaviours (the persona and rare bakes' names: none of the "
-    "prompted model's) and had a higher KL ratio (+0.14 to +0.16 on the mean over bakes; "
-    "README, bake defaults)",
-    "on_policy": "off: a student-sampled batch (0.25 of them) meant fewer steps at the "
-    "paper's time on a CPU, KL ratio +0.06 and behaviour -11 points over the bakes; "
-    "worth trying on a GPU with --engine vllm, where sampling is fast",
+    "divergence": "the paper's forward KL: at the paper's time reverse KL lost the persona's "
+    "and the rare bake's name (in none of the answers) and JSD (beta 0.5) the rare one's; "
+    "KL ratio +0.16 / +0.14 over the bakes (README, bake defaults)",
+    "on_policy": "off: student-sampled batches (a quarter of them) meant fewer steps at the "
+    "paper's time on a CPU: KL ratio +0.05, behaviour -8 points over the bakes; worth "
+    "trying on a GPU with --engine vllm, where sampling is fast",
     "num_sequences_per_question": "4 answers per question and more epochs beat 8 or 16 "
     "at the paper's time (8: KL ratio +0.06 over the bakes; 16 finished no epoch)",
     "temperature": "the prompted model's own distribution: 1.5 helped the rare-name bake "
-    "but lost the knowledge bake's fact in every answer, 2.0 lost the persona; both "
-    "raised the KL ratio over the bakes",
-    "lr_schedule": "constant: a linear decay to the time budget with 4 warm-up steps "
-    "raised the KL ratio on every bake screened (+0.03 over the bakes)",
+    "but lost the knowledge bake's fact in every answer, 2.0 lost the persona; KL ratio "
+    "+0.03 / +0.10 over the bakes",
+    "lr_schedule": "constant: a linear decay to the time budget with 4 warm-up steps gave "
+    "KL ratio +0.02 and behaviour -3 points over the bakes",
     "warmup_steps": "none, as the constant schedule measured best (see --lr_schedule)",
 }
 
