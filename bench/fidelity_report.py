@@ -27,6 +27,7 @@ import os
 import statistics
 from pathlib import Path
 
+from promptbake.bake import n_validation
 from promptbake.evaluation.report import format_table
 from promptbake.files import atomic_write
 
@@ -206,7 +207,7 @@ def validation_picks(results: dict) -> dict:
 def header(results: dict) -> list[str]:
     """When, where, the load, the command, seeds and sizes."""
     s = results["sizes"]
-    n_val = round(s["n_train_q"] * s.get("val_fraction", 0.1))
+    n_val = n_validation(s["n_train_q"], s.get("val_fraction", 0.1))
     after = results.get("loadavg_after", "?")
     lines = [
         f"### {results['machine']}{' (--quick)' if results.get('quick') else ''}",
@@ -242,7 +243,7 @@ def describe(results: dict) -> str:
     lines += ["", table(results, markdown=True), ""]
     v = validation_picks(results)
     s = results["sizes"]
-    n_val = round(s["n_train_q"] * s.get("val_fraction", 0.1))
+    n_val = n_validation(s["n_train_q"], s.get("val_fraction", 0.1))
     if v["runs"]:
         lines += [
             f"Validation KL (validation questions per bake: {n_val}) picked the epoch "
