@@ -355,7 +355,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out",
         default=None,
         metavar="JSON",
-        help="the results file (default: bench/results/fidelity[-screen]-<machine>.json)",
+        help="the results file (default: bench/results/fidelity[-screen]-<machine>.json); "
+        "with --report: where the merged results (and, for the main table, their KL-vs-time "
+        "plot, .png) go",
     )
     return ap.parse_args(argv)
 
@@ -450,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         results = merge_results([read_json(p) for p in args.report.split(",")], only)
         if args.note:
             results["note"] = args.note
+        if args.out:  # the merged results, as one run's file (and its plot)
+            write_json(Path(args.out), results)
+            if not results.get("screen") and not results.get("quick"):
+                report.plot(results, Path(args.out).with_suffix(".png"))
         publish(results, args.no_readme)
         return 0
     names = args.tasks.split(",") if args.tasks else (["persona"] if args.quick else list(TASKS))

@@ -223,8 +223,18 @@ def header(results: dict) -> list[str]:
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     seeds = results.get("seeds", [s.get("seed")])
+    runs = {
+        (t, k): len(m["runs"])
+        for t, task in results.get("tasks", {}).items()
+        for k, m in task["methods"].items()
+    }
+    most = max(runs.values(), default=len(seeds))
+    fewer = sorted({t for (t, _), n in runs.items() if n < most})
+    count = f"{most} run(s) per method and bake" + (
+        f"; fewer on {', '.join(fewer)}: {min(runs.values())}" if fewer else ""
+    )
     lines += [
-        f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} run(s) per method and bake; "
+        f"Seeds: {', '.join(map(str, seeds))} ({count}; "
         "mean ± sd (min-max) where there are several). "
         f"Sizes: {s['n_train_q']} questions per bake ({n_val} of them validate) x "
         f"{s['n_seq']} samples x <= {s['max_new_tokens']} tokens; held-out: "
