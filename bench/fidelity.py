@@ -327,7 +327,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="screen the axes of issue 23 against `ours` (bench/fidelity_screen.py)",
     )
     ap.add_argument(
-        "--axes", default=None, help="with --screen: comma-separated axes (default: all)"
+        "--axes",
+        default=None,
+        help="with --screen: comma-separated axes or single variants, e.g. "
+        "divergence,schedule:linear (default: every axis)",
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument(
