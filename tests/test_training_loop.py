@@ -219,19 +219,8 @@ def test_kl_curve_is_drawn_at_the_end_and_at_most_every_plot_every_s(
 
 # ---------------------------------------------------------------- teacher switches
 def fit(model, tok, rows, tmp_path, name, **flags):
-    cfg = TrainConfig(
-        data_path="unused.jsonl",
-        out_dir=str(tmp_path / name),
-        num_epochs=2,
-        batch_size=4,
-        learning_rate=1e-2,
-        r=4,
-        lora_alpha=8.0,
-        save_every=0,
-        kl_chunk_size=7,
-        plot=False,
-        **flags,
-    )
+    over = dict(num_epochs=2, save_every=0, kl_chunk_size=7)
+    cfg = loop_config(tmp_path, name, **{**over, **flags})
     return train.train(cfg, copy.deepcopy(model), tok, rows, None, echo=False)[1]
 
 
